@@ -1,0 +1,285 @@
+"""The one generic core: the decay-then-edit sub-step and its three forms.
+
+Every rule in `edarnn.rules` is a mapping of its inputs onto a sequence of *sub-steps* (DESIGN.md §1). One
+sub-step, with log-decay g, edit address x, read/erase address y and value z, does
+
+    S <- Diag(exp(g)) S                    # passive decay; g <= 0, a scalar or one value per key channel
+    S <- S + x (z - S^T y)^T               # active edit (y = None: the purely additive S + x z^T)
+
+Each token applies P sub-steps in order (P = 1 for most rules, 2 for EDA's erase-then-write), then the query
+reads the state: o = S^T q. Arrays here are already validated, scaled and in the compute dtype.
+
+Shapes (P sub-steps per token, D = K or 1 for a scalar decay):
+    q:  [B, T, H, K]          query, already multiplied by the scale
+    g:  [B, T, H, P, D]       log-decay of each sub-step
+    x, y: [B, T, H, P, K]     edit and read/erase addresses (y may be None)
+    z:  [B, T, H, P, V]       committed values
+    initial_state: [B, H, K, V]
+    segment_ids: [B, T] int or None; the state restarts from zero where the id changes.
+
+Each form returns (o [B, T, H, V], final_state [B, H, K, V]) in the compute dtype.
+"""
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+# Sub-chunk width (in sub-steps) of the channel-wise decay factorisation in the chunk form: exponents inside one
+# sub-chunk stay within +-(SUBCHUNK / 2) * |g|, finite in float32 for per-token log-decays down to about -10.
+SUBCHUNK = 16
+# Chunks per iteration of the sequential loop over chunks (lax.scan's unroll). Measured on an H100
+# (docs/performance.md): 8 takes 27% off linear attention's forward, no change for the delta rules.
+CHUNK_SCAN_UNROLL = 8
+
+
+class Substeps(NamedTuple):
+    """P sub-steps per token; see the module docstring for shapes."""
+
+    g: Array
+    x: Array
+    y: Array | None
+    z: Array
+
+
+def resets(segment_ids: Array | None, length: int) -> Array | None:
+    """[B, T] bool: True at a token whose segment id differs from the previous token's (never at t = 0)."""
+    if segment_ids is None:
+        return None
+    change = segment_ids[:, 1:] != segment_ids[:, :-1]
+    return jnp.pad(change, ((0, 0), (1, 0)))[:, :length]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 1. recurrent: the definition
+# ----------------------------------------------------------------------------------------------------------
+
+
+def apply_substep(state: Array, g: Array, x: Array, y: Array | None, z: Array) -> Array:
+    """One sub-step. state [B, H, K, V]; g [B, H, D]; x, y [B, H, K]; z [B, H, V]."""
+    state = jnp.exp(g)[..., None] * state
+    if y is None:
+        return state + x[..., :, None] * z[..., None, :]
+    read = jnp.einsum("bhk,bhkv->bhv", y, state)
+    return state + x[..., :, None] * (z - read)[..., None, :]
+
+
+def recurrent(q: Array, sub: Substeps, initial_state: Array, segment_ids: Array | None) -> tuple[Array, Array]:
+    """Token by token with `lax.scan`: the reference every other form is tested against."""
+    reset = resets(segment_ids, q.shape[1])
+    time_major = lambda a: None if a is None else jnp.moveaxis(a, 1, 0)  # noqa: E731
+    xs = (
+        time_major(q),
+        time_major(sub.g),
+        time_major(sub.x),
+        time_major(sub.y),
+        time_major(sub.z),
+        time_major(reset),
+    )
+
+    def token(state, inputs):
+        q_t, g_t, x_t, y_t, z_t, reset_t = inputs
+        if reset_t is not None:
+            state = jnp.where(reset_t[:, None, None, None], 0.0, state).astype(state.dtype)
+        for p in range(g_t.shape[2]):
+            y_p = None if y_t is None else y_t[:, :, p]
+            state = apply_substep(state, g_t[:, :, p], x_t[:, :, p], y_p, z_t[:, :, p])
+        return state, jnp.einsum("bhk,bhkv->bhv", q_t, state)
+
+    final_state, o = jax.lax.scan(token, initial_state, xs)
+    return jnp.moveaxis(o, 0, 1), final_state
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 2. associative scan over per-token affine maps S -> M S + N
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _compose(later: tuple[Array, Array], earlier: tuple[Array, Array]) -> tuple[Array, Array]:
+    """(M2, N2) o (M1, N1) = (M2 M1, M2 N1 + N2). M is [..., K] (diagonal) or [..., K, K]; N is [..., K, V]."""
+    (m2, n2), (m1, n1) = later, earlier
+    if m2.ndim == n2.ndim - 1:  # diagonal transition
+        return m2 * m1, m2[..., None] * n1 + n2
+    return m2 @ m1, m2 @ n1 + n2
+
+
+def _substep_map(g: Array, x: Array, y: Array | None, z: Array) -> tuple[Array, Array]:
+    """The affine map of one sub-step: M = (I - x y^T) Diag(exp g) (diagonal when y is None), N = x z^T."""
+    alpha = jnp.broadcast_to(jnp.exp(g), x.shape)
+    n = x[..., :, None] * z[..., None, :]
+    if y is None:
+        return alpha, n
+    m = jnp.eye(x.shape[-1], dtype=x.dtype) * alpha[..., None, :] - x[..., :, None] * (y * alpha)[..., None, :]
+    return m, n
+
+
+def associative_scan(q: Array, sub: Substeps, initial_state: Array, segment_ids: Array | None):
+    """All states at once with `lax.associative_scan` (O(log T) depth). Exact and cheap for additive rules
+    (diagonal M); for the delta family it materialises [B, T, H, K, K] and is meant for checking."""
+    n_sub = sub.g.shape[3]
+    token_map = None
+    for p in range(n_sub):
+        y_p = None if sub.y is None else sub.y[:, :, :, p]
+        step_map = _substep_map(sub.g[:, :, :, p], sub.x[:, :, :, p], y_p, sub.z[:, :, :, p])
+        token_map = step_map if token_map is None else _compose(step_map, token_map)
+    m, n = token_map
+    reset = resets(segment_ids, q.shape[1])
+    if reset is not None:  # a reset zeroes the incoming state: M -> M 0
+        keep = jnp.where(reset, 0.0, 1.0).astype(m.dtype)
+        m = m * keep.reshape(keep.shape + (1,) * (m.ndim - 2))
+    m, n = jax.lax.associative_scan(lambda a, b: _compose(b, a), (m, n), axis=1)
+    if m.ndim == n.ndim - 1:
+        states = m[..., None] * initial_state[:, None] + n
+    else:
+        states = m @ initial_state[:, None] + n
+    o = jnp.einsum("bthk,bthkv->bthv", q, states)
+    return o, states[:, -1]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 3. chunkwise (WY / UT form)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def unit_lower_inverse(a: Array) -> Array:
+    """(I + a)^-1 for strictly lower-triangular a [..., L, L] (L a power of two), by blocked forward
+    substitution: diagonal blocks of size b are merged pairwise, [[T11, 0], [-T22 A21 T11, T22]]."""
+    *batch, size, _ = a.shape
+    inv = jnp.ones((*batch, size, 1, 1), a.dtype)
+    b = 1
+    while b < size:
+        nb = size // (2 * b)
+        blocks = a.reshape(*batch, nb, 2 * b, nb, 2 * b)
+        diag = jnp.moveaxis(jnp.diagonal(blocks, axis1=-4, axis2=-2), -1, -3)  # [..., nb, 2b, 2b]
+        a21 = diag[..., b:, :b]
+        pairs = inv.reshape(*batch, nb, 2, b, b)
+        t11, t22 = pairs[..., 0, :, :], pairs[..., 1, :, :]
+        t21 = -(t22 @ a21 @ t11)
+        top = jnp.concatenate([t11, jnp.zeros_like(t11)], axis=-1)
+        bottom = jnp.concatenate([t21, t22], axis=-1)
+        inv = jnp.concatenate([top, bottom], axis=-2)
+        b *= 2
+    return inv.reshape(*batch, size, size)
+
+
+def pair_scores(a: Array, ga: Array, b: Array, gb: Array, mask: Array) -> Array:
+    """M[r, s] = sum_k a[r, k] b[s, k] exp(ga[r, k] - gb[s, k]) where mask[r, s], else 0.
+
+    a, ga: [..., R, D_a]; b, gb: [..., L, K]; the log-decays are cumulative within the chunk, non-increasing,
+    with D = 1 for a scalar decay (exact: one exponent per pair) or K for a channel-wise decay. Rows r belong to
+    positions inside column block r // (R / n) (L = P R). Channel-wise decays are factorised around reference
+    points so that no factor overflows: inside a diagonal sub-chunk around its middle (|exponent| <= half a
+    sub-chunk of decay), between sub-chunks through their boundaries (every factor <= 1).
+    mask: broadcastable to [..., R, L].
+    """
+    rows, cols = a.shape[-2], b.shape[-2]
+    if gb.shape[-1] == 1:  # scalar decay
+        expo = jnp.where(mask, ga[..., :, None, 0] - gb[..., None, :, 0], -jnp.inf)
+        return (a @ jnp.swapaxes(b, -1, -2)) * jnp.exp(expo)
+    n = max(cols // SUBCHUNK, 1)
+    rc, cc = rows // n, cols // n
+    ab, gab = (t.reshape(*t.shape[:-2], n, rc, t.shape[-1]) for t in (a, ga))
+    bb, gbb = (t.reshape(*t.shape[:-2], n, cc, t.shape[-1]) for t in (b, gb))
+    # Diagonal blocks, referenced to the middle of each column block.
+    ref = gbb[..., cc // 2 : cc // 2 + 1, :]
+    diag = (ab * jnp.exp(gab - ref)) @ jnp.swapaxes(bb * jnp.exp(ref - gbb), -1, -2)  # [..., n, rc, cc]
+    # Off-diagonal blocks (row block i after column block j), referenced to the end of column block j and the
+    # start of row block i (= the end of column block i - 1).
+    end = gbb[..., -1, :]  # [..., n, K]
+    start = jnp.concatenate([jnp.zeros_like(end[..., :1, :]), end[..., :-1, :]], axis=-2)
+    rows_scaled = ab * jnp.exp(gab - start[..., :, None, :])  # [..., n, rc, K]
+    cols_scaled = bb * jnp.exp(end[..., :, None, :] - gbb)  # [..., n, cc, K]
+    block_i, block_j = jnp.arange(n)[:, None], jnp.arange(n)[None, :]
+    between = jnp.exp(
+        jnp.where((block_j < block_i)[..., None], start[..., :, None, :] - end[..., None, :, :], -jnp.inf)
+    )  # [..., n_i, n_j, K]
+    off = jnp.einsum("...irk,...ijk,...jsk->...irjs", rows_scaled, between, cols_scaled)
+    full = jnp.where((block_i == block_j)[:, None, :, None], diag[..., None, :], off)  # [..., n, rc, n, cc]
+    full = full.reshape(*full.shape[:-4], rows, cols)
+    return jnp.where(mask, full, 0.0)
+
+
+def chunkwise(q: Array, sub: Substeps, initial_state: Array, segment_ids: Array | None, chunk_size: int):
+    """Chunks of `chunk_size` tokens: intra-chunk work as matrix products, only the state passes between
+    chunks (`lax.scan`). Any T: the tail is padded with identity sub-steps (g = 0, x = 0). Internally
+    chunk-major, [N, B, H, rows, D], so the loop over chunks slices its leading axis."""
+    batch, length, heads, key = q.shape
+    n_sub, value = sub.g.shape[3], sub.z.shape[-1]
+    n_chunks = -(-length // chunk_size)
+    pad = n_chunks * chunk_size - length
+    rows = n_sub * chunk_size  # sub-steps per chunk
+
+    def to_chunks(t):
+        """[B, T, H, (P,) D] -> [N, B, H, C (* P), D], zero-padded in time."""
+        t = jnp.pad(t, ((0, 0), (0, pad)) + ((0, 0),) * (t.ndim - 2))
+        t = t.reshape(batch, n_chunks, chunk_size, *t.shape[2:])
+        t = jnp.moveaxis(t, (1, 3), (0, 2))  # [N, B, H, C, (P,) D]
+        return t.reshape(n_chunks, batch, heads, -1, t.shape[-1])
+
+    qc = to_chunks(q)
+    g, x, z = to_chunks(sub.g), to_chunks(sub.x), to_chunks(sub.z)
+    y = None if sub.y is None else to_chunks(sub.y)
+    gcum = jnp.cumsum(g, axis=-2)  # [N, B, H, L, D], inclusive, relative to the chunk start
+    gq = gcum[..., n_sub - 1 :: n_sub, :]  # decay seen by each query (after its token's last sub-step)
+    glast = gcum[..., -1:, :]
+
+    # Masks: causal in sub-step positions, and within one segment.
+    pos = jnp.arange(rows)
+    qpos = pos[n_sub - 1 :: n_sub]
+    mask_a = pos[:, None] > pos[None, :]
+    mask_q = qpos[:, None] >= pos[None, :]
+    if segment_ids is not None:
+        # Running segment number: an id that comes back later still starts a new segment.
+        seg = jnp.cumsum(resets(segment_ids, length), axis=1, dtype=jnp.int32)
+        seg = jnp.pad(seg, ((0, 0), (0, pad)), mode="edge").reshape(batch, n_chunks, chunk_size)
+        seg_prev = jnp.concatenate([seg[:, :1, :1], seg[:, :-1, -1:]], axis=1)  # [B, N, 1]: id before the chunk
+        seg, seg_prev = (jnp.moveaxis(t, 1, 0)[:, :, None] for t in (seg, seg_prev))  # [N, B, 1, C or 1]
+        seg_sub = jnp.repeat(seg, n_sub, axis=-1)
+        mask_a = mask_a & (seg_sub[..., :, None] == seg_sub[..., None, :])
+        mask_q = mask_q & (seg[..., :, None] == seg_sub[..., None, :])
+        carry_in_sub = (seg_sub == seg_prev)[..., None]  # rows that still see the incoming state
+        carry_in_q = (seg == seg_prev)[..., None]
+        carry_out = (seg_sub == seg_sub[..., -1:])[..., None]  # rows that reach the outgoing state
+
+    if y is None:
+        u_tilde, w = z, None
+    else:
+        a = pair_scores(y, gcum, x, gcum, mask_a)
+        t_inv = unit_lower_inverse(a)
+        u_tilde = t_inv @ z
+        w = t_inv @ (y * jnp.exp(gcum))
+        if segment_ids is not None:
+            w = jnp.where(carry_in_sub, w, 0.0)
+    q_decayed = qc * jnp.exp(gq)
+    x_to_end = x * jnp.exp(glast - gcum)
+    state_decay = jnp.exp(glast)  # [N, B, H, 1, D]
+    if segment_ids is not None:
+        q_decayed = jnp.where(carry_in_q, q_decayed, 0.0)
+        x_to_end = jnp.where(carry_out, x_to_end, 0.0)
+        state_decay = jnp.where(carry_in_sub[..., -1:, :], state_decay, 0.0)
+    state_decay = jnp.swapaxes(state_decay, -1, -2)  # [N, B, H, D, 1]
+
+    # Each chunk is the affine map S -> M S + N of its start state; all maps are built in parallel, and the
+    # sequential loop does one (K x K) @ (K x V) product per chunk (an elementwise product for additive rules).
+    x_to_end_t = jnp.swapaxes(x_to_end, -1, -2)
+    offset = x_to_end_t @ u_tilde  # N: [N, B, H, K, V]
+    if w is None:
+        transition = state_decay  # diagonal: [N, B, H, D, 1]
+    else:
+        transition = jnp.eye(key, dtype=w.dtype) * state_decay - x_to_end_t @ w  # [N, B, H, K, K]
+
+    def chunk(state, inputs):
+        transition_c, offset_c = inputs
+        applied = transition_c * state if transition_c.shape[-1] == 1 else transition_c @ state
+        return applied + offset_c, state
+
+    final_state, start_states = jax.lax.scan(
+        chunk, initial_state, (transition, offset), unroll=min(CHUNK_SCAN_UNROLL, n_chunks)
+    )  # start_states: [N, B, H, K, V]
+    u = u_tilde if w is None else u_tilde - w @ start_states
+    scores = pair_scores(qc, gq, x, gcum, mask_q)  # [N, B, H, C, L]
+    o = q_decayed @ start_states + scores @ u  # [N, B, H, C, V]
+    o = jnp.moveaxis(o, (0, 2), (1, 3)).reshape(batch, n_chunks * chunk_size, heads, value)
+    return o[:, :length], final_state

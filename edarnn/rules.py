@@ -1,0 +1,422 @@
+"""The public functional API: one function per update rule, all with one calling convention.
+
+    o, final_state = rules.<rule>(q, k, v, <gates...>, *, scale=None, initial_state=None, segment_ids=None,
+                                  impl="chunk", chunk_size=64, normalize_qk=False)
+
+Layout: q, k: [B, T, H, K]; v: [B, T, H, V]; per-token scalar gates [B, T, H]; key-channel gates [B, T, H, K];
+value-channel gates [B, T, H, V]; state [B, H, K, V] in float32 (float64 for float64 inputs); the output
+[B, T, H, V] in the inputs' dtype. `g` is always a log-decay (<= 0; exp(g) is the decay).
+
+Each rule maps its inputs onto the sub-steps of `edarnn.core` (DESIGN.md §1):
+
+    rule               decay exp(g)      sub-steps per token (x, y, z)
+    linear_attention   1                 (k, 0, v)
+    gla                scalar or [K]     (k, 0, v)
+    delta_rule         1                 (k, beta k, beta v)
+    gated_delta_rule   scalar            (k, beta k, beta v)
+    kda                [K]               (k, beta k, beta v)
+    gdn2               scalar or [K]     (k, b * k, w * v)
+    eda                scalar or [K]     erase (e, gamma e, 0), then write (k, beta k, beta v)  [or (k, b k, w v)]
+
+impl: "recurrent" (token by token, the definition), "scan" (associative scan), "chunk" (chunkwise WY form),
+"auto" (the fastest available on the default backend). The step functions `<rule>_step(state, ...)` take one
+token ([B, H, D] inputs, [B, H] scalar gates) and return (o [B, H, V], new_state); they equal `recurrent`.
+"""
+
+import functools
+import inspect
+
+import jax
+import jax.numpy as jnp
+
+from edarnn import core
+
+Array = jax.Array
+
+IMPLS = ("auto", "recurrent", "scan", "chunk")
+_FORMS = {"recurrent": core.recurrent, "scan": core.associative_scan, "chunk": core.chunkwise}
+
+
+def resolve_impl(impl: str) -> str:
+    """The concrete form for `impl` on the default backend ("auto" -> the fastest available)."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}; got {impl!r}")
+    return "chunk" if impl == "auto" else impl
+
+
+# ----------------------------------------------------------------------------------------------------------
+# validation at the boundary
+# ----------------------------------------------------------------------------------------------------------
+
+
+class _Shapes:
+    """Checks every argument of one call against the dimensions B, T, H, K, V read off q and v."""
+
+    def __init__(self, rule: str, q, k, v):
+        self.rule = rule
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            if getattr(t, "ndim", None) != 4:
+                raise ValueError(f"{rule}: `{name}` must have rank 4, [B, T, H, D]; got shape {jnp.shape(t)}")
+        b, t, h, kd = q.shape
+        self.dims = {"B": b, "T": t, "H": h, "K": kd, "V": v.shape[-1]}
+        self.check("k", k, "BTHK")
+        self.check("v", v, "BTHV")
+
+    def _expected(self, letters: str) -> str:
+        return f"[{', '.join(letters)}] = {tuple(self.dims[c] for c in letters)}"
+
+    def check(self, name: str, t, *layouts: str):
+        """Raise unless `t` has one of `layouts` (strings of dimension letters, e.g. "BTHK")."""
+        shape = tuple(jnp.shape(t))
+        if any(shape == tuple(self.dims[c] for c in lay) for lay in layouts):
+            if not jnp.issubdtype(jnp.result_type(t), jnp.floating):
+                raise ValueError(f"{self.rule}: `{name}` must be a floating-point array; got {jnp.result_type(t)}")
+            return
+        wanted = " or ".join(self._expected(lay) for lay in layouts)
+        raise ValueError(f"{self.rule}: `{name}` must have shape {wanted}; got {shape}")
+
+
+def _check_options(rule, shapes, *, scale, initial_state, segment_ids, impl, chunk_size, normalize_qk):
+    d = shapes.dims
+    resolve_impl(impl)
+    if not (isinstance(chunk_size, int) and chunk_size > 0 and chunk_size & (chunk_size - 1) == 0):
+        raise ValueError(f"{rule}: `chunk_size` must be a positive power of two; got {chunk_size!r}")
+    if scale is not None and not isinstance(scale, (int, float)):
+        raise ValueError(f"{rule}: `scale` must be a Python number or None; got {type(scale).__name__}")
+    if initial_state is not None and tuple(jnp.shape(initial_state)) != (d["B"], d["H"], d["K"], d["V"]):
+        raise ValueError(
+            f"{rule}: `initial_state` must have shape [B, H, K, V] = {(d['B'], d['H'], d['K'], d['V'])}; "
+            f"got {tuple(jnp.shape(initial_state))}"
+        )
+    if segment_ids is not None:
+        if tuple(jnp.shape(segment_ids)) != (d["B"], d["T"]):
+            raise ValueError(
+                f"{rule}: `segment_ids` must have shape [B, T] = {(d['B'], d['T'])}; "
+                f"got {tuple(jnp.shape(segment_ids))}"
+            )
+        if not jnp.issubdtype(jnp.result_type(segment_ids), jnp.integer):
+            raise ValueError(f"{rule}: `segment_ids` must be integers; got {jnp.result_type(segment_ids)}")
+
+
+def _l2_normalize(t: Array) -> Array:
+    return t * jax.lax.rsqrt(jnp.sum(t * t, axis=-1, keepdims=True) + 1e-6)
+
+
+def _as_decay(g: Array) -> Array:
+    """[B, T, H] or [B, T, H, K] log-decay -> [B, T, H, D] with D = 1 or K."""
+    return g[..., None] if g.ndim == 3 else g
+
+
+def _gate(gate: Array, like: Array) -> Array:
+    """A scalar [B, T, H] or channel [B, T, H, D] gate, broadcastable against `like` [B, T, H, D]."""
+    return gate[..., None] * like if gate.ndim == 3 else gate * like
+
+
+def _run(shapes, q, steps, *, scale, initial_state, segment_ids, impl, chunk_size):
+    """Scale q, promote to the compute dtype, call the chosen form, cast the output back."""
+    d = shapes.dims
+    leaves = [q, *(t for t in steps if t is not None)]
+    compute = jnp.result_type(jnp.float32, *leaves)
+    out_dtype = q.dtype
+    scale = d["K"] ** -0.5 if scale is None else scale
+    q = q.astype(compute) * scale
+    steps = core.Substeps(*(None if t is None else t.astype(compute) for t in steps))
+    if initial_state is None:
+        state = jnp.zeros((d["B"], d["H"], d["K"], d["V"]), compute)
+    else:
+        state = jnp.asarray(initial_state).astype(compute)
+    form = _FORMS[resolve_impl(impl)]
+    if form is core.chunkwise:
+        o, final_state = form(q, steps, state, segment_ids, chunk_size)
+    else:
+        o, final_state = form(q, steps, state, segment_ids)
+    return o.astype(out_dtype), final_state
+
+
+def _stack(*per_substep: Array) -> Array:
+    """Sub-step tensors [B, T, H, D] -> [B, T, H, P, D]."""
+    return jnp.stack(per_substep, axis=3)
+
+
+_COMMON_DOC = """
+    Common keyword arguments:
+        scale: multiplies q; default K ** -0.5.
+        initial_state: [B, H, K, V] state before the first token; default zeros.
+        segment_ids: [B, T] int; the state restarts from zero where the id changes (packed sequences).
+        impl: "recurrent", "scan", "chunk" or "auto".
+        chunk_size: tokens per chunk of the chunk form, a power of two.
+        normalize_qk: L2-normalise q, k (and e) over the last axis first.
+    Returns (o [B, T, H, V] in q's dtype, final_state [B, H, K, V] float32)."""
+
+
+def _public(fn):
+    fn.__doc__ = (fn.__doc__ or "") + _COMMON_DOC
+    return fn
+
+
+def _additive(rule, q, k, v, g, opts):
+    """Rules without an erase: S <- Diag(exp g) S + k v^T; g [B, T, H] or [B, T, H, K]."""
+    shapes = _Shapes(rule, q, k, v)
+    shapes.check("g", g, "BTH", "BTHK")
+    _check_options(rule, shapes, **opts)
+    if opts.pop("normalize_qk"):
+        q, k = _l2_normalize(q), _l2_normalize(k)
+    steps = (_stack(_as_decay(g)), _stack(k), None, _stack(v))
+    return _run(shapes, q, steps, **opts)
+
+
+def _delta(rule, q, k, v, g, b, w, gates, opts):
+    """The gated delta family: S <- Diag(exp g) S; S <- S + k (w * v - S^T (b * k))^T.
+
+    gates: {argument name: allowed layouts} of the rule's own gate arguments, checked in order; the
+    scalar-gated rules pass beta as both b and w and name it once."""
+    shapes = _Shapes(rule, q, k, v)
+    for (name, layouts), t in zip(gates.items(), (g, b, w), strict=False):
+        shapes.check(name, t, *layouts)
+    _check_options(rule, shapes, **opts)
+    if opts.pop("normalize_qk"):
+        q, k = _l2_normalize(q), _l2_normalize(k)
+    steps = (_stack(_as_decay(g)), _stack(k), _stack(_gate(b, k)), _stack(_gate(w, v)))
+    return _run(shapes, q, steps, **opts)
+
+
+def _options(scale, initial_state, segment_ids, impl, chunk_size, normalize_qk):
+    return dict(
+        scale=scale,
+        initial_state=initial_state,
+        segment_ids=segment_ids,
+        impl=impl,
+        chunk_size=chunk_size,
+        normalize_qk=normalize_qk,
+    )
+
+
+@_public
+def linear_attention(
+    q,
+    k,
+    v,
+    *,
+    scale=None,
+    initial_state=None,
+    segment_ids=None,
+    impl="chunk",
+    chunk_size=64,
+    normalize_qk=False,
+):
+    """Linear attention: S <- S + k v^T (Katharopoulos et al. 2020)."""
+    opts = _options(scale, initial_state, segment_ids, impl, chunk_size, normalize_qk)
+    return _additive("linear_attention", q, k, v, jnp.zeros(jnp.shape(q)[:3], jnp.float32), opts)
+
+
+@_public
+def gla(
+    q,
+    k,
+    v,
+    g,
+    *,
+    scale=None,
+    initial_state=None,
+    segment_ids=None,
+    impl="chunk",
+    chunk_size=64,
+    normalize_qk=False,
+):
+    """Gated linear attention: S <- Diag(exp g) S + k v^T.
+
+    g: log-decay, [B, T, H] (one per head: Mamba-2 / SSD style) or [B, T, H, K] (per key channel: GLA)."""
+    opts = _options(scale, initial_state, segment_ids, impl, chunk_size, normalize_qk)
+    return _additive("gla", q, k, v, g, opts)
+
+
+@_public
+def delta_rule(
+    q,
+    k,
+    v,
+    beta,
+    *,
+    scale=None,
+    initial_state=None,
+    segment_ids=None,
+    impl="chunk",
+    chunk_size=64,
+    normalize_qk=False,
+):
+    """DeltaNet: S <- S + beta k (v - S^T k)^T (Schlag et al. 2021). beta: [B, T, H]."""
+    opts = _options(scale, initial_state, segment_ids, impl, chunk_size, normalize_qk)
+    g = jnp.zeros(jnp.shape(q)[:3], jnp.float32)
+    return _delta("delta_rule", q, k, v, g, beta, beta, {"g": ("BTH",), "beta": ("BTH",)}, opts)
+
+
+@_public
+def gated_delta_rule(
+    q,
+    k,
+    v,
+    g,
+    beta,
+    *,
+    scale=None,
+    initial_state=None,
+    segment_ids=None,
+    impl="chunk",
+    chunk_size=64,
+    normalize_qk=False,
+):
+    """Gated DeltaNet: S <- exp(g) S, then the delta write with strength beta. g, beta: [B, T, H]."""
+    opts = _options(scale, initial_state, segment_ids, impl, chunk_size, normalize_qk)
+    return _delta("gated_delta_rule", q, k, v, g, beta, beta, {"g": ("BTH",), "beta": ("BTH",)}, opts)
+
+
+@_public
+def kda(
+    q,
+    k,
+    v,
+    g,
+    beta,
+    *,
+    scale=None,
+    initial_state=None,
+    segment_ids=None,
+    impl="chunk",
+    chunk_size=64,
+    normalize_qk=False,
+):
+    """Kimi Delta Attention: channel-wise decay S <- Diag(exp g) S, then the delta write.
+    g: [B, T, H, K]; beta: [B, T, H]."""
+    opts = _options(scale, initial_state, segment_ids, impl, chunk_size, normalize_qk)
+    return _delta("kda", q, k, v, g, beta, beta, {"g": ("BTHK",), "beta": ("BTH",)}, opts)
+
+
+@_public
+def gdn2(
+    q,
+    k,
+    v,
+    g,
+    b,
+    w,
+    *,
+    scale=None,
+    initial_state=None,
+    segment_ids=None,
+    impl="chunk",
+    chunk_size=64,
+    normalize_qk=False,
+):
+    """Gated DeltaNet-2: S <- Diag(exp g) S; S <- S + k (w * v - S^T (b * k))^T.
+
+    g: log-decay [B, T, H, K] (or [B, T, H]); b: key-channel erase gate [B, T, H, K]; w: value-channel write
+    gate [B, T, H, V] (either may be a scalar [B, T, H]). With b = w = beta this is kda."""
+    opts = _options(scale, initial_state, segment_ids, impl, chunk_size, normalize_qk)
+    gates = {"g": ("BTH", "BTHK"), "b": ("BTH", "BTHK"), "w": ("BTH", "BTHV")}
+    return _delta("gdn2", q, k, v, g, b, w, gates, opts)
+
+
+@_public
+def eda(
+    q,
+    k,
+    v,
+    e,
+    g,
+    beta,
+    gamma,
+    *,
+    b=None,
+    w=None,
+    scale=None,
+    initial_state=None,
+    segment_ids=None,
+    impl="chunk",
+    chunk_size=64,
+    normalize_qk=False,
+):
+    """Erase-then-Delta Attention: per token, decay and erase along e, then the delta write along k:
+
+        S <- (I - e (gamma * e)^T) Diag(exp g) S           # erase sub-step
+        S <- S + k (beta v - S^T (beta k))^T               # write sub-step
+
+    e: erase direction [B, T, H, K]; g: log-decay [B, T, H] or [B, T, H, K]; gamma: erase strength [B, T, H]
+    or per key channel [B, T, H, K]; beta: write strength [B, T, H]. Passing b [B, T, H, K] and w [B, T, H, V]
+    (with beta=None) gives the write sub-step GDN-2's channel gates: k (w * v - S^T (b * k))^T."""
+    shapes = _Shapes("eda", q, k, v)
+    shapes.check("e", e, "BTHK")
+    shapes.check("g", g, "BTH", "BTHK")
+    shapes.check("gamma", gamma, "BTH", "BTHK")
+    if beta is None:
+        if b is None or w is None:
+            raise ValueError("eda: give either `beta` [B, T, H] or both `b` [B, T, H, K] and `w` [B, T, H, V]")
+        shapes.check("b", b, "BTH", "BTHK")
+        shapes.check("w", w, "BTH", "BTHV")
+    else:
+        if b is not None or w is not None:
+            raise ValueError("eda: `b` and `w` replace `beta`; pass beta=None with them")
+        shapes.check("beta", beta, "BTH")
+        b = w = beta
+    opts = _options(scale, initial_state, segment_ids, impl, chunk_size, normalize_qk)
+    _check_options("eda", shapes, **opts)
+    if opts.pop("normalize_qk"):
+        q, k, e = _l2_normalize(q), _l2_normalize(k), _l2_normalize(e)
+    g = _as_decay(g)
+    steps = (
+        _stack(g, jnp.zeros_like(g)),
+        _stack(e, k),
+        _stack(_gate(gamma, e), _gate(b, k)),
+        _stack(jnp.zeros_like(v), _gate(w, v)),
+    )
+    return _run(shapes, q, steps, **opts)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# one-token steps for decoding
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _token_step(rule):
+    """The one-token form of `rule`: the recurrent form on a length-1 sequence."""
+    signature = inspect.signature(rule)
+    per_token = {name for name, p in signature.parameters.items() if p.kind is p.POSITIONAL_OR_KEYWORD} | {
+        "b",
+        "w",
+    }
+
+    @functools.wraps(rule)
+    def step(state, *args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        for name, value in bound.arguments.items():
+            if name in per_token and value is not None:
+                bound.arguments[name] = jnp.asarray(value)[:, None]
+        o, new_state = rule(*bound.args, **bound.kwargs, initial_state=state, impl="recurrent")
+        return o[:, 0], new_state
+
+    step.__name__ = step.__qualname__ = f"{rule.__name__}_step"
+    step.__doc__ = (
+        f"One token of `{rule.__name__}`: (state [B, H, K, V], q [B, H, K], ..., gates [B, H] or [B, H, D]) "
+        f"-> (o [B, H, V], new_state). Same arguments as `{rule.__name__}` without the time axis."
+    )
+    return step
+
+
+linear_attention_step = _token_step(linear_attention)
+gla_step = _token_step(gla)
+delta_rule_step = _token_step(delta_rule)
+gated_delta_rule_step = _token_step(gated_delta_rule)
+kda_step = _token_step(kda)
+gdn2_step = _token_step(gdn2)
+eda_step = _token_step(eda)
+
+RULES = {
+    "linear_attention": linear_attention,
+    "gla": gla,
+    "delta_rule": delta_rule,
+    "gated_delta_rule": gated_delta_rule,
+    "kda": kda,
+    "gdn2": gdn2,
+    "eda": eda,
+}
+
+__all__ = ["IMPLS", "RULES", "resolve_impl", *RULES, *(f"{name}_step" for name in RULES)]

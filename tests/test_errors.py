@@ -1,0 +1,135 @@
+"""Bad inputs raise ValueError naming the argument and what was expected."""
+
+import re
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import VARIANTS, make_inputs, make_state, rule_of
+
+from edarnn import rules
+
+B, T, H, K, V = 2, 5, 2, 4, 3
+DIMS = dict(B=B, T=T, H=H, K=K, V=V)
+
+
+def expected_shape(name: str, *layouts: str) -> str:
+    """Regex: the message names `name` and each allowed layout with its sizes, e.g.
+    "`g` must have shape [B, T, H] = (2, 5, 2) or [B, T, H, K] = (2, 5, 2, 4)"."""
+    wanted = " or ".join(f"[{', '.join(layout)}] = {tuple(DIMS[c] for c in layout)}" for layout in layouts)
+    return re.escape(f"`{name}` must have shape {wanted}")
+
+
+def call(variant, rng, *, replace=None, **options):
+    inputs = {**make_inputs(variant, rng, T=T, B=B, H=H, K=K, V=V), **(replace or {})}
+    return rules.RULES[rule_of(variant)](**inputs, **options)
+
+
+def normal(rng, *shape):
+    return jnp.asarray(rng.standard_normal(shape))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_valid_inputs_pass(variant, rng):
+    """The baseline the other tests perturb is accepted (so each error below is caused by its one change)."""
+    o, state = call(variant, rng, impl="recurrent")
+    assert o.shape == (B, T, H, V) and state.shape == (B, H, K, V)
+
+
+@pytest.mark.parametrize("variant", ["linear_attention", "kda", "eda-bw"])
+def test_rank3_q(variant, rng):
+    message = f"`q` must have rank 4, [B, T, H, D]; got shape {(B, T, H * K)}"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        call(variant, rng, replace={"q": normal(rng, B, T, H * K)})
+
+
+@pytest.mark.parametrize("variant", ["gla-channel", "gated_delta_rule", "eda-scalar"])
+def test_v_with_wrong_length(variant, rng):
+    got = re.escape(f"; got {(B, T - 1, H, V)}")
+    with pytest.raises(ValueError, match=expected_shape("v", "BTHV") + got):
+        call(variant, rng, replace={"v": normal(rng, B, T - 1, H, V)})
+
+
+@pytest.mark.parametrize("variant", ["delta_rule", "gdn2-channel", "eda-channel"])
+def test_k_width_differs_from_q(variant, rng):
+    with pytest.raises(ValueError, match=expected_shape("k", "BTHK")):
+        call(variant, rng, replace={"k": normal(rng, B, T, H, K + 1)})
+
+
+# (variant, argument, wrong shape, expected layouts in the message)
+BAD_GATES = [
+    ("kda", "g", (B, T, H), ["BTHK"]),
+    ("kda", "beta", (B, T, H, K), ["BTH"]),
+    ("gla-scalar", "g", (B, T, H, V), ["BTH", "BTHK"]),
+    ("gated_delta_rule", "g", (B, T, H, K), ["BTH"]),
+    ("gdn2-channel", "w", (B, T, H, K), ["BTH", "BTHV"]),
+    ("gdn2-channel", "b", (B, T, H, V), ["BTH", "BTHK"]),
+    ("eda-channel", "e", (B, T, H, V), ["BTHK"]),
+    ("eda-channel", "gamma", (B, T, H, V), ["BTH", "BTHK"]),
+    ("eda-bw", "w", (B, T, H, K), ["BTH", "BTHV"]),
+]
+
+
+@pytest.mark.parametrize(
+    "variant,name,shape,layouts", BAD_GATES, ids=[f"{variant}-{name}" for variant, name, _, _ in BAD_GATES]
+)
+def test_gate_with_wrong_shape(variant, name, shape, layouts, rng):
+    with pytest.raises(ValueError, match=expected_shape(name, *layouts) + re.escape(f"; got {shape}")):
+        call(variant, rng, replace={name: jnp.full(shape, 0.5)})
+
+
+@pytest.mark.parametrize("variant,name", [("delta_rule", "beta"), ("gla-channel", "g"), ("eda-bw", "w")])
+def test_integer_gate(variant, name, rng):
+    inputs = make_inputs(variant, rng, T=T, B=B, H=H, K=K, V=V)
+    with pytest.raises(ValueError, match=re.escape(f"`{name}` must be a floating-point array")):
+        call(variant, rng, replace={name: jnp.zeros(inputs[name].shape, jnp.int32)})
+
+
+def test_gdn2_same_array_for_b_and_w_is_checked_as_w(rng):
+    """gdn2(q, k, v, g, x, x) with x of shape [B, T, H, K], K != V: valid as `b` but not as `w`."""
+    x = jnp.full((B, T, H, K), 0.5)
+    with pytest.raises(ValueError, match=expected_shape("w", "BTH", "BTHV")):
+        call("gdn2-channel", rng, replace={"b": x, "w": x})
+
+
+@pytest.mark.parametrize("variant", ["gla-scalar", "kda", "eda-channel"])
+def test_initial_state_with_wrong_shape(variant, rng):
+    state = make_state(rng, B=B, H=H, K=V, V=K)  # K and V swapped
+    with pytest.raises(ValueError, match=expected_shape("initial_state", "BHKV")):
+        call(variant, rng, initial_state=state)
+
+
+@pytest.mark.parametrize(
+    "segment_ids", [np.zeros((B, T + 1), np.int32), np.zeros((T,), np.int32)], ids=["long", "rank1"]
+)
+def test_segment_ids_with_wrong_shape(segment_ids, rng):
+    with pytest.raises(ValueError, match=expected_shape("segment_ids", "BT")):
+        call("gdn2-channel", rng, segment_ids=segment_ids)
+
+
+def test_float_segment_ids(rng):
+    with pytest.raises(ValueError, match=re.escape("`segment_ids` must be integers")):
+        call("kda", rng, segment_ids=np.zeros((B, T), np.float32))
+
+
+def test_unknown_impl(rng):
+    with pytest.raises(ValueError, match=r"impl must be one of .*'chunk'.*; got 'fast'"):
+        call("eda-channel", rng, impl="fast")
+
+
+@pytest.mark.parametrize("chunk_size", [48, 0, -16])
+def test_chunk_size_not_a_power_of_two(chunk_size, rng):
+    message = re.escape(f"`chunk_size` must be a positive power of two; got {chunk_size}")
+    with pytest.raises(ValueError, match=message):
+        call("kda", rng, chunk_size=chunk_size)
+
+
+@pytest.mark.parametrize("missing", [("b", "w"), ("w",)])
+def test_eda_without_beta_or_channel_gates(missing, rng):
+    with pytest.raises(ValueError, match=r"`beta` \[B, T, H\].*`b` \[B, T, H, K\].*`w` \[B, T, H, V\]"):
+        call("eda-bw", rng, replace=dict.fromkeys(missing))
+
+
+def test_eda_with_beta_and_channel_gates(rng):
+    with pytest.raises(ValueError, match=r"`b` and `w` replace `beta`"):
+        call("eda-bw", rng, replace={"beta": jnp.full((B, T, H), 0.5)})
