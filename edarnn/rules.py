@@ -193,16 +193,7 @@ def _options(scale, initial_state, segment_ids, impl, chunk_size, normalize_qk):
 
 @_public
 def linear_attention(
-    q,
-    k,
-    v,
-    *,
-    scale=None,
-    initial_state=None,
-    segment_ids=None,
-    impl="chunk",
-    chunk_size=64,
-    normalize_qk=False,
+    q, k, v, *, scale=None, initial_state=None, segment_ids=None, impl="chunk", chunk_size=64, normalize_qk=False
 ):
     """Linear attention: S <- S + k v^T (Katharopoulos et al. 2020)."""
     opts = _options(scale, initial_state, segment_ids, impl, chunk_size, normalize_qk)
@@ -211,17 +202,7 @@ def linear_attention(
 
 @_public
 def gla(
-    q,
-    k,
-    v,
-    g,
-    *,
-    scale=None,
-    initial_state=None,
-    segment_ids=None,
-    impl="chunk",
-    chunk_size=64,
-    normalize_qk=False,
+    q, k, v, g, *, scale=None, initial_state=None, segment_ids=None, impl="chunk", chunk_size=64, normalize_qk=False
 ):
     """Gated linear attention: S <- Diag(exp g) S + k v^T.
 
@@ -232,17 +213,7 @@ def gla(
 
 @_public
 def delta_rule(
-    q,
-    k,
-    v,
-    beta,
-    *,
-    scale=None,
-    initial_state=None,
-    segment_ids=None,
-    impl="chunk",
-    chunk_size=64,
-    normalize_qk=False,
+    q, k, v, beta, *, scale=None, initial_state=None, segment_ids=None, impl="chunk", chunk_size=64, normalize_qk=False
 ):
     """DeltaNet: S <- S + beta k (v - S^T k)^T (Schlag et al. 2021). beta: [B, T, H]."""
     opts = _options(scale, initial_state, segment_ids, impl, chunk_size, normalize_qk)
