@@ -9,11 +9,12 @@ sub-step, with log-decay g, edit address x, read/erase address y and value z, do
 Each token applies P sub-steps in order (P = 1 for most rules, 2 for EDA's erase-then-write), then the query
 reads the state: o = S^T q. Arrays here are already validated, scaled and in the compute dtype.
 
-Shapes (P sub-steps per token, D = K or 1 for a scalar decay):
+Shapes (P sub-steps per token, D = K or 1 for a scalar decay; the sub-steps of token t are rows t P ... t P + P - 1
+of the sub-step axis, so that a chunk of C tokens is one contiguous tile of C P rows):
     q:  [B, T, H, K]          query, already multiplied by the scale
-    g:  [B, T, H, P, D]       log-decay of each sub-step
-    x, y: [B, T, H, P, K]     edit and read/erase addresses (y may be None)
-    z:  [B, T, H, P, V]       committed values
+    g:  [B, T P, H, D]        log-decay of each sub-step
+    x, y: [B, T P, H, K]      edit and read/erase addresses (y may be None)
+    z:  [B, T P, H, V]        committed values
     initial_state: [B, H, K, V]
     segment_ids: [B, T] int or None; the state restarts from zero where the id changes.
 
@@ -68,8 +69,11 @@ def apply_substep(state: Array, g: Array, x: Array, y: Array | None, z: Array) -
 
 def recurrent(q: Array, sub: Substeps, initial_state: Array, segment_ids: Array | None) -> tuple[Array, Array]:
     """Token by token with `lax.scan`: the reference every other form is tested against."""
-    reset = resets(segment_ids, q.shape[1])
+    batch, length = q.shape[:2]
+    reset = resets(segment_ids, length)
     time_major = lambda a: None if a is None else jnp.moveaxis(a, 1, 0)  # noqa: E731
+    per_token = lambda a: None if a is None else a.reshape(batch, length, -1, *a.shape[2:])  # noqa: E731
+    sub = Substeps(*(per_token(t) for t in sub))  # [B, T, P, H, D]
     xs = (
         time_major(q),
         time_major(sub.g),
@@ -83,9 +87,9 @@ def recurrent(q: Array, sub: Substeps, initial_state: Array, segment_ids: Array 
         q_t, g_t, x_t, y_t, z_t, reset_t = inputs
         if reset_t is not None:
             state = jnp.where(reset_t[:, None, None, None], 0.0, state).astype(state.dtype)
-        for p in range(g_t.shape[2]):
-            y_p = None if y_t is None else y_t[:, :, p]
-            state = apply_substep(state, g_t[:, :, p], x_t[:, :, p], y_p, z_t[:, :, p])
+        for p in range(g_t.shape[1]):
+            y_p = None if y_t is None else y_t[:, p]
+            state = apply_substep(state, g_t[:, p], x_t[:, p], y_p, z_t[:, p])
         return state, jnp.einsum("bhk,bhkv->bhv", q_t, state)
 
     final_state, o = jax.lax.scan(token, initial_state, xs)
@@ -118,11 +122,12 @@ def _substep_map(g: Array, x: Array, y: Array | None, z: Array) -> tuple[Array, 
 def associative_scan(q: Array, sub: Substeps, initial_state: Array, segment_ids: Array | None):
     """All states at once with `lax.associative_scan` (O(log T) depth). Exact and cheap for additive rules
     (diagonal M); for the delta family it materialises [B, T, H, K, K] and is meant for checking."""
-    n_sub = sub.g.shape[3]
+    batch, length = q.shape[:2]
+    sub = Substeps(*(None if t is None else t.reshape(batch, length, -1, *t.shape[2:]) for t in sub))
     token_map = None
-    for p in range(n_sub):
-        y_p = None if sub.y is None else sub.y[:, :, :, p]
-        step_map = _substep_map(sub.g[:, :, :, p], sub.x[:, :, :, p], y_p, sub.z[:, :, :, p])
+    for p in range(sub.g.shape[2]):
+        y_p = None if sub.y is None else sub.y[:, :, p]
+        step_map = _substep_map(sub.g[:, :, p], sub.x[:, :, p], y_p, sub.z[:, :, p])
         token_map = step_map if token_map is None else _compose(step_map, token_map)
     m, n = token_map
     reset = resets(segment_ids, q.shape[1])
@@ -218,17 +223,17 @@ def chunkwise(q: Array, sub: Substeps, initial_state: Array, segment_ids: Array 
     chunks (`lax.scan`). Any T: the tail is padded with identity sub-steps (g = 0, x = 0). Internally
     chunk-major, [N, B, H, rows, D], so the loop over chunks slices its leading axis."""
     batch, length, heads, key = q.shape
-    n_sub, value = sub.g.shape[3], sub.z.shape[-1]
+    n_sub, value = sub.g.shape[1] // length, sub.z.shape[-1]
     n_chunks = -(-length // chunk_size)
     pad = n_chunks * chunk_size - length
     rows = n_sub * chunk_size  # sub-steps per chunk
 
     def to_chunks(t):
-        """[B, T, H, (P,) D] -> [N, B, H, C (* P), D], zero-padded in time."""
-        t = jnp.pad(t, ((0, 0), (0, pad)) + ((0, 0),) * (t.ndim - 2))
-        t = t.reshape(batch, n_chunks, chunk_size, *t.shape[2:])
-        t = jnp.moveaxis(t, (1, 3), (0, 2))  # [N, B, H, C, (P,) D]
-        return t.reshape(n_chunks, batch, heads, -1, t.shape[-1])
+        """[B, T (P), H, D] -> [N, B, H, C (P), D], zero-padded in time."""
+        t = t.reshape(batch, n_chunks * chunk_size - pad, -1, heads, t.shape[-1])  # [B, T, 1 or P, H, D]
+        t = jnp.pad(t, ((0, 0), (0, pad), (0, 0), (0, 0), (0, 0)))
+        t = t.reshape(batch, n_chunks, -1, heads, t.shape[-1])
+        return jnp.moveaxis(t, (1, 3), (0, 2))  # [N, B, H, C (P), D]
 
     qc = to_chunks(q)
     g, x, z = to_chunks(sub.g), to_chunks(sub.x), to_chunks(sub.z)

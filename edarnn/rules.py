@@ -33,8 +33,18 @@ from edarnn import core
 
 Array = jax.Array
 
-IMPLS = ("auto", "recurrent", "scan", "chunk")
-_FORMS = {"recurrent": core.recurrent, "scan": core.associative_scan, "chunk": core.chunkwise}
+IMPLS = ("auto", "recurrent", "scan", "chunk", "pallas")
+_FORMS = {"recurrent": core.recurrent, "scan": core.associative_scan}
+
+
+def _pallas(q, steps, state, segment_ids, chunk_size):
+    """The Pallas kernels for the default backend; on the CPU they run in interpret mode (for checking)."""
+    from pallas_kernels import chunk  # noqa: PLC0415  (imports Pallas only when asked for)
+
+    backend = jax.default_backend()
+    if backend not in ("gpu", "cpu"):
+        raise ValueError(f'impl="pallas" has GPU kernels only so far (and interpret mode on the CPU); got {backend}')
+    return chunk.chunkwise(q, steps, state, segment_ids, chunk_size, backend == "cpu")
 
 
 def resolve_impl(impl: str) -> str:
@@ -125,17 +135,20 @@ def _run(shapes, q, steps, *, scale, initial_state, segment_ids, impl, chunk_siz
         state = jnp.zeros((d["B"], d["H"], d["K"], d["V"]), compute)
     else:
         state = jnp.asarray(initial_state).astype(compute)
-    form = _FORMS[resolve_impl(impl)]
-    if form is core.chunkwise:
-        o, final_state = form(q, steps, state, segment_ids, chunk_size)
+    impl = resolve_impl(impl)
+    if impl == "pallas":
+        o, final_state = _pallas(q, steps, state, segment_ids, chunk_size)
+    elif impl == "chunk":
+        o, final_state = core.chunkwise(q, steps, state, segment_ids, chunk_size)
     else:
-        o, final_state = form(q, steps, state, segment_ids)
+        o, final_state = _FORMS[impl](q, steps, state, segment_ids)
     return o.astype(out_dtype), final_state
 
 
 def _stack(*per_substep: Array) -> Array:
-    """Sub-step tensors [B, T, H, D] -> [B, T, H, P, D]."""
-    return jnp.stack(per_substep, axis=3)
+    """Sub-step tensors [B, T, H, D], in the order they apply -> [B, T P, H, D] (token t's at rows t P ...)."""
+    stacked = jnp.stack(per_substep, axis=2)
+    return stacked.reshape(stacked.shape[0], -1, *stacked.shape[3:])
 
 
 _COMMON_DOC = """

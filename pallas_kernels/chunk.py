@@ -1,0 +1,62 @@
+"""impl="pallas": the chunkwise form through Pallas kernels, with the signature of `edarnn.core.chunkwise`.
+
+Python-side preparation (padding, chunk-local cumulative decays, running segment numbers) is shared by every
+backend; the kernels are picked by backend in `chunkwise`. The backward recomputes through the plain-JAX chunk
+form (`jax.vjp` of `edarnn.core.chunkwise`) until the backward kernels land.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from edarnn import core
+from pallas_kernels.gpu import chunk_fwd
+
+
+def prepare(q, sub: core.Substeps, segment_ids, chunk_size):
+    """Pad T to a multiple of chunk_size (identity sub-steps) and derive what the kernels read.
+
+    Returns (q, gq, x, y, z, gcum, seg, seg_q, seg_prev): gcum [B, T P, H, D] is the log-decay accumulated from
+    each chunk's start, gq its value at each token's last sub-step; seg / seg_q / seg_prev are the running
+    segment numbers of the sub-steps, of the tokens and before each chunk (int32), or None."""
+    batch, length, heads, _ = q.shape
+    per_token = sub.x.shape[1] // length
+    pad = -length % chunk_size
+    narrow = lambda t: t.astype(jnp.float32) if t.dtype == jnp.float64 else t  # noqa: E731  (kernels are f32)
+    pad_time = lambda t, n: jnp.pad(narrow(t), ((0, 0), (0, n)) + ((0, 0),) * (t.ndim - 2))  # noqa: E731
+    q = pad_time(q, pad)
+    g, x, y, z = (None if t is None else pad_time(t, pad * per_token) for t in sub)
+    rows = chunk_size * per_token
+    gcum = jnp.cumsum(g.reshape(batch, -1, rows, heads, g.shape[-1]), axis=2).reshape(g.shape)
+    gq = gcum[:, per_token - 1 :: per_token]
+    if segment_ids is None:
+        return q, gq, x, y, z, gcum, None, None, None
+    seg_q = jnp.pad(jnp.cumsum(core.resets(segment_ids, length), axis=1, dtype=jnp.int32), ((0, 0), (0, pad)), "edge")
+    seg = jnp.repeat(seg_q, per_token, axis=1)
+    seg_prev = jnp.concatenate([seg_q[:, :1], seg_q[:, chunk_size - 1 : -1 : chunk_size]], axis=1)
+    return q, gq, x, y, z, gcum, seg, seg_q, seg_prev
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def chunkwise(q, sub, initial_state, segment_ids, chunk_size, interpret):
+    """`edarnn.core.chunkwise` through Pallas kernels; interpret=True runs them on any backend (for checking)."""
+    length = q.shape[1]
+    *prepared, seg, seg_q, seg_prev = prepare(q, sub, segment_ids, chunk_size)
+    o, final_state = chunk_fwd.chunk_forward(
+        *prepared, initial_state.astype(jnp.float32), seg, seg_q, seg_prev, chunk_size=chunk_size, interpret=interpret
+    )
+    return o[:, :length].astype(q.dtype), final_state.astype(initial_state.dtype)
+
+
+def _forward(q, sub, initial_state, segment_ids, chunk_size, interpret):
+    return chunkwise(q, sub, initial_state, segment_ids, chunk_size, interpret), (q, sub, initial_state, segment_ids)
+
+
+def _backward(chunk_size, interpret, residuals, cotangents):
+    q, sub, initial_state, segment_ids = residuals
+    _, vjp = jax.vjp(lambda *a: core.chunkwise(*a, segment_ids, chunk_size), q, sub, initial_state)
+    return (*vjp(cotangents), None)
+
+
+chunkwise.defvjp(_forward, _backward)
