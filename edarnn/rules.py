@@ -19,8 +19,11 @@ Each rule maps its inputs onto the sub-steps of `edarnn.core` (DESIGN.md §1):
     eda                scalar or [K]     erase (e, gamma e, 0), then write (k, beta k, beta v)  [or (k, b k, w v)]
 
 impl: "recurrent" (token by token, the definition), "scan" (associative scan), "chunk" (chunkwise WY form),
-"auto" (the fastest available on the default backend). The step functions `<rule>_step(state, ...)` take one
-token ([B, H, D] inputs, [B, H] scalar gates) and return (o [B, H, V], new_state); they equal `recurrent`.
+"pallas" (the chunk form as Pallas GPU kernels; interpret mode on the CPU, for checking), "auto" (the fastest
+measured on the default backend: "chunk" until the Pallas kernels beat it).
+
+The step functions `<rule>_step(state, ...)` take one token ([B, H, D] inputs, [B, H] scalar gates) and return
+(o [B, H, V], new_state); they equal `recurrent`.
 """
 
 import functools
@@ -48,7 +51,7 @@ def _pallas(q, steps, state, segment_ids, chunk_size):
 
 
 def resolve_impl(impl: str) -> str:
-    """The concrete form for `impl` on the default backend ("auto" -> the fastest available)."""
+    """The concrete form for `impl` on the default backend ("auto" -> "chunk", the fastest measured so far)."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}; got {impl!r}")
     return "chunk" if impl == "auto" else impl
@@ -156,7 +159,7 @@ _COMMON_DOC = """
         scale: multiplies q; default K ** -0.5.
         initial_state: [B, H, K, V] state before the first token; default zeros.
         segment_ids: [B, T] int; the state restarts from zero where the id changes (packed sequences).
-        impl: "recurrent", "scan", "chunk" or "auto".
+        impl: "recurrent", "scan", "chunk", "pallas" or "auto".
         chunk_size: tokens per chunk of the chunk form, a power of two.
         normalize_qk: L2-normalise q, k (and e) over the last axis first.
     Returns (o [B, T, H, V] in q's dtype, final_state [B, H, K, V] float32)."""
