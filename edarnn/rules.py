@@ -41,13 +41,16 @@ _FORMS = {"recurrent": core.recurrent, "scan": core.associative_scan}
 
 
 def _pallas(q, steps, state, segment_ids, chunk_size):
-    """The Pallas kernels for the default backend; on the CPU they run in interpret mode (for checking)."""
-    from pallas_kernels import chunk  # noqa: PLC0415  (imports Pallas only when asked for)
+    """The Pallas kernels for the default backend: the token-by-token kernel for sequences shorter than one chunk
+    (decoding, short prefills), the chunkwise kernels otherwise. On the CPU they run in interpret mode."""
+    from pallas_kernels import forms  # noqa: PLC0415  (imports Pallas only when asked for)
 
     backend = jax.default_backend()
     if backend not in ("gpu", "cpu"):
         raise ValueError(f'impl="pallas" has GPU kernels only so far (and interpret mode on the CPU); got {backend}')
-    return chunk.chunkwise(q, steps, state, segment_ids, chunk_size, backend == "cpu")
+    if q.shape[1] < chunk_size:
+        return forms.recurrent(q, steps, state, segment_ids, backend == "cpu")
+    return forms.chunkwise(q, steps, state, segment_ids, chunk_size, backend == "cpu")
 
 
 def resolve_impl(impl: str) -> str:
@@ -372,18 +375,19 @@ def _token_step(rule):
     }
 
     @functools.wraps(rule)
-    def step(state, *args, **kwargs):
+    def step(state, *args, impl="recurrent", **kwargs):
         bound = signature.bind(*args, **kwargs)
         for name, value in bound.arguments.items():
             if name in per_token and value is not None:
                 bound.arguments[name] = jnp.asarray(value)[:, None]
-        o, new_state = rule(*bound.args, **bound.kwargs, initial_state=state, impl="recurrent")
+        o, new_state = rule(*bound.args, **bound.kwargs, initial_state=state, impl=impl)
         return o[:, 0], new_state
 
     step.__name__ = step.__qualname__ = f"{rule.__name__}_step"
     step.__doc__ = (
         f"One token of `{rule.__name__}`: (state [B, H, K, V], q [B, H, K], ..., gates [B, H] or [B, H, D]) "
-        f"-> (o [B, H, V], new_state). Same arguments as `{rule.__name__}` without the time axis."
+        f"-> (o [B, H, V], new_state). Same arguments as `{rule.__name__}` without the time axis; impl "
+        '"recurrent" (default) or "pallas" (the decoding kernel: state updated in place when donated to jit).'
     )
     return step
 

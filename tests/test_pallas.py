@@ -1,6 +1,7 @@
 """impl="pallas": the Pallas kernels (run in interpret mode on the CPU) agree with the recurrent form, for any
-T, initial state and segments; their custom VJP gives the chunk form's gradients; every kernel variant lowers
-to Triton for CUDA without a GPU (which catches operations the Triton lowering lacks). GPU runs: `pytest -m gpu`."""
+T (shorter than a chunk: the token-by-token kernel), initial state and segments; their custom VJP gives the
+reference form's gradients; every kernel variant lowers to Triton for CUDA without a GPU (which catches
+operations the Triton lowering lacks). GPU runs: `pytest -m gpu`."""
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +24,7 @@ from conftest import (
 )
 
 from edarnn import core, rules
-from pallas_kernels import chunk
+from pallas_kernels import forms
 
 KERNEL_RTOL = 2e-5  # the kernels compute in float32, the reference in float64
 
@@ -56,6 +57,33 @@ def test_pallas_grads_match_chunk(variant, rng):
     assert_close(actual, expected, 1e-9, f"{variant} pallas grad")
 
 
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_pallas_short_sequence_matches_recurrent(variant, rng):
+    """T below one chunk runs the token-by-token kernel: with a state, and with segments."""
+    rule = rule_of(variant)
+    inputs, state = make_inputs(variant, rng, T=7), make_state(rng)
+    segment_ids = make_segment_ids(rng, [[3, 4], [1, 6]])
+    for segments in (None, segment_ids):
+        actual = run(rule, inputs, state, segments, impl="pallas", chunk_size=16)
+        assert_close(actual, reference(rule, inputs, state, segments), KERNEL_RTOL, f"{variant} pallas short")
+
+
+@pytest.mark.parametrize("rule", ["kda", "eda"])
+def test_pallas_step_matches_recurrent_step(rule, rng):
+    inputs, state = make_inputs(rule, rng, T=1), make_state(rng)
+    token = {name: None if x is None else x[:, 0] for name, x in inputs.items()}
+    step = rules.__dict__[f"{rule}_step"]
+    assert_close(step(state, **token, impl="pallas"), step(state, **token), KERNEL_RTOL, f"{rule} pallas step")
+
+
+def test_pallas_short_sequence_grads_match_recurrent(rng):
+    inputs, state = make_inputs("gdn2-channel", rng, T=5), make_state(rng)
+    cotangents = random_cotangents(rng, inputs)
+    actual = grad_runner("gdn2", "pallas", 16)(cotangents, inputs, state, None)
+    expected = grad_runner("gdn2", "recurrent")(cotangents, inputs, state, None)
+    assert_close(actual, expected, 1e-9, "gdn2 pallas short grad")
+
+
 def test_pallas_channel_decay_down_to_minus_five_float32(rng):
     """Per-channel log-decay -5 on many tokens and channels, chunk 64: finite and accurate in float32."""
     inputs = make_inputs("eda-channel", rng, T=130, dtype=jnp.float32, max_decay=5.0)
@@ -73,10 +101,9 @@ LOWERING_CASES = {  # name: (sub-steps per token, decay width: "1" or "K", erase
 }
 
 
-@pytest.mark.parametrize("case", list(LOWERING_CASES))
-def test_kernels_lower_to_triton(case):
+def _lowering_inputs(case, t):
     per_token, decay, erase, segments = LOWERING_CASES[case]
-    b, t, h, k, v = 1, 128, 2, 64, 64
+    b, h, k, v = 1, 2, 64, 64
     spec = lambda *shape, dtype=jnp.float32: jax.ShapeDtypeStruct(shape, dtype)  # noqa: E731
     rows = t * per_token
     sub = core.Substeps(
@@ -85,9 +112,21 @@ def test_kernels_lower_to_triton(case):
         spec(b, rows, h, k) if erase else None,
         spec(b, rows, h, v),
     )
-    segment_ids = spec(b, t, dtype=jnp.int32) if segments else None
-    forward = jax.jit(lambda q, sub, s0, seg: chunk.chunkwise(q, sub, s0, seg, 64, False))
-    lowered = forward.trace(spec(b, t, h, k), sub, spec(b, h, k, v), segment_ids).lower(lowering_platforms=("cuda",))
+    return spec(b, t, h, k), sub, spec(b, h, k, v), spec(b, t, dtype=jnp.int32) if segments else None
+
+
+@pytest.mark.parametrize("case", list(LOWERING_CASES))
+def test_recurrent_kernel_lowers_to_triton(case):
+    forward = jax.jit(lambda q, sub, s0, seg: forms.recurrent(q, sub, s0, seg, False))
+    lowered = forward.trace(*_lowering_inputs(case, 3)).lower(lowering_platforms=("cuda",))
+    assert lowered.as_text().count("xla.gpu.triton") == 1
+
+
+@pytest.mark.parametrize("case", list(LOWERING_CASES))
+def test_chunk_kernels_lower_to_triton(case):
+    erase = LOWERING_CASES[case][2]
+    forward = jax.jit(lambda q, sub, s0, seg: forms.chunkwise(q, sub, s0, seg, 64, False))
+    lowered = forward.trace(*_lowering_inputs(case, 128)).lower(lowering_platforms=("cuda",))
     assert lowered.as_text().count("xla.gpu.triton") == (3 if erase else 2)
 
 
@@ -103,3 +142,17 @@ def test_pallas_on_gpu_bf16(rule):
     o, state = jax.jit(lambda *a: rules.RULES[rule](*a, impl="pallas"))(*low)
     assert o.dtype == jnp.bfloat16 and not np.isnan(np.asarray(o, np.float32)).any()
     assert relative_error(o, expected) < 1e-2 and relative_error(state, expected_state) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rule", ["gated_delta_rule", "kda", "eda"])
+def test_pallas_decode_step_on_gpu(rule):
+    """One decoding step for a batch of 64, state donated (updated in place), equals the recurrent step."""
+    from edarnn.check_forms import random_inputs
+
+    token = [x[:, 0] for x in random_inputs(rule, 64, 1, 16, 128, 128)]
+    state = jax.random.normal(jax.random.key(0), (64, 16, 128, 128), jnp.float32)
+    step = rules.__dict__[f"{rule}_step"]
+    expected = step(state, *token)
+    actual = jax.jit(lambda s, *t: step(s, *t, impl="pallas"), donate_argnums=0)(state.copy(), *token)
+    assert relative_error(actual[0], expected[0]) < 1e-4 and relative_error(actual[1], expected[1]) < 1e-4

@@ -1,8 +1,9 @@
-"""impl="pallas": the chunkwise form through Pallas kernels, with the signature of `edarnn.core.chunkwise`.
+"""impl="pallas": the recurrent and chunkwise forms through Pallas kernels, with the signatures of
+`edarnn.core.recurrent` and `edarnn.core.chunkwise`.
 
 Python-side preparation (padding, chunk-local cumulative decays, running segment numbers) is shared by every
-backend; the kernels are picked by backend in `chunkwise`. The backward recomputes through the plain-JAX chunk
-form (`jax.vjp` of `edarnn.core.chunkwise`) until the backward kernels land.
+backend. The backward recomputes through the plain-JAX form (`jax.vjp` of the `edarnn.core` reference) until
+the backward kernels land.
 """
 
 import functools
@@ -11,7 +12,12 @@ import jax
 import jax.numpy as jnp
 
 from edarnn import core
-from pallas_kernels.gpu import chunk_fwd
+from pallas_kernels.gpu import chunk_fwd, recurrent_fwd
+
+
+def _narrow(t):
+    """The kernels compute in float32: float64 inputs (tests) are narrowed."""
+    return t.astype(jnp.float32) if t.dtype == jnp.float64 else t
 
 
 def prepare(q, sub: core.Substeps, segment_ids, chunk_size):
@@ -23,8 +29,7 @@ def prepare(q, sub: core.Substeps, segment_ids, chunk_size):
     batch, length, heads, _ = q.shape
     per_token = sub.x.shape[1] // length
     pad = -length % chunk_size
-    narrow = lambda t: t.astype(jnp.float32) if t.dtype == jnp.float64 else t  # noqa: E731  (kernels are f32)
-    pad_time = lambda t, n: jnp.pad(narrow(t), ((0, 0), (0, n)) + ((0, 0),) * (t.ndim - 2))  # noqa: E731
+    pad_time = lambda t, n: jnp.pad(_narrow(t), ((0, 0), (0, n)) + ((0, 0),) * (t.ndim - 2))  # noqa: E731
     q = pad_time(q, pad)
     g, x, y, z = (None if t is None else pad_time(t, pad * per_token) for t in sub)
     rows = chunk_size * per_token
@@ -49,14 +54,40 @@ def chunkwise(q, sub, initial_state, segment_ids, chunk_size, interpret):
     return o[:, :length].astype(q.dtype), final_state.astype(initial_state.dtype)
 
 
-def _forward(q, sub, initial_state, segment_ids, chunk_size, interpret):
+def _chunkwise_forward(q, sub, initial_state, segment_ids, chunk_size, interpret):
     return chunkwise(q, sub, initial_state, segment_ids, chunk_size, interpret), (q, sub, initial_state, segment_ids)
 
 
-def _backward(chunk_size, interpret, residuals, cotangents):
+def _chunkwise_backward(chunk_size, interpret, residuals, cotangents):
     q, sub, initial_state, segment_ids = residuals
     _, vjp = jax.vjp(lambda *a: core.chunkwise(*a, segment_ids, chunk_size), q, sub, initial_state)
     return (*vjp(cotangents), None)
 
 
-chunkwise.defvjp(_forward, _backward)
+chunkwise.defvjp(_chunkwise_forward, _chunkwise_backward)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def recurrent(q, sub, initial_state, segment_ids, interpret):
+    """`edarnn.core.recurrent` through the token-by-token kernel (decoding, short prefills)."""
+    resets = core.resets(segment_ids, q.shape[1])
+    o, final_state = recurrent_fwd.recurrent_forward(
+        *(None if t is None else _narrow(t) for t in (q, *sub)),
+        initial_state.astype(jnp.float32),
+        None if resets is None else resets.astype(jnp.int32),
+        interpret=interpret,
+    )
+    return o.astype(q.dtype), final_state.astype(initial_state.dtype)
+
+
+def _recurrent_forward(q, sub, initial_state, segment_ids, interpret):
+    return recurrent(q, sub, initial_state, segment_ids, interpret), (q, sub, initial_state, segment_ids)
+
+
+def _recurrent_backward(interpret, residuals, cotangents):
+    q, sub, initial_state, segment_ids = residuals
+    _, vjp = jax.vjp(lambda *a: core.recurrent(*a, segment_ids), q, sub, initial_state)
+    return (*vjp(cotangents), None)
+
+
+recurrent.defvjp(_recurrent_forward, _recurrent_backward)
