@@ -19,10 +19,10 @@ from edarnn import rules
 
 def random_inputs(rule: str, batch: int, seq: int, heads: int, key: int, value: int, seed: int = 0):
     """Positional inputs of `rule` ([B, T, H, D] layout): unit keys and erase directions, gates in (0, 1),
-    channel-wise log-decays in about [-1.5, 0) where the rule takes them."""
+    log-decays -softplus(N(0, 1)) / 2 (mean about -0.4), per key channel where the rule takes them."""
     base, counter = jax.random.key(seed), itertools.count()
     normal = lambda *d: jax.random.normal(jax.random.fold_in(base, next(counter)), (batch, seq, heads, *d))  # noqa: E731
-    unit = lambda: normal(key) / jnp.linalg.norm(normal(key), axis=-1, keepdims=True)  # noqa: E731
+    unit = lambda: (lambda a: a / jnp.linalg.norm(a, axis=-1, keepdims=True))(normal(key))  # noqa: E731
     gate = lambda *d: jax.nn.sigmoid(normal(*d))  # noqa: E731
     log_decay = lambda *d: -0.5 * jax.nn.softplus(normal(*d))  # noqa: E731
     q, k, v = normal(key), unit(), normal(value)

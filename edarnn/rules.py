@@ -26,7 +26,6 @@ The step functions `<rule>_step(state, ...)` take one token ([B, H, D] inputs, [
 (o [B, H, V], new_state); they equal `recurrent`.
 """
 
-import functools
 import inspect
 
 import jax
@@ -48,6 +47,13 @@ def _pallas(q, steps, state, segment_ids, chunk_size):
     backend = jax.default_backend()
     if backend not in ("gpu", "cpu"):
         raise ValueError(f'impl="pallas" has GPU kernels only so far (and interpret mode on the CPU); got {backend}')
+    key, value = q.shape[-1], steps.z.shape[-1]
+    if value > 64 and value % 64:
+        raise ValueError(f'impl="pallas": V must be at most 64 or a multiple of 64; got V = {value}')
+    if backend == "gpu":
+        for name, size in (("K", key), ("V", value), ("chunk_size", chunk_size)):
+            if size < 16 or size & (size - 1):
+                raise ValueError(f'impl="pallas" on a GPU: {name} must be a power of two >= 16; got {size}')
     if q.shape[1] < chunk_size:
         return forms.recurrent(q, steps, state, segment_ids, backend == "cpu")
     return forms.chunkwise(q, steps, state, segment_ids, chunk_size, backend == "cpu")
@@ -71,10 +77,15 @@ class _Shapes:
     def __init__(self, rule: str, q, k, v):
         self.rule = rule
         for name, t in (("q", q), ("k", k), ("v", v)):
-            if getattr(t, "ndim", None) != 4:
+            if jnp.ndim(t) != 4:
                 raise ValueError(f"{rule}: `{name}` must have rank 4, [B, T, H, D]; got shape {jnp.shape(t)}")
-        b, t, h, kd = q.shape
-        self.dims = {"B": b, "T": t, "H": h, "K": kd, "V": v.shape[-1]}
+        b, t, h, kd = jnp.shape(q)
+        self.dims = {"B": b, "T": t, "H": h, "K": kd, "V": jnp.shape(v)[-1]}
+        if min(self.dims.values()) < 1:
+            raise ValueError(
+                f"{rule}: every dimension of q [B, T, H, K] and v [B, T, H, V] must be >= 1; got {self.dims}"
+            )
+        self.check("q", q, "BTHK")
         self.check("k", k, "BTHK")
         self.check("v", v, "BTHV")
 
@@ -95,10 +106,13 @@ class _Shapes:
 def _check_options(rule, shapes, *, scale, initial_state, segment_ids, impl, chunk_size, normalize_qk):
     d = shapes.dims
     resolve_impl(impl)
-    if not (isinstance(chunk_size, int) and chunk_size > 0 and chunk_size & (chunk_size - 1) == 0):
-        raise ValueError(f"{rule}: `chunk_size` must be a positive power of two; got {chunk_size!r}")
-    if scale is not None and not isinstance(scale, (int, float)):
-        raise ValueError(f"{rule}: `scale` must be a Python number or None; got {type(scale).__name__}")
+    static = "(a static Python value: under jax.jit mark it static, e.g. static_argnames)"
+    if not (type(chunk_size) is int and chunk_size > 0 and chunk_size & (chunk_size - 1) == 0):
+        raise ValueError(f"{rule}: `chunk_size` must be a positive power of two; got {chunk_size!r} {static}")
+    if type(normalize_qk) is not bool:
+        raise ValueError(f"{rule}: `normalize_qk` must be True or False; got {normalize_qk!r} {static}")
+    if scale is not None and (jnp.ndim(scale) != 0 or not jnp.issubdtype(jnp.result_type(scale), jnp.number)):
+        raise ValueError(f"{rule}: `scale` must be a real scalar or None; got {scale!r}")
     if initial_state is not None and tuple(jnp.shape(initial_state)) != (d["B"], d["H"], d["K"], d["V"]):
         raise ValueError(
             f"{rule}: `initial_state` must have shape [B, H, K, V] = {(d['B'], d['H'], d['K'], d['V'])}; "
@@ -115,6 +129,8 @@ def _check_options(rule, shapes, *, scale, initial_state, segment_ids, impl, chu
 
 
 def _l2_normalize(t: Array) -> Array:
+    """t / |t| over the last axis, computed in float32 at least (the result keeps that precision)."""
+    t = t.astype(jnp.promote_types(t.dtype, jnp.float32))
     return t * jax.lax.rsqrt(jnp.sum(t * t, axis=-1, keepdims=True) + 1e-6)
 
 
@@ -165,7 +181,11 @@ _COMMON_DOC = """
         impl: "recurrent", "scan", "chunk", "pallas" or "auto".
         chunk_size: tokens per chunk of the chunk form, a power of two.
         normalize_qk: L2-normalise q, k (and e) over the last axis first.
-    Returns (o [B, T, H, V] in q's dtype, final_state [B, H, K, V] float32)."""
+    Range: log-decays g must be finite (restart the state with segment_ids, not g = -inf); in the "chunk" and
+    "pallas" forms a channel-wise g must be >= -10 per token (beyond, exponents inside a chunk overflow float32).
+    impl, chunk_size and normalize_qk are static: under jax.jit pass them through functools.partial or
+    static_argnames.
+    Returns (o [B, T, H, V] in q's dtype, final_state [B, H, K, V] float32, float64 for float64 inputs)."""
 
 
 def _public(fn):
@@ -374,7 +394,6 @@ def _token_step(rule):
         "w",
     }
 
-    @functools.wraps(rule)
     def step(state, *args, impl="recurrent", **kwargs):
         bound = signature.bind(*args, **kwargs)
         for name, value in bound.arguments.items():

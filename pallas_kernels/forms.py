@@ -37,7 +37,7 @@ def prepare(q, sub: core.Substeps, segment_ids, chunk_size):
     gq = gcum[:, per_token - 1 :: per_token]
     if segment_ids is None:
         return q, gq, x, y, z, gcum, None, None, None
-    seg_q = jnp.pad(jnp.cumsum(core.resets(segment_ids, length), axis=1, dtype=jnp.int32), ((0, 0), (0, pad)), "edge")
+    seg_q = jnp.pad(core.segment_numbers(segment_ids, length), ((0, 0), (0, pad)), "edge")
     seg = jnp.repeat(seg_q, per_token, axis=1)
     seg_prev = jnp.concatenate([seg_q[:, :1], seg_q[:, chunk_size - 1 : -1 : chunk_size]], axis=1)
     return q, gq, x, y, z, gcum, seg, seg_q, seg_prev

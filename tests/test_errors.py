@@ -2,6 +2,7 @@
 
 import re
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -133,3 +134,39 @@ def test_eda_without_beta_or_channel_gates(missing, rng):
 def test_eda_with_beta_and_channel_gates(rng):
     with pytest.raises(ValueError, match=r"`b` and `w` replace `beta`"):
         call("eda-bw", rng, replace={"beta": jnp.full((B, T, H), 0.5)})
+
+
+def test_integer_q(rng):
+    with pytest.raises(ValueError, match="`q` must be a floating-point array"):
+        call("kda", rng, replace={"q": jnp.ones((B, T, H, K), jnp.int32)})
+
+
+def test_empty_sequence(rng):
+    empty = {name: x[:, :0] for name, x in make_inputs("kda", rng, T=T, B=B, H=H, K=K, V=V).items()}
+    with pytest.raises(ValueError, match=r"every dimension .* must be >= 1"):
+        rules.kda(**empty)
+
+
+def test_traced_options_are_named_static(rng):
+    inputs = make_inputs("kda", rng, T=T, B=B, H=H, K=K, V=V)
+    with pytest.raises(ValueError, match=r"`chunk_size` must be .*static"):
+        jax.jit(lambda c: rules.kda(**inputs, chunk_size=c))(16)
+    with pytest.raises(ValueError, match=r"`normalize_qk` must be True or False.*static"):
+        rules.kda(**inputs, normalize_qk=1)
+
+
+def test_scale_accepts_any_real_scalar_and_rejects_arrays(rng):
+    inputs = make_inputs("kda", rng, T=T, B=B, H=H, K=K, V=V)
+    expected, _ = rules.kda(**inputs, scale=0.5, impl="recurrent")
+    for scale in (np.float32(0.5), jnp.asarray(0.5)):
+        np.testing.assert_allclose(rules.kda(**inputs, scale=scale, impl="recurrent")[0], expected, rtol=1e-6)
+    traced = jax.jit(lambda s: rules.kda(**inputs, scale=s, impl="recurrent")[0])(0.5)
+    np.testing.assert_allclose(traced, expected, rtol=1e-6)
+    with pytest.raises(ValueError, match="`scale` must be a real scalar"):
+        rules.kda(**inputs, scale=jnp.ones(3))
+
+
+def test_pallas_value_width_that_its_blocks_cannot_cover(rng):
+    inputs = make_inputs("kda", rng, T=T, B=B, H=H, K=K, V=96)
+    with pytest.raises(ValueError, match="V must be at most 64 or a multiple of 64; got V = 96"):
+        rules.kda(**inputs, impl="pallas")

@@ -84,11 +84,14 @@ def test_pallas_short_sequence_grads_match_recurrent(rng):
     assert_close(actual, expected, 1e-9, "gdn2 pallas short grad")
 
 
-def test_pallas_channel_decay_down_to_minus_five_float32(rng):
-    """Per-channel log-decay -5 on many tokens and channels, chunk 64: finite and accurate in float32."""
-    inputs = make_inputs("eda-channel", rng, T=130, dtype=jnp.float32, max_decay=5.0)
-    inputs["g"] = inputs["g"].at[..., :3].set(-5.0)
-    actual = run("eda", inputs, impl="pallas", chunk_size=64)
+@pytest.mark.parametrize("impl", ["chunk", "pallas"])
+@pytest.mark.parametrize("floor", [-5.0, -10.0])
+def test_channel_decay_down_to_the_documented_floor_float32(floor, impl, rng):
+    """Per-channel log-decay down to -10 (the documented floor) on many tokens and channels, chunk 64: finite
+    and accurate in float32."""
+    inputs = make_inputs("eda-channel", rng, T=130, dtype=jnp.float32, max_decay=-floor)
+    inputs["g"] = inputs["g"].at[..., :3].set(floor)
+    actual = run("eda", inputs, impl=impl, chunk_size=64)
     assert relative_error(actual[0], reference("eda", inputs)[0]) < 1e-4
 
 
