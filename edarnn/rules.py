@@ -5,7 +5,9 @@
 
 Layout: q, k: [B, T, H, K]; v: [B, T, H, V]; per-token scalar gates [B, T, H]; key-channel gates [B, T, H, K];
 value-channel gates [B, T, H, V]; state [B, H, K, V] in float32 (float64 for float64 inputs); the output
-[B, T, H, V] in the inputs' dtype. `g` is always a log-decay (<= 0; exp(g) is the decay).
+[B, T, H, V] in the inputs' dtype. `g` is always a log-decay (<= 0; exp(g) is the decay). Grouped values: v may
+have a multiple H of the H_k heads of q, k and e; each key head then serves H / H_k consecutive value heads, and
+the gates and the state are per value head.
 
 Each rule maps its inputs onto the sub-steps of `edarnn.core` (DESIGN.md §1):
 
@@ -79,18 +81,31 @@ class _Shapes:
         for name, t in (("q", q), ("k", k), ("v", v)):
             if jnp.ndim(t) != 4:
                 raise ValueError(f"{rule}: `{name}` must have rank 4, [B, T, H, D]; got shape {jnp.shape(t)}")
-        b, t, h, kd = jnp.shape(q)
-        self.dims = {"B": b, "T": t, "H": h, "K": kd, "V": jnp.shape(v)[-1]}
+        b, t, key_heads, kd = jnp.shape(q)
+        self.dims = {"B": b, "T": t, "h": key_heads, "H": jnp.shape(v)[2], "K": kd, "V": jnp.shape(v)[-1]}
         if min(self.dims.values()) < 1:
+            raise ValueError(f"{rule}: every dimension of q and v must be >= 1; got {self._named(self.dims)}")
+        self.check("q", q, "BThK")
+        self.check("k", k, "BThK")
+        if self.dims["H"] % key_heads:
             raise ValueError(
-                f"{rule}: every dimension of q [B, T, H, K] and v [B, T, H, V] must be >= 1; got {self.dims}"
+                f"{rule}: `v` has {self.dims['H']} heads; with grouped values that must be a multiple of the "
+                f"H_k = {key_heads} heads of q and k"
             )
-        self.check("q", q, "BTHK")
-        self.check("k", k, "BTHK")
         self.check("v", v, "BTHV")
 
+    @staticmethod
+    def _named(dims):
+        return {("H_k" if c == "h" else c): n for c, n in dims.items()}
+
     def _expected(self, letters: str) -> str:
-        return f"[{', '.join(letters)}] = {tuple(self.dims[c] for c in letters)}"
+        names = ", ".join("H_k" if c == "h" else c for c in letters)
+        return f"[{names}] = {tuple(self.dims[c] for c in letters)}"
+
+    def expand(self, t: Array) -> Array:
+        """A key-side [B, T, H_k, D] array repeated over the value heads that share each key head: [B, T, H, D]."""
+        groups = self.dims["H"] // self.dims["h"]
+        return t if groups == 1 else jnp.repeat(t, groups, axis=2)
 
     def check(self, name: str, t, *layouts: str):
         """Raise unless `t` has one of `layouts` (strings of dimension letters, e.g. "BTHK")."""
@@ -200,6 +215,7 @@ def _additive(rule, q, k, v, g, opts):
     _check_options(rule, shapes, **opts)
     if opts.pop("normalize_qk"):
         q, k = _l2_normalize(q), _l2_normalize(k)
+    q, k = shapes.expand(q), shapes.expand(k)
     steps = (_stack(_as_decay(g)), _stack(k), None, _stack(v))
     return _run(shapes, q, steps, **opts)
 
@@ -215,6 +231,7 @@ def _delta(rule, q, k, v, g, b, w, gates, opts):
     _check_options(rule, shapes, **opts)
     if opts.pop("normalize_qk"):
         q, k = _l2_normalize(q), _l2_normalize(k)
+    q, k = shapes.expand(q), shapes.expand(k)
     steps = (_stack(_as_decay(g)), _stack(k), _stack(_gate(b, k)), _stack(_gate(w, v)))
     return _run(shapes, q, steps, **opts)
 
@@ -236,7 +253,7 @@ def linear_attention(
 ):
     """Linear attention: S <- S + k v^T (Katharopoulos et al. 2020)."""
     opts = _options(scale, initial_state, segment_ids, impl, chunk_size, normalize_qk)
-    return _additive("linear_attention", q, k, v, jnp.zeros(jnp.shape(q)[:3], jnp.float32), opts)
+    return _additive("linear_attention", q, k, v, jnp.zeros(jnp.shape(v)[:3], jnp.float32), opts)
 
 
 @_public
@@ -256,7 +273,7 @@ def delta_rule(
 ):
     """DeltaNet: S <- S + beta k (v - S^T k)^T (Schlag et al. 2021). beta: [B, T, H]."""
     opts = _options(scale, initial_state, segment_ids, impl, chunk_size, normalize_qk)
-    g = jnp.zeros(jnp.shape(q)[:3], jnp.float32)
+    g = jnp.zeros(jnp.shape(v)[:3], jnp.float32)
     return _delta("delta_rule", q, k, v, g, beta, beta, {"g": ("BTH",), "beta": ("BTH",)}, opts)
 
 
@@ -354,7 +371,7 @@ def eda(
     or per key channel [B, T, H, K]; beta: write strength [B, T, H]. Passing b [B, T, H, K] and w [B, T, H, V]
     (with beta=None) gives the write sub-step GDN-2's channel gates: k (w * v - S^T (b * k))^T."""
     shapes = _Shapes("eda", q, k, v)
-    shapes.check("e", e, "BTHK")
+    shapes.check("e", e, "BThK")
     shapes.check("g", g, "BTH", "BTHK")
     shapes.check("gamma", gamma, "BTH", "BTHK")
     if beta is None:
@@ -371,6 +388,7 @@ def eda(
     _check_options("eda", shapes, **opts)
     if opts.pop("normalize_qk"):
         q, k, e = _l2_normalize(q), _l2_normalize(k), _l2_normalize(e)
+    q, k, e = shapes.expand(q), shapes.expand(k), shapes.expand(e)
     g = _as_decay(g)
     steps = (
         _stack(g, jnp.zeros_like(g)),

@@ -11,13 +11,14 @@ from conftest import VARIANTS, make_inputs, make_state, rule_of
 from edarnn import rules
 
 B, T, H, K, V = 2, 5, 2, 4, 3
-DIMS = dict(B=B, T=T, H=H, K=K, V=V)
+DIMS = dict(B=B, T=T, H=H, h=H, K=K, V=V)  # h: the heads of q and k (H_k), here as many as the value heads
 
 
 def expected_shape(name: str, *layouts: str) -> str:
     """Regex: the message names `name` and each allowed layout with its sizes, e.g.
     "`g` must have shape [B, T, H] = (2, 5, 2) or [B, T, H, K] = (2, 5, 2, 4)"."""
-    wanted = " or ".join(f"[{', '.join(layout)}] = {tuple(DIMS[c] for c in layout)}" for layout in layouts)
+    names = lambda layout: ", ".join("H_k" if c == "h" else c for c in layout)  # noqa: E731
+    wanted = " or ".join(f"[{names(layout)}] = {tuple(DIMS[c] for c in layout)}" for layout in layouts)
     return re.escape(f"`{name}` must have shape {wanted}")
 
 
@@ -53,7 +54,7 @@ def test_v_with_wrong_length(variant, rng):
 
 @pytest.mark.parametrize("variant", ["delta_rule", "gdn2-channel", "eda-channel"])
 def test_k_width_differs_from_q(variant, rng):
-    with pytest.raises(ValueError, match=expected_shape("k", "BTHK")):
+    with pytest.raises(ValueError, match=expected_shape("k", "BThK")):
         call(variant, rng, replace={"k": normal(rng, B, T, H, K + 1)})
 
 
@@ -65,7 +66,7 @@ BAD_GATES = [
     ("gated_delta_rule", "g", (B, T, H, K), ["BTH"]),
     ("gdn2-channel", "w", (B, T, H, K), ["BTH", "BTHV"]),
     ("gdn2-channel", "b", (B, T, H, V), ["BTH", "BTHK"]),
-    ("eda-channel", "e", (B, T, H, V), ["BTHK"]),
+    ("eda-channel", "e", (B, T, H, V), ["BThK"]),
     ("eda-channel", "gamma", (B, T, H, V), ["BTH", "BTHK"]),
     ("eda-bw", "w", (B, T, H, K), ["BTH", "BTHV"]),
 ]
@@ -170,3 +171,10 @@ def test_pallas_value_width_that_its_blocks_cannot_cover(rng):
     inputs = make_inputs("kda", rng, T=T, B=B, H=H, K=K, V=96)
     with pytest.raises(ValueError, match="V must be at most 64 or a multiple of 64; got V = 96"):
         rules.kda(**inputs, impl="pallas")
+
+
+def test_value_heads_not_a_multiple_of_key_heads(rng):
+    inputs = make_inputs("kda", rng, T=T, B=B, H=2, K=K, V=V)
+    grouped = {**inputs, "v": normal(rng, B, T, 3, V), "g": inputs["g"][:, :, :1].repeat(3, 2)}
+    with pytest.raises(ValueError, match="`v` has 3 heads; with grouped values that must be a multiple of the H_k = 2"):
+        rules.kda(**{**grouped, "beta": grouped["g"][..., 0]})

@@ -302,3 +302,21 @@ def test_chunk_matches_recurrent_random_shapes(variant, shape, chunk_size, dtype
     assert o.dtype == dtype and o.shape == (B, T, H, V) and final_state.shape == (B, H, K, V)
     rtol = 1e-9 if dtype == jnp.float64 else 1e-4
     assert_close((o, final_state), reference(rule, inputs, state, segment_ids), rtol=rtol, what=variant)
+
+
+@pytest.mark.parametrize("impl", ["recurrent", "chunk"])
+@pytest.mark.parametrize("variant", ["gla-scalar", "kda", "gdn2-channel", "eda-channel"])
+def test_grouped_values_equal_repeated_keys(variant, impl, rng):
+    """v (and the gates, and the state) with 3x the heads of q, k and e equals repeating q, k, e per value head."""
+    rule = rule_of(variant)
+    small = make_inputs(variant, rng, T=T, H=2)
+    wide = make_inputs(variant, rng, T=T, H=6)
+    grouped = {name: small[name] if name in ("q", "k", "e") else wide[name] for name in wide}
+    repeated = {name: x.repeat(3, axis=2) if name in ("q", "k", "e") else x for name, x in grouped.items()}
+    state = make_state(rng, H=6)
+    assert_close(
+        run(rule, grouped, state, impl=impl, chunk_size=16),
+        run(rule, repeated, state, impl=impl, chunk_size=16),
+        1e-12,
+        f"{variant} grouped values",
+    )
