@@ -1,20 +1,16 @@
 """Forward of the chunkwise sub-step form as Pallas GPU kernels (Triton lowering).
 
 Reference: `edarnn.core.chunkwise`; these kernels take the same prepared inputs and must give the same result
-to float32 rounding. Three kernels, one generic body each, specialised by static flags (scalar or channel-wise
-decay, with or without an erase address y, with or without segments):
+to float32 rounding. Three kernels, specialised by static flags (scalar or channel-wise decay, with or without an
+erase address y, with or without segments):
 
-1. `intra`  (grid B x H x N, parallel): per chunk, A = pair scores of y and x, T = (I + A)^-1, W = T (Y exp G)
-   and U~ = T Z.
+1. `intra`  (grid B x H x N, parallel; body in pallas_kernels.tiles): per chunk, A, T = (I + A)^-1,
+   W = T (Y exp G) and U~ = T Z.
 2. `state`  (grid B x H x V/BV, sequential over chunks inside): U = U~ - W S, the chunk's start state S, and
    S <- Diag(exp G_last) S + (X exp(G_last - G))^T U, with S in registers.
-3. `output` (grid B x H x N x V/BV, parallel): O = (Q exp Gq) S + (scores of q and x, causal) U.
+3. `output` (grid B x H x N x V/BV, parallel; body in pallas_kernels.tiles): O = (Q exp Gq) S + scores U.
 
-A chunk's rows are handled in blocks of BLOCK_TOKENS tokens (BLOCK_TOKENS * P sub-step rows): A, T and the
-scores are built block by block, from tiles loaded per block (Triton cannot slice register tiles). Channel-wise
-decays are referenced per block pair, as in `edarnn.core.pair_scores`: a diagonal block to its middle row (every
-exponent within half a block of decay), a block pair (i > j) to the last row of block j (every factor <= 1).
-Shapes below: L = C P sub-step rows per chunk of C tokens, c = BLOCK_TOKENS P rows per block, D = 1 or K.
+Arrays keep the public [B, T, H, D] layout: a chunk of one head is a strided [rows, D] tile.
 """
 
 import functools
@@ -25,7 +21,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-BLOCK_TOKENS = 16  # tokens per block inside a chunk: the smallest tile a Triton dot takes
+from pallas_kernels.tiles import BLOCK_TOKENS, dot, intra_kernel, output_kernel
 
 
 class Config(NamedTuple):
@@ -41,80 +37,9 @@ class Config(NamedTuple):
 DEFAULT_CONFIG = Config()
 
 
-def _dot(a, b, trans_a=False, trans_b=False):
-    """a @ b with either operand transposed, accumulated in float32."""
-    dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
-    return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
-
-
-def _row(mat, i):
-    """Row i of mat [R, D] as [1, D] (a masked sum: register tiles cannot be indexed)."""
-    rows = jax.lax.broadcasted_iota(jnp.int32, mat.shape, 0)
-    return jnp.sum(jnp.where(rows == i, mat, 0.0), axis=0, keepdims=True)
-
-
-def _iota(n, axis=0):
-    """[n, 1] (axis 0) or [1, n] (axis 1) int32 positions."""
-    return jax.lax.broadcasted_iota(jnp.int32, (n, 1) if axis == 0 else (1, n), axis)
-
-
-def block_scores(a, ga, b, gb, mask, diagonal):
-    """S[r, s] = sum_k a[r, k] b[s, k] exp(ga[r, k] - gb[s, k]) where mask, else 0, for one block pair.
-
-    a [m, K], ga [m, D] (rows of block i); b [c, K], gb [c, D] (rows of block j <= i); mask [m, c]. Scalar decay
-    (D = 1): exact, one exponent per pair. Channel-wise: referenced to gb's middle row (diagonal) or last row."""
-    if gb.shape[1] == 1:
-        expo = jnp.where(mask, ga - gb.reshape(1, -1), -jnp.inf)
-        return jnp.where(mask, _dot(a, b, trans_b=True) * jnp.exp(expo), 0.0)
-    ref = _row(gb, gb.shape[0] // 2 if diagonal else gb.shape[0] - 1)
-    scores = _dot(a * jnp.exp(ga - ref), b * jnp.exp(ref - gb), trans_b=True)
-    return jnp.where(mask, scores, 0.0)
-
-
-def unit_lower_inverse_tile(a):
-    """(I + a)^-1 for strictly lower-triangular a [c, c], by forward substitution, one row per step."""
-    size = a.shape[0]
-    rows = jax.lax.broadcasted_iota(jnp.int32, (size, size), 0)
-    cols = jax.lax.broadcasted_iota(jnp.int32, (size, size), 1)
-
-    def substitute(i, t):
-        unit = jnp.where(_iota(size, 1) == i, 1.0, 0.0)
-        new_row = unit - jnp.sum(_row(a, i).T * t, axis=0, keepdims=True)
-        return jnp.where(rows == i, new_row, t)
-
-    return jax.lax.fori_loop(1, size, substitute, (rows == cols).astype(jnp.float32))
-
-
 # ----------------------------------------------------------------------------------------------------------
 # kernels
 # ----------------------------------------------------------------------------------------------------------
-
-
-def _intra_kernel(x_ref, y_ref, z_ref, g_ref, *refs, block, has_segments):
-    """W, U~ of one chunk, block by block: A_ij, then T_ii = (I + A_ii)^-1 and T_ij = -T_ii sum_m A_im T_mj."""
-    seg_ref, prev_ref, w_ref, u_ref = refs if has_segments else (None, None, *refs)
-    n = x_ref.shape[0] // block
-    rows = [pl.ds(i * block, block) for i in range(n)]
-    load = lambda ref, i: ref[rows[i], :].astype(jnp.float32)  # noqa: E731
-    local = _iota(block) > _iota(block, 1)
-    seg = [seg_ref[rows[i]].reshape(block, 1) for i in range(n)] if has_segments else None
-    a, t = {}, {}
-    for i in range(n):
-        y_i, g_i = load(y_ref, i), load(g_ref, i)
-        for j in range(i + 1):
-            mask = local if i == j else jnp.ones((block, block), bool)
-            if has_segments:
-                mask = mask & (seg[i] == seg[j].reshape(1, block))
-            a[i, j] = block_scores(y_i, g_i, load(x_ref, j), load(g_ref, j), mask, diagonal=i == j)
-        t[i, i] = unit_lower_inverse_tile(a[i, i])
-        for j in range(i):
-            t[i, j] = -_dot(t[i, i], sum(_dot(a[i, m], t[m, j]) for m in range(j, i)))
-    for i in range(n):
-        w = sum(_dot(t[i, j], load(y_ref, j) * jnp.exp(load(g_ref, j))) for j in range(i + 1))
-        if has_segments:
-            w = jnp.where(seg[i] == jnp.sum(prev_ref[...]), w, 0.0)
-        w_ref[rows[i], :] = w
-        u_ref[rows[i], :] = sum(_dot(t[i, j], load(z_ref, j)) for j in range(i + 1))
 
 
 def _state_kernel(*refs, rows, n_chunks, has_erase, has_segments):
@@ -133,7 +58,7 @@ def _state_kernel(*refs, rows, n_chunks, has_erase, has_segments):
         x, g = x_ref[b, ts, h, :].astype(jnp.float32), g_ref[b, ts, h, :]
         u = u_tilde_ref[b, ts, h, vs].astype(jnp.float32)
         if has_erase:
-            u = u - _dot(w_ref[b, ts, h, :], state)
+            u = u - dot(w_ref[b, ts, h, :], state)
         g_last = g_ref[b, n * rows + rows - 1, h, :].reshape(1, -1)
         decay_to_end = jnp.exp(g_last - g)
         state_decay = jnp.exp(g_last).reshape(-1, 1)
@@ -144,34 +69,9 @@ def _state_kernel(*refs, rows, n_chunks, has_erase, has_segments):
             state_decay = jnp.where(seg_last == prev_ref[b, n], state_decay, 0.0)
         u_ref[b, ts, h, vs] = u
         states_ref[b, h, n, :, vs] = state
-        return state_decay * state + _dot((x * decay_to_end).T, u)
+        return state_decay * state + dot((x * decay_to_end).T, u)
 
     final_ref[b, h, :, vs] = jax.lax.fori_loop(0, n_chunks, chunk, s0_ref[b, h, :, vs].astype(jnp.float32))
-
-
-def _output_kernel(q_ref, gq_ref, x_ref, g_ref, u_ref, s_ref, *refs, block_tokens, per_token, has_segments):
-    """O = (Q exp Gq) S + sum_j scores_ij U_j for each block i of query tokens."""
-    seg_q_ref, seg_ref, prev_ref, o_ref = refs if has_segments else (None, None, None, *refs)
-    block = block_tokens * per_token
-    n = x_ref.shape[0] // block
-    state = s_ref[...].astype(jnp.float32)
-    local = _iota(block_tokens) * per_token + per_token - 1 >= _iota(block, 1)
-    for i in range(n):
-        tokens = pl.ds(i * block_tokens, block_tokens)
-        q, gq = q_ref[tokens, :].astype(jnp.float32), gq_ref[tokens, :]
-        q_decayed = q * jnp.exp(gq)
-        if has_segments:
-            seg_q = seg_q_ref[tokens].reshape(block_tokens, 1)
-            q_decayed = jnp.where(seg_q == jnp.sum(prev_ref[...]), q_decayed, 0.0)
-        o = _dot(q_decayed, state)
-        for j in range(i + 1):
-            rows = pl.ds(j * block, block)
-            mask = local if i == j else jnp.ones((block_tokens, block), bool)
-            if has_segments:
-                mask = mask & (seg_q == seg_ref[rows].reshape(1, block))
-            x, g = x_ref[rows, :].astype(jnp.float32), g_ref[rows, :]
-            o = o + _dot(block_scores(q, gq, x, g, mask, diagonal=i == j), u_ref[rows, :])
-        o_ref[tokens, :] = o.astype(o_ref.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -221,7 +121,7 @@ def chunk_forward(
         u_tilde, w = z, None
     else:
         w, u_tilde = call(
-            functools.partial(_intra_kernel, block=block_tokens * per_token, has_segments=has_segments),
+            functools.partial(intra_kernel, block=block_tokens * per_token, has_segments=has_segments),
             config.intra_warps,
             grid=(batch, heads, n_chunks),
             in_specs=[_tile(rows, key), _tile(rows, key), _tile(rows, value), _tile(rows, dim)]
@@ -246,7 +146,7 @@ def chunk_forward(
 
     output_block_v = min(config.output_block_v, value)
     o = call(
-        functools.partial(_output_kernel, block_tokens=block_tokens, per_token=per_token, has_segments=has_segments),
+        functools.partial(output_kernel, block_tokens=block_tokens, per_token=per_token, has_segments=has_segments),
         config.output_warps,
         grid=(batch, heads, n_chunks, value // output_block_v),
         in_specs=[
