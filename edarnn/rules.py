@@ -42,14 +42,17 @@ _FORMS = {"recurrent": core.recurrent, "scan": core.associative_scan}
 
 
 def _pallas(q, steps, state, segment_ids, chunk_size):
-    """The Pallas kernels for the default backend: the token-by-token kernel for sequences shorter than one chunk
-    (decoding, short prefills), the chunkwise kernels otherwise. On the CPU they run in interpret mode."""
+    """The Pallas kernels of the default backend: on a GPU the token-by-token kernel for sequences shorter than one
+    chunk (decoding, short prefills) and the chunkwise kernels otherwise; on a TPU the chunkwise kernels; on the
+    CPU the GPU kernels in interpret mode (for checking)."""
     from pallas_kernels import forms  # noqa: PLC0415  (imports Pallas only when asked for)
 
     backend = jax.default_backend()
-    if backend not in ("gpu", "cpu"):
-        raise ValueError(f'impl="pallas" has GPU kernels only so far (and interpret mode on the CPU); got {backend}')
     key, value = q.shape[-1], steps.z.shape[-1]
+    if backend == "tpu":
+        return forms.chunkwise(q, steps, state, segment_ids, chunk_size, False, "tpu")
+    if backend not in ("gpu", "cpu"):
+        raise ValueError(f'impl="pallas" has GPU and TPU kernels (and interpret mode on the CPU); got {backend}')
     if value > 64 and value % 64:
         raise ValueError(f'impl="pallas": V must be at most 64 or a multiple of 64; got V = {value}')
     if backend == "gpu":

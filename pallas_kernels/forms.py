@@ -12,7 +12,9 @@ import jax
 import jax.numpy as jnp
 
 from edarnn import core
-from pallas_kernels.gpu import chunk_fwd, recurrent_fwd
+from pallas_kernels.gpu import chunk_fwd as gpu_chunk_fwd
+from pallas_kernels.gpu import recurrent_fwd
+from pallas_kernels.tpu import chunk_fwd as tpu_chunk_fwd
 
 
 def _narrow(t):
@@ -43,22 +45,32 @@ def prepare(q, sub: core.Substeps, segment_ids, chunk_size):
     return q, gq, x, y, z, gcum, seg, seg_q, seg_prev
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def chunkwise(q, sub, initial_state, segment_ids, chunk_size, interpret):
-    """`edarnn.core.chunkwise` through Pallas kernels; interpret=True runs them on any backend (for checking)."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def chunkwise(q, sub, initial_state, segment_ids, chunk_size, interpret, platform="gpu"):
+    """`edarnn.core.chunkwise` through the Pallas kernels of `platform` ("gpu": Triton, "tpu": Mosaic TPU, no
+    segments yet); interpret=True runs them in Pallas interpret mode on any backend (for checking)."""
     length = q.shape[1]
     *prepared, seg, seg_q, seg_prev = prepare(q, sub, segment_ids, chunk_size)
-    o, final_state = chunk_fwd.chunk_forward(
-        *prepared, initial_state.astype(jnp.float32), seg, seg_q, seg_prev, chunk_size=chunk_size, interpret=interpret
-    )
+    initial_state32 = initial_state.astype(jnp.float32)
+    if platform == "tpu":
+        if segment_ids is not None:
+            raise ValueError('impl="pallas" on a TPU does not take segment_ids yet; use impl="chunk"')
+        o, final_state = tpu_chunk_fwd.chunk_forward(
+            *prepared, initial_state32, chunk_size=chunk_size, interpret=interpret
+        )
+    else:
+        o, final_state = gpu_chunk_fwd.chunk_forward(
+            *prepared, initial_state32, seg, seg_q, seg_prev, chunk_size=chunk_size, interpret=interpret
+        )
     return o[:, :length].astype(q.dtype), final_state.astype(initial_state.dtype)
 
 
-def _chunkwise_forward(q, sub, initial_state, segment_ids, chunk_size, interpret):
-    return chunkwise(q, sub, initial_state, segment_ids, chunk_size, interpret), (q, sub, initial_state, segment_ids)
+def _chunkwise_forward(q, sub, initial_state, segment_ids, chunk_size, interpret, platform):
+    out = chunkwise(q, sub, initial_state, segment_ids, chunk_size, interpret, platform)
+    return out, (q, sub, initial_state, segment_ids)
 
 
-def _chunkwise_backward(chunk_size, interpret, residuals, cotangents):
+def _chunkwise_backward(chunk_size, interpret, platform, residuals, cotangents):
     q, sub, initial_state, segment_ids = residuals
     _, vjp = jax.vjp(lambda *a: core.chunkwise(*a, segment_ids, chunk_size), q, sub, initial_state)
     return (*vjp(cotangents), None)

@@ -60,7 +60,7 @@ def unit_lower_inverse_tile(a):
         new_row = unit - jnp.sum(row(a, i).T * t, axis=0, keepdims=True)
         return jnp.where(rows == i, new_row, t)
 
-    return jax.lax.fori_loop(1, size, substitute, (rows == cols).astype(jnp.float32))
+    return jax.lax.fori_loop(jnp.int32(1), jnp.int32(size), substitute, (rows == cols).astype(jnp.float32))
 
 
 def intra_kernel(x_ref, y_ref, z_ref, g_ref, *refs, block, has_segments):

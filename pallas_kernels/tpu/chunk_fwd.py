@@ -1,0 +1,133 @@
+"""Forward of the chunkwise sub-step form as Pallas TPU kernels (Mosaic TPU).
+
+Reference: `edarnn.core.chunkwise`, on the inputs that `pallas_kernels.forms.prepare` makes. Three kernels:
+
+1. `intra`  (grid B x H x N, all parallel; body in pallas_kernels.tiles): A, T = (I + A)^-1, W, U~ per chunk.
+2. `state`  (grid B x H x V/BV x N, the chunk axis "arbitrary", i.e. sequential): the state [K, BV] lives in a
+   VMEM scratch buffer across the chunk axis; per chunk U = U~ - W S, the chunk's start state, and the update.
+3. `output` (grid B x H x N x V/BV, all parallel; body in pallas_kernels.tiles).
+
+Arrays are head-major, [B, H, T, D], so that every block's last two dimensions are (rows, width): rows a multiple
+of 8, width the whole K or a multiple of 128 of V, as TPU tiling wants.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from pallas_kernels.tiles import BLOCK_TOKENS, dot, intra_kernel, output_kernel, row
+
+
+def _state_kernel(*refs, has_erase):
+    refs = list(refs)
+    u_tilde_ref = refs.pop(0)
+    w_ref = refs.pop(0) if has_erase else None
+    x_ref, g_ref, s0_ref, u_ref, start_ref, final_ref, state_ref = refs
+    n = pl.program_id(3)
+
+    @pl.when(n == 0)
+    def _():
+        state_ref[...] = s0_ref[...].astype(jnp.float32)
+
+    state = state_ref[...]
+    x, g = x_ref[...].astype(jnp.float32), g_ref[...]
+    u = u_tilde_ref[...].astype(jnp.float32)
+    if has_erase:
+        u = u - dot(w_ref[...].astype(jnp.float32), state)
+    u_ref[...] = u
+    start_ref[...] = state
+    g_last = row(g, g.shape[0] - 1)  # [1, D]
+    if g.shape[1] == 1:
+        decayed = jnp.exp(g_last) * state
+    else:  # Diag(exp g_last) S as a product: no transpose of the [1, K] row
+        eye = jax.lax.broadcasted_iota(jnp.int32, (g.shape[1],) * 2, 0) == jax.lax.broadcasted_iota(
+            jnp.int32, (g.shape[1],) * 2, 1
+        )
+        decayed = dot(jnp.where(eye, jnp.exp(g_last), 0.0), state)
+    new_state = decayed + dot(x * jnp.exp(g_last - g), u, trans_a=True)
+    state_ref[...] = new_state
+
+    @pl.when(n == pl.num_programs(3) - 1)
+    def _():
+        final_ref[...] = new_state
+
+
+def chunk_forward(q, gq, x, y, z, gcum, initial_state, *, chunk_size, interpret):
+    """Chunkwise forward on prepared, padded [B, T, H, D] inputs (see pallas_kernels.forms.prepare; no segments).
+    Returns (o [B, T, H, V] f32, final_state [B, H, K, V] f32)."""
+    batch, length, heads, key = q.shape
+    per_token = x.shape[1] // length
+    rows, value, dim = per_token * chunk_size, z.shape[-1], gcum.shape[-1]
+    n_chunks = length // chunk_size
+    block_tokens = min(BLOCK_TOKENS, chunk_size)
+    block_v = 128 if value % 128 == 0 else value
+    f32 = jnp.float32
+    head_major = lambda t: None if t is None else jnp.swapaxes(t, 1, 2)  # noqa: E731
+    q, gq, x, y, z, gcum = (head_major(t) for t in (q, gq, x, y, z, gcum))
+
+    def call(kernel, semantics, **kwargs):
+        params = pltpu.CompilerParams(dimension_semantics=semantics)
+        return pl.pallas_call(
+            kernel, interpret=pltpu.InterpretParams() if interpret else False, compiler_params=params, **kwargs
+        )
+
+    def tile(rows, width, v_block=False, grid_rank=3):
+        """One chunk's rows of a [B, H, T', ...] array; grids (B, H, N), (B, H, N, V/BV) or (B, H, V/BV, N)."""
+        if grid_rank == 3:
+            return pl.BlockSpec((None, None, rows, width), lambda b, h, n: (b, h, n, 0))
+        if grid_rank == 4:
+            return pl.BlockSpec((None, None, rows, width), lambda b, h, n, j: (b, h, n, j if v_block else 0))
+        return pl.BlockSpec((None, None, rows, width), lambda b, h, j, n: (b, h, n, j if v_block else 0))
+
+    if y is None:
+        u_tilde, w = z, None
+    else:
+        w, u_tilde = call(
+            functools.partial(intra_kernel, block=block_tokens * per_token, has_segments=False),
+            ("parallel", "parallel", "parallel"),
+            grid=(batch, heads, n_chunks),
+            in_specs=[tile(rows, key), tile(rows, key), tile(rows, value), tile(rows, dim)],
+            out_specs=[tile(rows, key), tile(rows, value)],
+            out_shape=[jax.ShapeDtypeStruct(x.shape, f32), jax.ShapeDtypeStruct(z.shape, f32)],
+        )(x, y, z, gcum)
+
+    state_spec = pl.BlockSpec((None, None, key, block_v), lambda b, h, j, n: (b, h, 0, j))
+    u, states, final_state = call(
+        functools.partial(_state_kernel, has_erase=w is not None),
+        ("parallel", "parallel", "parallel", "arbitrary"),
+        grid=(batch, heads, value // block_v, n_chunks),
+        in_specs=[tile(rows, block_v, True, 5)]
+        + ([tile(rows, key, False, 5)] if w is not None else [])
+        + [tile(rows, key, False, 5), tile(rows, dim, False, 5), state_spec],
+        out_specs=[
+            tile(rows, block_v, True, 5),
+            pl.BlockSpec((None, None, None, key, block_v), lambda b, h, j, n: (b, h, n, 0, j)),
+            state_spec,
+        ],
+        out_shape=[
+            jax.ShapeDtypeStruct(z.shape, f32),
+            jax.ShapeDtypeStruct((batch, heads, n_chunks, key, value), f32),
+            jax.ShapeDtypeStruct((batch, heads, key, value), f32),
+        ],
+        scratch_shapes=[pltpu.VMEM((key, block_v), f32)],
+    )(*(t for t in (u_tilde, w, x, gcum) if t is not None), initial_state)
+
+    o = call(
+        functools.partial(output_kernel, block_tokens=block_tokens, per_token=per_token, has_segments=False),
+        ("parallel", "parallel", "parallel", "parallel"),
+        grid=(batch, heads, n_chunks, value // block_v),
+        in_specs=[
+            tile(chunk_size, key, False, 4),
+            tile(chunk_size, dim, False, 4),
+            tile(rows, key, False, 4),
+            tile(rows, dim, False, 4),
+            tile(rows, block_v, True, 4),
+            pl.BlockSpec((None, None, None, key, block_v), lambda b, h, n, j: (b, h, n, 0, j)),
+        ],
+        out_specs=tile(chunk_size, block_v, True, 4),
+        out_shape=jax.ShapeDtypeStruct((batch, heads, length, value), f32),
+    )(q, gq, x, gcum, u, states)
+    return jnp.swapaxes(o, 1, 2), final_state

@@ -1,0 +1,68 @@
+"""The TPU (Mosaic) kernels of impl="pallas", run under the TPU interpreter on the CPU, agree with the recurrent
+form; their gradients are the chunk form's; every variant lowers for TPU without one."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+from conftest import VARIANTS, T, assert_close, make_inputs, make_segment_ids, make_state, reference, rule_of
+
+from edarnn import core, rules
+from pallas_kernels import forms
+
+KERNEL_RTOL = 2e-5  # the kernels compute in float32, the reference in float64
+
+
+@pytest.fixture
+def tpu_kernels(monkeypatch):
+    """Route impl="pallas" to the TPU kernels in TPU interpret mode (on this CPU, rules would pick the GPU ones)."""
+    chunkwise = forms.chunkwise
+    monkeypatch.setattr(
+        forms, "chunkwise", lambda q, sub, s0, seg, size, *_: chunkwise(q, sub, s0, seg, size, True, "tpu")
+    )
+
+
+def pallas(rule, inputs, initial_state, segment_ids=None):
+    """A fresh jit (no cache shared with the GPU-kernel tests) of the rule with impl="pallas", chunks of 16."""
+    call = lambda x, s, seg: rules.RULES[rule](**x, initial_state=s, segment_ids=seg, impl="pallas", chunk_size=16)  # noqa: E731
+    return jax.jit(call)(inputs, initial_state, segment_ids)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_tpu_kernels_match_recurrent(variant, rng, tpu_kernels):
+    rule = rule_of(variant)
+    inputs, state = make_inputs(variant, rng, T=T), make_state(rng)
+    assert_close(pallas(rule, inputs, state), reference(rule, inputs, state), KERNEL_RTOL, f"{variant} tpu")
+
+
+def test_tpu_kernel_grads_match_chunk(rng, tpu_kernels):
+    inputs, state = make_inputs("eda-channel", rng, T=T), make_state(rng)
+    cotangent = jnp.asarray(rng.standard_normal(inputs["v"].shape))
+
+    def loss(impl):  # linear in o: the cotangents do not depend on the forward's rounding
+        return lambda x, s: jnp.sum(rules.eda(**x, initial_state=s, impl=impl, chunk_size=16)[0] * cotangent)
+
+    expected = jax.grad(loss("chunk"), argnums=(0, 1))(inputs, state)
+    assert_close(jax.jit(jax.grad(loss("pallas"), argnums=(0, 1)))(inputs, state), expected, 1e-9, "tpu grad")
+
+
+def test_tpu_kernels_refuse_segments(rng, tpu_kernels):
+    inputs, state = make_inputs("kda", rng, T=T), make_state(rng)
+    with pytest.raises(ValueError, match="does not take segment_ids yet"):
+        pallas("kda", inputs, state, make_segment_ids(rng, [[20, 17], [37]]))
+
+
+@pytest.mark.parametrize("per_token,decay,erase", [(1, "1", True), (1, "K", True), (1, "K", False), (2, "K", True)])
+def test_tpu_kernels_lower_for_tpu(per_token, decay, erase):
+    """At a TPU-sized shape (K = V = 128, chunks of 64): Mosaic's lowering accepts the blocks and the bodies."""
+    b, t, h, k, v = 1, 128, 2, 128, 128
+    spec = lambda *shape, dtype=jnp.float32: jax.ShapeDtypeStruct(shape, dtype)  # noqa: E731
+    rows = t * per_token
+    sub = core.Substeps(
+        spec(b, rows, h, 1 if decay == "1" else k),
+        spec(b, rows, h, k, dtype=jnp.bfloat16),
+        spec(b, rows, h, k) if erase else None,
+        spec(b, rows, h, v),
+    )
+    forward = jax.jit(lambda q, sub, s0: forms.chunkwise(q, sub, s0, None, 64, False, "tpu"))
+    lowered = forward.trace(spec(b, t, h, k), sub, spec(b, h, k, v)).lower(lowering_platforms=("tpu",))
+    assert lowered.as_text().count("tpu_custom_call") == (3 if erase else 2)
