@@ -42,14 +42,16 @@ _FORMS = {"recurrent": core.recurrent, "scan": core.associative_scan}
 
 
 def _pallas(q, steps, state, segment_ids, chunk_size):
-    """The Pallas kernels of the default backend: on a GPU the token-by-token kernel for sequences shorter than one
-    chunk (decoding, short prefills) and the chunkwise kernels otherwise; on a TPU the chunkwise kernels; on the
-    CPU the GPU kernels in interpret mode (for checking)."""
+    """The Pallas kernels of the default backend (GPU or TPU): the token-by-token kernel for sequences shorter than
+    one chunk (decoding, short prefills), the chunkwise kernels otherwise; on the CPU the GPU kernels in interpret
+    mode (for checking)."""
     from pallas_kernels import forms  # noqa: PLC0415  (imports Pallas only when asked for)
 
     backend = jax.default_backend()
     key, value = q.shape[-1], steps.z.shape[-1]
     if backend == "tpu":
+        if q.shape[1] < chunk_size:
+            return forms.recurrent(q, steps, state, segment_ids, False, "tpu")
         return forms.chunkwise(q, steps, state, segment_ids, chunk_size, False, "tpu")
     if backend not in ("gpu", "cpu"):
         raise ValueError(f'impl="pallas" has GPU and TPU kernels (and interpret mode on the CPU); got {backend}')

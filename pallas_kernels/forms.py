@@ -13,8 +13,9 @@ import jax.numpy as jnp
 
 from edarnn import core
 from pallas_kernels.gpu import chunk_fwd as gpu_chunk_fwd
-from pallas_kernels.gpu import recurrent_fwd
+from pallas_kernels.gpu import recurrent_fwd as gpu_recurrent_fwd
 from pallas_kernels.tpu import chunk_fwd as tpu_chunk_fwd
+from pallas_kernels.tpu import recurrent_fwd as tpu_recurrent_fwd
 
 
 def _narrow(t):
@@ -79,24 +80,29 @@ def _chunkwise_backward(chunk_size, interpret, platform, residuals, cotangents):
 chunkwise.defvjp(_chunkwise_forward, _chunkwise_backward)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def recurrent(q, sub, initial_state, segment_ids, interpret):
-    """`edarnn.core.recurrent` through the token-by-token kernel (decoding, short prefills)."""
-    resets = core.resets(segment_ids, q.shape[1])
-    o, final_state = recurrent_fwd.recurrent_forward(
-        *(None if t is None else _narrow(t) for t in (q, *sub)),
-        initial_state.astype(jnp.float32),
-        None if resets is None else resets.astype(jnp.int32),
-        interpret=interpret,
-    )
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def recurrent(q, sub, initial_state, segment_ids, interpret, platform="gpu"):
+    """`edarnn.core.recurrent` through the token-by-token kernel of `platform` (decoding, short prefills; the TPU
+    one takes no segment_ids yet)."""
+    sub = [None if t is None else _narrow(t) for t in sub]
+    state = initial_state.astype(jnp.float32)
+    if platform == "tpu":
+        if segment_ids is not None:
+            raise ValueError('impl="pallas" on a TPU does not take segment_ids yet; use impl="chunk"')
+        o, final_state = tpu_recurrent_fwd.recurrent_forward(_narrow(q), *sub, state, interpret=interpret)
+    else:
+        resets = core.resets(segment_ids, q.shape[1])
+        o, final_state = gpu_recurrent_fwd.recurrent_forward(
+            _narrow(q), *sub, state, None if resets is None else resets.astype(jnp.int32), interpret=interpret
+        )
     return o.astype(q.dtype), final_state.astype(initial_state.dtype)
 
 
-def _recurrent_forward(q, sub, initial_state, segment_ids, interpret):
-    return recurrent(q, sub, initial_state, segment_ids, interpret), (q, sub, initial_state, segment_ids)
+def _recurrent_forward(q, sub, initial_state, segment_ids, interpret, platform):
+    return recurrent(q, sub, initial_state, segment_ids, interpret, platform), (q, sub, initial_state, segment_ids)
 
 
-def _recurrent_backward(interpret, residuals, cotangents):
+def _recurrent_backward(interpret, platform, residuals, cotangents):
     q, sub, initial_state, segment_ids = residuals
     _, vjp = jax.vjp(lambda *a: core.recurrent(*a, segment_ids), q, sub, initial_state)
     return (*vjp(cotangents), None)

@@ -15,10 +15,11 @@ KERNEL_RTOL = 2e-5  # the kernels compute in float32, the reference in float64
 @pytest.fixture
 def tpu_kernels(monkeypatch):
     """Route impl="pallas" to the TPU kernels in TPU interpret mode (on this CPU, rules would pick the GPU ones)."""
-    chunkwise = forms.chunkwise
+    chunkwise, recurrent = forms.chunkwise, forms.recurrent
     monkeypatch.setattr(
         forms, "chunkwise", lambda q, sub, s0, seg, size, *_: chunkwise(q, sub, s0, seg, size, True, "tpu")
     )
+    monkeypatch.setattr(forms, "recurrent", lambda q, sub, s0, seg, *_: recurrent(q, sub, s0, seg, True, "tpu"))
 
 
 def pallas(rule, inputs, initial_state, segment_ids=None):
@@ -32,6 +33,27 @@ def test_tpu_kernels_match_recurrent(variant, rng, tpu_kernels):
     rule = rule_of(variant)
     inputs, state = make_inputs(variant, rng, T=T), make_state(rng)
     assert_close(pallas(rule, inputs, state), reference(rule, inputs, state), KERNEL_RTOL, f"{variant} tpu")
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_tpu_recurrent_kernel_matches_recurrent(variant, rng, tpu_kernels):
+    """T below one chunk: the token-by-token kernel (decoding, short prefills)."""
+    rule = rule_of(variant)
+    inputs, state = make_inputs(variant, rng, T=5), make_state(rng)
+    assert_close(pallas(rule, inputs, state), reference(rule, inputs, state), KERNEL_RTOL, f"{variant} tpu short")
+
+
+@pytest.mark.parametrize("per_token,decay", [(1, "1"), (1, "K"), (2, "K")])
+def test_tpu_recurrent_kernel_lowers_for_tpu(per_token, decay):
+    b, t, h, k, v = 2, 1, 4, 128, 128
+    spec = lambda *shape, dtype=jnp.float32: jax.ShapeDtypeStruct(shape, dtype)  # noqa: E731
+    rows = t * per_token
+    sub = core.Substeps(
+        spec(b, rows, h, 1 if decay == "1" else k), spec(b, rows, h, k), spec(b, rows, h, k), spec(b, rows, h, v)
+    )
+    step = jax.jit(lambda q, sub, s0: forms.recurrent(q, sub, s0, None, False, "tpu"))
+    lowered = step.trace(spec(b, t, h, k), sub, spec(b, h, k, v)).lower(lowering_platforms=("tpu",))
+    assert lowered.as_text().count("tpu_custom_call") == 1
 
 
 def test_tpu_kernel_grads_match_chunk(rng, tpu_kernels):
