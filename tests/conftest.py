@@ -278,3 +278,19 @@ def assert_close(actual, expected, rtol: float, what: str = ""):
         assert np.all(np.isfinite(np.asarray(a, np.float64))), f"{name}: not finite"
         err = relative_error(a, e)
         assert err <= rtol, f"{name}: relative error {err:.3g} > {rtol:.3g}"
+
+
+def kernel_input_specs(*, t, per_token, decay, erase, segments=False, b=1, h=2, k=64, v=64):
+    """Abstract (shape and dtype only) inputs of the kernel forms, (q, Substeps, initial_state, segment_ids), for
+    lowering them without running: decay "1" (scalar) or "K" (per channel), erase: with an erase address y."""
+    from edarnn import core  # noqa: PLC0415
+
+    spec = lambda *shape, dtype=jnp.float32: jax.ShapeDtypeStruct(shape, dtype)  # noqa: E731
+    rows = t * per_token
+    sub = core.Substeps(
+        spec(b, rows, h, 1 if decay == "1" else k),
+        spec(b, rows, h, k, dtype=jnp.bfloat16),
+        spec(b, rows, h, k) if erase else None,
+        spec(b, rows, h, v),
+    )
+    return spec(b, t, h, k), sub, spec(b, h, k, v), spec(b, t, dtype=jnp.int32) if segments else None

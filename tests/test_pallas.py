@@ -13,6 +13,7 @@ from conftest import (
     T,
     assert_close,
     grad_runner,
+    kernel_input_specs,
     make_inputs,
     make_segment_ids,
     make_state,
@@ -23,7 +24,7 @@ from conftest import (
     run,
 )
 
-from edarnn import core, rules
+from edarnn import rules
 from pallas_kernels import forms
 
 KERNEL_RTOL = 2e-5  # the kernels compute in float32, the reference in float64
@@ -106,16 +107,7 @@ LOWERING_CASES = {  # name: (sub-steps per token, decay width: "1" or "K", erase
 
 def _lowering_inputs(case, t):
     per_token, decay, erase, segments = LOWERING_CASES[case]
-    b, h, k, v = 1, 2, 64, 64
-    spec = lambda *shape, dtype=jnp.float32: jax.ShapeDtypeStruct(shape, dtype)  # noqa: E731
-    rows = t * per_token
-    sub = core.Substeps(
-        spec(b, rows, h, 1 if decay == "1" else k),
-        spec(b, rows, h, k, dtype=jnp.bfloat16),
-        spec(b, rows, h, k) if erase else None,
-        spec(b, rows, h, v),
-    )
-    return spec(b, t, h, k), sub, spec(b, h, k, v), spec(b, t, dtype=jnp.int32) if segments else None
+    return kernel_input_specs(t=t, per_token=per_token, decay=decay, erase=erase, segments=segments)
 
 
 @pytest.mark.parametrize("case", list(LOWERING_CASES))

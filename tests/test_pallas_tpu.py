@@ -4,9 +4,19 @@ form; their gradients are the chunk form's; every variant lowers for TPU without
 import jax
 import jax.numpy as jnp
 import pytest
-from conftest import VARIANTS, T, assert_close, make_inputs, make_segment_ids, make_state, reference, rule_of
+from conftest import (
+    VARIANTS,
+    T,
+    assert_close,
+    kernel_input_specs,
+    make_inputs,
+    make_segment_ids,
+    make_state,
+    reference,
+    rule_of,
+)
 
-from edarnn import core, rules
+from edarnn import rules
 from pallas_kernels import forms
 
 KERNEL_RTOL = 2e-5  # the kernels compute in float32, the reference in float64
@@ -45,14 +55,9 @@ def test_tpu_recurrent_kernel_matches_recurrent(variant, rng, tpu_kernels):
 
 @pytest.mark.parametrize("per_token,decay", [(1, "1"), (1, "K"), (2, "K")])
 def test_tpu_recurrent_kernel_lowers_for_tpu(per_token, decay):
-    b, t, h, k, v = 2, 1, 4, 128, 128
-    spec = lambda *shape, dtype=jnp.float32: jax.ShapeDtypeStruct(shape, dtype)  # noqa: E731
-    rows = t * per_token
-    sub = core.Substeps(
-        spec(b, rows, h, 1 if decay == "1" else k), spec(b, rows, h, k), spec(b, rows, h, k), spec(b, rows, h, v)
-    )
+    q, sub, state, _ = kernel_input_specs(t=1, per_token=per_token, decay=decay, erase=True, b=2, h=4, k=128, v=128)
     step = jax.jit(lambda q, sub, s0: forms.recurrent(q, sub, s0, None, False, "tpu"))
-    lowered = step.trace(spec(b, t, h, k), sub, spec(b, h, k, v)).lower(lowering_platforms=("tpu",))
+    lowered = step.trace(q, sub, state).lower(lowering_platforms=("tpu",))
     assert lowered.as_text().count("tpu_custom_call") == 1
 
 
@@ -76,15 +81,7 @@ def test_tpu_kernels_refuse_segments(rng, tpu_kernels):
 @pytest.mark.parametrize("per_token,decay,erase", [(1, "1", True), (1, "K", True), (1, "K", False), (2, "K", True)])
 def test_tpu_kernels_lower_for_tpu(per_token, decay, erase):
     """At a TPU-sized shape (K = V = 128, chunks of 64): Mosaic's lowering accepts the blocks and the bodies."""
-    b, t, h, k, v = 1, 128, 2, 128, 128
-    spec = lambda *shape, dtype=jnp.float32: jax.ShapeDtypeStruct(shape, dtype)  # noqa: E731
-    rows = t * per_token
-    sub = core.Substeps(
-        spec(b, rows, h, 1 if decay == "1" else k),
-        spec(b, rows, h, k, dtype=jnp.bfloat16),
-        spec(b, rows, h, k) if erase else None,
-        spec(b, rows, h, v),
-    )
+    q, sub, state, _ = kernel_input_specs(t=128, per_token=per_token, decay=decay, erase=erase, k=128, v=128)
     forward = jax.jit(lambda q, sub, s0: forms.chunkwise(q, sub, s0, None, 64, False, "tpu"))
-    lowered = forward.trace(spec(b, t, h, k), sub, spec(b, h, k, v)).lower(lowering_platforms=("tpu",))
+    lowered = forward.trace(q, sub, state).lower(lowering_platforms=("tpu",))
     assert lowered.as_text().count("tpu_custom_call") == (3 if erase else 2)
