@@ -21,8 +21,9 @@ Each rule maps its inputs onto the sub-steps of `edarnn.core` (DESIGN.md §1):
     eda                scalar or [K]     erase (e, gamma e, 0), then write (k, beta k, beta v)  [or (k, b k, w v)]
 
 impl: "recurrent" (token by token, the definition), "scan" (associative scan), "chunk" (chunkwise WY form),
-"pallas" (the chunk form as Pallas GPU kernels; interpret mode on the CPU, for checking), "auto" (the fastest
-measured on the default backend: "chunk" until the Pallas kernels beat it).
+"pallas" (Pallas kernels for GPU and TPU: chunkwise, or token by token below one chunk; on the CPU the GPU
+kernels in interpret mode, for checking), "auto" (the fastest measured on the default backend: "chunk" until the
+Pallas kernels beat it).
 
 The step functions `<rule>_step(state, ...)` take one token ([B, H, D] inputs, [B, H] scalar gates) and return
 (o [B, H, V], new_state); they equal `recurrent`.
@@ -49,21 +50,18 @@ def _pallas(q, steps, state, segment_ids, chunk_size):
 
     backend = jax.default_backend()
     key, value = q.shape[-1], steps.z.shape[-1]
-    if backend == "tpu":
-        if q.shape[1] < chunk_size:
-            return forms.recurrent(q, steps, state, segment_ids, False, "tpu")
-        return forms.chunkwise(q, steps, state, segment_ids, chunk_size, False, "tpu")
-    if backend not in ("gpu", "cpu"):
+    if backend not in ("gpu", "cpu", "tpu"):
         raise ValueError(f'impl="pallas" has GPU and TPU kernels (and interpret mode on the CPU); got {backend}')
-    if value > 64 and value % 64:
+    if backend != "tpu" and value > 64 and value % 64:
         raise ValueError(f'impl="pallas": V must be at most 64 or a multiple of 64; got V = {value}')
     if backend == "gpu":
         for name, size in (("K", key), ("V", value), ("chunk_size", chunk_size)):
             if size < 16 or size & (size - 1):
                 raise ValueError(f'impl="pallas" on a GPU: {name} must be a power of two >= 16; got {size}')
+    platform, interpret = ("tpu", False) if backend == "tpu" else ("gpu", backend == "cpu")
     if q.shape[1] < chunk_size:
-        return forms.recurrent(q, steps, state, segment_ids, backend == "cpu")
-    return forms.chunkwise(q, steps, state, segment_ids, chunk_size, backend == "cpu")
+        return forms.recurrent(q, steps, state, segment_ids, interpret, platform)
+    return forms.chunkwise(q, steps, state, segment_ids, chunk_size, interpret, platform)
 
 
 def resolve_impl(impl: str) -> str:
@@ -101,11 +99,12 @@ class _Shapes:
 
     @staticmethod
     def _named(dims):
+        """Dimension letters as the messages spell them ("h", the heads of q and k, is H_k)."""
         return {("H_k" if c == "h" else c): n for c, n in dims.items()}
 
     def _expected(self, letters: str) -> str:
-        names = ", ".join("H_k" if c == "h" else c for c in letters)
-        return f"[{names}] = {tuple(self.dims[c] for c in letters)}"
+        named = self._named({c: self.dims[c] for c in letters})
+        return f"[{', '.join(named)}] = {tuple(named.values())}"
 
     def expand(self, t: Array) -> Array:
         """A key-side [B, T, H_k, D] array repeated over the value heads that share each key head: [B, T, H, D]."""

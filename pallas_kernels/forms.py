@@ -46,49 +46,28 @@ def prepare(q, sub: core.Substeps, segment_ids, chunk_size):
     return q, gq, x, y, z, gcum, seg, seg_q, seg_prev
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def chunkwise(q, sub, initial_state, segment_ids, chunk_size, interpret, platform="gpu"):
-    """`edarnn.core.chunkwise` through the Pallas kernels of `platform` ("gpu": Triton, "tpu": Mosaic TPU, no
-    segments yet); interpret=True runs them in Pallas interpret mode on any backend (for checking)."""
+def _check_platform(platform, segment_ids):
+    if platform == "tpu" and segment_ids is not None:
+        raise ValueError('impl="pallas" on a TPU does not take segment_ids yet; use impl="chunk"')
+
+
+def _chunkwise_kernels(q, sub, initial_state, segment_ids, chunk_size, interpret, platform):
     length = q.shape[1]
     *prepared, seg, seg_q, seg_prev = prepare(q, sub, segment_ids, chunk_size)
-    initial_state32 = initial_state.astype(jnp.float32)
+    state = initial_state.astype(jnp.float32)
     if platform == "tpu":
-        if segment_ids is not None:
-            raise ValueError('impl="pallas" on a TPU does not take segment_ids yet; use impl="chunk"')
-        o, final_state = tpu_chunk_fwd.chunk_forward(
-            *prepared, initial_state32, chunk_size=chunk_size, interpret=interpret
-        )
+        o, final_state = tpu_chunk_fwd.chunk_forward(*prepared, state, chunk_size=chunk_size, interpret=interpret)
     else:
         o, final_state = gpu_chunk_fwd.chunk_forward(
-            *prepared, initial_state32, seg, seg_q, seg_prev, chunk_size=chunk_size, interpret=interpret
+            *prepared, state, seg, seg_q, seg_prev, chunk_size=chunk_size, interpret=interpret
         )
     return o[:, :length].astype(q.dtype), final_state.astype(initial_state.dtype)
 
 
-def _chunkwise_forward(q, sub, initial_state, segment_ids, chunk_size, interpret, platform):
-    out = chunkwise(q, sub, initial_state, segment_ids, chunk_size, interpret, platform)
-    return out, (q, sub, initial_state, segment_ids)
-
-
-def _chunkwise_backward(chunk_size, interpret, platform, residuals, cotangents):
-    q, sub, initial_state, segment_ids = residuals
-    _, vjp = jax.vjp(lambda *a: core.chunkwise(*a, segment_ids, chunk_size), q, sub, initial_state)
-    return (*vjp(cotangents), None)
-
-
-chunkwise.defvjp(_chunkwise_forward, _chunkwise_backward)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def recurrent(q, sub, initial_state, segment_ids, interpret, platform="gpu"):
-    """`edarnn.core.recurrent` through the token-by-token kernel of `platform` (decoding, short prefills; the TPU
-    one takes no segment_ids yet)."""
+def _recurrent_kernels(q, sub, initial_state, segment_ids, interpret, platform):
     sub = [None if t is None else _narrow(t) for t in sub]
     state = initial_state.astype(jnp.float32)
     if platform == "tpu":
-        if segment_ids is not None:
-            raise ValueError('impl="pallas" on a TPU does not take segment_ids yet; use impl="chunk"')
         o, final_state = tpu_recurrent_fwd.recurrent_forward(_narrow(q), *sub, state, interpret=interpret)
     else:
         resets = core.resets(segment_ids, q.shape[1])
@@ -98,14 +77,44 @@ def recurrent(q, sub, initial_state, segment_ids, interpret, platform="gpu"):
     return o.astype(q.dtype), final_state.astype(initial_state.dtype)
 
 
-def _recurrent_forward(q, sub, initial_state, segment_ids, interpret, platform):
-    return recurrent(q, sub, initial_state, segment_ids, interpret, platform), (q, sub, initial_state, segment_ids)
+def _with_recomputed_backward(kernels, reference, n_static):
+    """kernels(q, sub, initial_state, segment_ids, *static) with a custom VJP whose backward is the VJP of the
+    plain-JAX reference(q, sub, initial_state, segment_ids, *static), recomputed, until backward kernels land.
+    The static arguments are the last n_static; the last one is the platform."""
+    static_argnums = tuple(range(4, 4 + n_static))
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=static_argnums)
+    def form(q, sub, initial_state, segment_ids, *static):
+        _check_platform(static[-1], segment_ids)
+        return kernels(q, sub, initial_state, segment_ids, *static)
+
+    def forward(q, sub, initial_state, segment_ids, *static):
+        return form(q, sub, initial_state, segment_ids, *static), (q, sub, initial_state, segment_ids)
+
+    def backward(*args):
+        static, ((q, sub, initial_state, segment_ids), cotangents) = args[:n_static], args[n_static:]
+        _, vjp = jax.vjp(lambda *a: reference(*a, segment_ids, *static), q, sub, initial_state)
+        return (*vjp(cotangents), None)
+
+    form.defvjp(forward, backward)
+    return form
 
 
-def _recurrent_backward(interpret, platform, residuals, cotangents):
-    q, sub, initial_state, segment_ids = residuals
-    _, vjp = jax.vjp(lambda *a: core.recurrent(*a, segment_ids), q, sub, initial_state)
-    return (*vjp(cotangents), None)
+_chunkwise = _with_recomputed_backward(
+    _chunkwise_kernels, lambda q, sub, s0, seg, chunk_size, *_: core.chunkwise(q, sub, s0, seg, chunk_size), 3
+)
+_recurrent = _with_recomputed_backward(
+    _recurrent_kernels, lambda q, sub, s0, seg, *_: core.recurrent(q, sub, s0, seg), 2
+)
 
 
-recurrent.defvjp(_recurrent_forward, _recurrent_backward)
+def chunkwise(q, sub, initial_state, segment_ids, chunk_size, interpret, platform="gpu"):
+    """`edarnn.core.chunkwise` through the Pallas kernels of `platform` ("gpu": Triton, "tpu": Mosaic TPU, no
+    segments yet); interpret=True runs them in Pallas interpret mode on any backend (for checking)."""
+    return _chunkwise(q, sub, initial_state, segment_ids, chunk_size, interpret, platform)
+
+
+def recurrent(q, sub, initial_state, segment_ids, interpret, platform="gpu"):
+    """`edarnn.core.recurrent` through the token-by-token kernel of `platform` (decoding, short prefills; the TPU
+    one takes no segment_ids yet)."""
+    return _recurrent(q, sub, initial_state, segment_ids, interpret, platform)
