@@ -339,8 +339,7 @@ def print_row(case=None):
         ms = lambda r: f"{r['median_ms']:.3f}" if "median_ms" in r else ("error" if r else "")  # noqa: E731
         mib = lambda r: f"{r['memory_bytes'] / 2**20:.0f}" if "memory_bytes" in r else ""  # noqa: E731
         err, status = case.get("check_error"), case.get("check_status")
-        errors = [f"{name}: {phase(name)['error']}" for name in ("fwd", "fwd_bwd") if "error" in phase(name)]
-        note = f"skipped ({case['skipped']})" if "skipped" in case else "; ".join(errors)
+        note = rb.case_note(case)
         cells = [
             case["rule"],
             case["impl"],
@@ -353,7 +352,7 @@ def print_row(case=None):
             "" if err is None else f"{err:.1e}" + {"ok": "", "ok*": "*"}.get(status, "!"),
             note,
         ]
-    print(" ".join(f"{c!s:<{w}}" for c, (_, w) in zip(cells, COLUMNS, strict=True)).rstrip(), flush=True)
+    rb.print_cells(cells, COLUMNS)
 
 
 def plot(cases, path):

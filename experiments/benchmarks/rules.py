@@ -219,6 +219,20 @@ COLUMNS = (
 )
 
 
+def case_note(case) -> str:
+    """The note column of a case record: why it was skipped, or the errors of its phases."""
+    if "skipped" in case:
+        return f"skipped ({case['skipped']})"
+    return "; ".join(
+        f"{name}: {case[name]['error']}" for name in ("fwd", "fwd_bwd") if "error" in (case.get(name) or {})
+    )
+
+
+def print_cells(cells, columns):
+    """One left-aligned table line: cells in columns of (name, width)."""
+    print(" ".join(f"{c!s:<{w}}" for c, (_, w) in zip(cells, columns, strict=True)).rstrip(), flush=True)
+
+
 def print_row(case=None):
     """One table line for a case record (the header when none)."""
     if case is None:
@@ -228,8 +242,7 @@ def print_row(case=None):
         ms = lambda r: f"{r['median_ms']:.2f} ({r['min_ms']:.2f})" if "median_ms" in r else "error" * bool(r)  # noqa: E731
         ratio = lambda name: f"{case[name]:.2f}" if case.get(name) else ""  # noqa: E731
         temp, err = phase("fwd_bwd").get("temp_bytes"), case.get("check_error")
-        errors = [f"{name}: {phase(name)['error']}" for name in ("fwd", "fwd_bwd") if "error" in phase(name)]
-        note = f"skipped ({case['skipped']})" if "skipped" in case else "; ".join(errors)
+        note = case_note(case)
         cells = [
             case["rule"],
             case["impl"],
@@ -241,7 +254,7 @@ def print_row(case=None):
             "" if err is None else f"{err:.1e}",
             note,
         ]
-    print(" ".join(f"{c:<{w}}" for c, (_, w) in zip(cells, COLUMNS, strict=True)).rstrip(), flush=True)
+    print_cells(cells, COLUMNS)
 
 
 def machine():
