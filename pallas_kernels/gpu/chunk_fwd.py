@@ -4,11 +4,11 @@ Reference: `edarnn.core.chunkwise`; these kernels take the same prepared inputs 
 to float32 rounding. Three kernels, specialised by static flags (scalar or channel-wise decay, with or without an
 erase address y, with or without segments):
 
-1. `intra`  (grid B x H x N, parallel; body in pallas_kernels.tiles): per chunk, A, T = (I + A)^-1,
-   W = T (Y exp G) and U~ = T Z.
+1. `intra`  (grid B x H x N, parallel; body in pallas_kernels.tiles): per chunk, the query scores Aqk and,
+   with an erase address, A, T = (I + A)^-1, W = T (Y exp G) and U~ = T Z.
 2. `state`  (grid B x H x V/BV, sequential over chunks inside): U = U~ - W S, the chunk's start state S, and
    S <- Diag(exp G_last) S + (X exp(G_last - G))^T U, with S in registers.
-3. `output` (grid B x H x N x V/BV, parallel; body in pallas_kernels.tiles): O = (Q exp Gq) S + scores U.
+3. `output` (grid B x H x N x V/BV, parallel; body in pallas_kernels.tiles): O = (Q exp Gq) S + Aqk U.
 
 Arrays keep the public [B, T, H, D] layout: a chunk of one head is a strided [rows, D] tile.
 """
@@ -25,9 +25,12 @@ from pallas_kernels.tiles import BLOCK_TOKENS, dot, intra_kernel, output_kernel
 
 
 class Config(NamedTuple):
-    """Launch parameters (to be chosen by measurement: experiments/benchmarks/kernels.py)."""
+    """Launch parameters. Measured on an H100 at B=4, T=4096, H=16, K=V=128, bf16 (docs/performance.md): the
+    intra kernel wants few warps with one sub-step per token (forward of gated_delta_rule / kda: 3.1 / 4.6 ms
+    with 2 warps, 3.8 / 4.9 with 4, 5.3 / 5.2 with 8) and more with EDA's two (11.1 ms with 8 warps, 20.8 with
+    4, 24.7 with 2: its blocks of 2 x 16 rows need more registers)."""
 
-    intra_warps: int = 4
+    intra_warps: tuple[int, int] = (2, 8)  # by sub-steps per token: 1, 2
     state_warps: int = 4
     output_warps: int = 4
     state_block_v: int = 64
@@ -117,18 +120,26 @@ def chunk_forward(
             return [pl.BlockSpec((None, r), lambda b, h, n: (b, n)) for r in shapes[1:]]
         return [pl.BlockSpec((None, r), lambda b, h, n, j: (b, n)) for r in shapes[1:]]
 
-    if y is None:
-        u_tilde, w = z, None
-    else:
-        w, u_tilde = call(
-            functools.partial(intra_kernel, block=block_tokens * per_token, has_segments=has_segments),
-            config.intra_warps,
-            grid=(batch, heads, n_chunks),
-            in_specs=[_tile(rows, key), _tile(rows, key), _tile(rows, value), _tile(rows, dim)]
-            + (seg_specs("bhn", rows, 1) if has_segments else []),
-            out_specs=[_tile(rows, key), _tile(rows, value)],
-            out_shape=[jax.ShapeDtypeStruct(x.shape, f32), jax.ShapeDtypeStruct(z.shape, f32)],
-        )(x, y, z, gcum, *((seg, seg_prev) if has_segments else ()))
+    has_erase = y is not None
+    scores_shape = jax.ShapeDtypeStruct((batch, length, heads, rows), f32)
+    intra_outs = call(
+        functools.partial(
+            intra_kernel,
+            block_tokens=block_tokens,
+            per_token=per_token,
+            has_erase=has_erase,
+            has_segments=has_segments,
+        ),
+        config.intra_warps[per_token - 1],
+        grid=(batch, heads, n_chunks),
+        in_specs=[_tile(chunk_size, key), _tile(chunk_size, dim), _tile(rows, key), _tile(rows, dim)]
+        + ([_tile(rows, key), _tile(rows, value)] if has_erase else [])
+        + (seg_specs("bhn", chunk_size, rows, 1) if has_segments else []),
+        out_specs=[_tile(chunk_size, rows)] + ([_tile(rows, key), _tile(rows, value)] if has_erase else []),
+        out_shape=[scores_shape]
+        + ([jax.ShapeDtypeStruct(x.shape, f32), jax.ShapeDtypeStruct(z.shape, f32)] if has_erase else []),
+    )(q, gq, x, gcum, *((y, z) if has_erase else ()), *((seg_q, seg, seg_prev) if has_segments else ()))
+    scores, w, u_tilde = intra_outs if has_erase else (intra_outs[0], None, z)
 
     state_block_v = min(config.state_block_v, value)
     u, states, final_state = call(
@@ -146,19 +157,18 @@ def chunk_forward(
 
     output_block_v = min(config.output_block_v, value)
     o = call(
-        functools.partial(output_kernel, block_tokens=block_tokens, per_token=per_token, has_segments=has_segments),
+        functools.partial(output_kernel, has_segments=has_segments),
         config.output_warps,
         grid=(batch, heads, n_chunks, value // output_block_v),
         in_specs=[
             _tile(chunk_size, key, 4),
             _tile(chunk_size, dim, 4),
-            _tile(rows, key, 4),
-            _tile(rows, dim, 4),
+            _tile(chunk_size, rows, 4),
             _tile(rows, output_block_v, 4, v_block=True),
             pl.BlockSpec((None, None, None, key, output_block_v), lambda b, h, n, j: (b, h, n, 0, j)),
         ]
-        + (seg_specs("bhnj", chunk_size, rows, 1) if has_segments else []),
+        + (seg_specs("bhnj", chunk_size, 1) if has_segments else []),
         out_specs=_tile(chunk_size, output_block_v, 4, v_block=True),
         out_shape=jax.ShapeDtypeStruct((batch, length, heads, value), f32),
-    )(q, gq, x, gcum, u, states, *((seg_q, seg, seg_prev) if has_segments else ()))
+    )(q, gq, scores, u, states, *((seg_q, seg_prev) if has_segments else ()))
     return o, final_state

@@ -2,7 +2,8 @@
 
 Reference: `edarnn.core.chunkwise`, on the inputs that `pallas_kernels.forms.prepare` makes. Three kernels:
 
-1. `intra`  (grid B x H x N, all parallel; body in pallas_kernels.tiles): A, T = (I + A)^-1, W, U~ per chunk.
+1. `intra`  (grid B x H x N, all parallel; body in pallas_kernels.tiles): the query scores Aqk and (with an erase
+   address) A, T = (I + A)^-1, W, U~ per chunk.
 2. `state`  (grid B x H x V/BV x N, the chunk axis "arbitrary", i.e. sequential): the state [K, BV] lives in a
    VMEM scratch buffer across the chunk axis; per chunk U = U~ - W S, the chunk's start state, and the update.
 3. `output` (grid B x H x N x V/BV, all parallel; body in pallas_kernels.tiles).
@@ -82,17 +83,20 @@ def chunk_forward(q, gq, x, y, z, gcum, initial_state, *, chunk_size, interpret)
             return pl.BlockSpec((None, None, rows, width), lambda b, h, n, j: (b, h, n, j if v_block else 0))
         return pl.BlockSpec((None, None, rows, width), lambda b, h, j, n: (b, h, n, j if v_block else 0))
 
-    if y is None:
-        u_tilde, w = z, None
-    else:
-        w, u_tilde = call(
-            functools.partial(intra_kernel, block=block_tokens * per_token, has_segments=False),
-            ("parallel", "parallel", "parallel"),
-            grid=(batch, heads, n_chunks),
-            in_specs=[tile(rows, key), tile(rows, key), tile(rows, value), tile(rows, dim)],
-            out_specs=[tile(rows, key), tile(rows, value)],
-            out_shape=[jax.ShapeDtypeStruct(x.shape, f32), jax.ShapeDtypeStruct(z.shape, f32)],
-        )(x, y, z, gcum)
+    has_erase = y is not None
+    intra_outs = call(
+        functools.partial(
+            intra_kernel, block_tokens=block_tokens, per_token=per_token, has_erase=has_erase, has_segments=False
+        ),
+        ("parallel", "parallel", "parallel"),
+        grid=(batch, heads, n_chunks),
+        in_specs=[tile(chunk_size, key), tile(chunk_size, dim), tile(rows, key), tile(rows, dim)]
+        + ([tile(rows, key), tile(rows, value)] if has_erase else []),
+        out_specs=[tile(chunk_size, rows)] + ([tile(rows, key), tile(rows, value)] if has_erase else []),
+        out_shape=[jax.ShapeDtypeStruct((batch, heads, length, rows), f32)]
+        + ([jax.ShapeDtypeStruct(x.shape, f32), jax.ShapeDtypeStruct(z.shape, f32)] if has_erase else []),
+    )(q, gq, x, gcum, *((y, z) if has_erase else ()))
+    scores, w, u_tilde = intra_outs if has_erase else (intra_outs[0], None, z)
 
     state_spec = pl.BlockSpec((None, None, key, block_v), lambda b, h, j, n: (b, h, 0, j))
     u, states, final_state = call(
@@ -116,18 +120,17 @@ def chunk_forward(q, gq, x, y, z, gcum, initial_state, *, chunk_size, interpret)
     )(*(t for t in (u_tilde, w, x, gcum) if t is not None), initial_state)
 
     o = call(
-        functools.partial(output_kernel, block_tokens=block_tokens, per_token=per_token, has_segments=False),
+        functools.partial(output_kernel, has_segments=False),
         ("parallel", "parallel", "parallel", "parallel"),
         grid=(batch, heads, n_chunks, value // block_v),
         in_specs=[
             tile(chunk_size, key, False, 4),
             tile(chunk_size, dim, False, 4),
-            tile(rows, key, False, 4),
-            tile(rows, dim, False, 4),
+            tile(chunk_size, rows, False, 4),
             tile(rows, block_v, True, 4),
             pl.BlockSpec((None, None, None, key, block_v), lambda b, h, n, j: (b, h, n, 0, j)),
         ],
         out_specs=tile(chunk_size, block_v, True, 4),
         out_shape=jax.ShapeDtypeStruct((batch, heads, length, value), f32),
-    )(q, gq, x, gcum, u, states)
+    )(q, gq, scores, u, states)
     return jnp.swapaxes(o, 1, 2), final_state
