@@ -23,8 +23,10 @@ Sources (`SOURCES`, chosen by `config.data.source`; each reads its settings from
   n + 2 (the packages are optional: `pip install sentencepiece` / `pip install tokenizers`). Each document is
   BOS, its tokens, EOS; one longer than T + 1 tokens is cut into windows of T + 1 tokens that overlap by one token,
   so that every next-token pair of the document is in exactly one window, and no target lies in another document.
-  Windows are packed first-fit into rows (grain's FirstFitPackIterDataset). A document belongs to the eval split
-  when its content hash falls below `eval_fraction` (stable under adding files; equal documents share a split).
+  Windows are packed first-fit into rows (grain's FirstFitPackIterDataset; not its ConcatThenSplitIterDataset,
+  whose state does not survive the JSON round trip of grain's orbax handler in grain 0.2.18: restoring a state
+  without a pending remainder skips data). A document belongs to the eval split when its content hash falls below
+  `eval_fraction` (stable under adding files; equal documents share a split).
 
 Synthetic tasks (`Task`): a task is a function drawing a row from a numpy Generator; `synthetic(task)` makes it a
 source. Row i of a split is drawn from `np.random.default_rng([seed, split id, i])`: random access, reproducible,
@@ -34,7 +36,9 @@ section has num_train_examples (0: an endless stream of fresh rows) and num_eval
 
 Order and sharding: the examples (synthetic rows or text windows) of a split are shuffled from the seed (a new
 order each epoch), repeated num_epochs times (None: forever), and process p of n takes examples p, p + n, ...
-before packing, so processes see disjoint data. A final partial batch is dropped.
+before packing, so processes see disjoint data. A final partial batch is dropped. With num_epochs set, the
+processes may get different numbers of batches of packed text: for an evaluation in step across processes, take a
+fixed number of batches from a loader with num_epochs=None.
 
 Checkpointing: the iterator's state is a small JSON-able dict; orbax saves it through grain's handler, one file
 per process. In train.py:
@@ -47,9 +51,9 @@ per process. In train.py:
                                                              data=grain.checkpoint.CheckpointRestore(iterator)))
     # `iterator` (a fresh one from make_loader) now continues after the last batch taken before the save
 
-The saved state is that of the batches next() has returned (save before taking the next batch; batches taken
-ahead, e.g. for device prefetch, are not in it). An async CheckpointManager reads it during save(), before
-save() returns.
+The state covers the batches next() has returned: a batch taken ahead (e.g. prefetched to the device) and not yet
+trained on is skipped after a restore. An async CheckpointManager reads the state within save(), before it
+returns. A restore needs the same process count (one state file per process).
 """
 
 import dataclasses

@@ -165,6 +165,17 @@ def test_mqar_splits_disjoint():
     assert not rows["train"] & rows["eval"]
 
 
+def test_finite_split_is_reshuffled_each_epoch():
+    """num_train_examples fixes the training set; each epoch visits it in a new order."""
+    config = mqar_config(num_train_examples=16)
+    examples = data.SOURCES["mqar"].examples(config.mqar, split="train", seed=0, seq_len=32)
+    epochs = [rows_of([batch]) for batch in loader(config, batch_size=16, num_epochs=2)]
+    indexed = [tuple(tuple(examples[i][name].tolist()) for name in ("inputs", "targets")) for i in range(16)]
+    firsts = [[row[:2] for row in epoch] for epoch in epochs]
+    assert sorted(firsts[0]) == sorted(firsts[1]) == sorted(indexed)
+    assert firsts[0] != firsts[1] and firsts[0] != indexed
+
+
 def test_mqar_eval_split_is_fixed():
     """The eval split is the same examples whatever the train settings; a finite split has exactly its count."""
     config = mqar_config(num_eval_examples=24)
