@@ -1,9 +1,10 @@
-"""Kernel bodies shared by the GPU (Triton) and TPU (Mosaic) Pallas kernels of the chunkwise form.
+"""Kernel bodies shared by the GPU (Triton) and TPU (Mosaic) Pallas kernels of the chunkwise form, forward and
+backward.
 
-Reference: `edarnn.core.chunkwise`. Written with what both lowerings take: whole tiles loaded from refs by
-static row blocks, element-wise ops, masks, masked reductions and 2-D products (no slicing of values, no
-gathers). The per-backend modules (`gpu/chunk_fwd.py`, `tpu/chunk_fwd.py`) choose layouts, grids and the
-sequential state pass.
+Reference: `edarnn.core.chunkwise` (and, for the backward bodies, its VJP). Written with what both lowerings
+take: whole tiles loaded from refs by static row blocks, element-wise ops, masks, masked reductions and 2-D
+products (no slicing of values, no gathers). The per-backend modules (`gpu/chunk_fwd.py`, `gpu/chunk_bwd.py`,
+`tpu/chunk_fwd.py`) choose layouts, grids and the sequential state passes.
 
 A chunk's rows are handled in blocks of BLOCK_TOKENS tokens (BLOCK_TOKENS * P sub-step rows): A, T and the
 scores are built block by block. Channel-wise decays are referenced per block pair, as in
@@ -11,6 +12,8 @@ scores are built block by block. Channel-wise decays are referenced per block pa
 block pair (i > j) to the last row of block j (every factor <= 1). Shapes: L = C P rows per chunk of C tokens,
 c = BLOCK_TOKENS P rows per block, D = 1 (scalar decay) or K.
 """
+
+import collections
 
 import jax
 import jax.numpy as jnp
@@ -49,6 +52,47 @@ def block_scores(a, ga, b, gb, mask, diagonal):
     return jnp.where(mask, scores, 0.0)
 
 
+def block_scores_grad(a, ga, b, gb, d_scores, mask, diagonal):
+    """(da, db): the gradients of sum(d_scores * block_scores(a, ga, b, gb, mask, diagonal)) w.r.t. a and b.
+
+    With M_rs = sum_k a_rk b_sk exp(ga_rk - gb_sk), the log-decays' gradients are d ga = a da and d gb = -b db
+    (summed over channels by `decay_width` for D = 1); the exponents are block_scores', so bounded the same way."""
+    if gb.shape[1] == 1:
+        expo = jnp.where(mask, ga - gb.reshape(1, -1), -jnp.inf)
+        d = jnp.where(mask, d_scores * jnp.exp(expo), 0.0)
+        return dot(d, b), dot(d, a, trans_a=True)
+    ref = row(gb, gb.shape[0] // 2 if diagonal else gb.shape[0] - 1)
+    a_decay, b_decay = jnp.exp(ga - ref), jnp.exp(ref - gb)
+    d = jnp.where(mask, d_scores, 0.0)
+    return a_decay * dot(d, b * b_decay), b_decay * dot(d, a * a_decay, trans_a=True)
+
+
+def decay_width(t, width):
+    """[m, K] -> [m, width]: summed over the channels for a scalar decay (width 1), else unchanged."""
+    return jnp.sum(t, axis=1, keepdims=True) if width == 1 else t
+
+
+def in_segment(t, seg, number):
+    """t where seg == number (seg [m, 1] per row, or a scalar), else 0; t itself when there are no segments
+    (seg None)."""
+    return t if seg is None else jnp.where(seg == number, t, 0.0)
+
+
+def end_decays(g, g_last, seg=None, seg_last=None, seg_prev=None):
+    """(decay_to_end [rows, D], state_decay [D, 1]) of one chunk: exp(G_last - G), zero on rows before the
+    chunk's last segment; exp(G_last), zero when that segment starts inside the chunk. g [rows, D], g_last
+    [1, D]; seg [rows, 1], seg_last and seg_prev (the number before the chunk) scalars, or all None."""
+    return (
+        in_segment(jnp.exp(g_last - g), seg, seg_last),
+        in_segment(jnp.exp(g_last).reshape(-1, 1), seg_last, seg_prev),
+    )
+
+
+def causal_query_mask(block_tokens, per_token):
+    """[block_tokens, block_tokens P]: token t of a diagonal block sees the sub-step rows up to its own last."""
+    return iota(block_tokens) * per_token + per_token - 1 >= iota(block_tokens * per_token, 1)
+
+
 def unit_lower_inverse_tile(a):
     """(I + a)^-1 for strictly lower-triangular a [c, c], by forward substitution, one row per step."""
     size = a.shape[0]
@@ -63,25 +107,41 @@ def unit_lower_inverse_tile(a):
     return jax.lax.fori_loop(jnp.int32(1), jnp.int32(size), substitute, (rows == cols).astype(jnp.float32))
 
 
-def intra_kernel(x_ref, y_ref, z_ref, g_ref, *refs, block, has_segments):
-    """W, U~ of one chunk, block by block: A_ij, then T_ii = (I + A_ii)^-1 and T_ij = -T_ii sum_m A_im T_mj."""
-    seg_ref, prev_ref, w_ref, u_ref = refs if has_segments else (None, None, *refs)
+def pair_mask(local, i, j, seg_rows=None, seg_cols=None):
+    """Mask of block pair (i, j <= i): `local` on the diagonal, all True below it, and within one segment when
+    segment numbers are given (seg_rows [m, 1] of block i's rows, seg_cols [c, 1] of block j's)."""
+    mask = local if i == j else jnp.ones(local.shape, bool)
+    return mask if seg_rows is None else mask & (seg_rows == seg_cols.reshape(1, -1))
+
+
+def inverse_blocks(x_ref, y_ref, g_ref, seg, block):
+    """T = (I + A)^-1 of one chunk as blocks {(i, j): [c, c]} for j <= i, c = block rows.
+
+    A_ij = block_scores(Y_i, X_j) (strictly lower on the diagonal, within one segment), then
+    T_ii = (I + A_ii)^-1 and T_ij = -T_ii sum_m A_im T_mj. seg: per block [c, 1] segment numbers, or None."""
     n = x_ref.shape[0] // block
-    rows = [pl.ds(i * block, block) for i in range(n)]
-    load = lambda ref, i: ref[rows[i], :].astype(jnp.float32)  # noqa: E731
+    load = lambda ref, i: ref[pl.ds(i * block, block), :].astype(jnp.float32)  # noqa: E731
     local = iota(block) > iota(block, 1)
-    seg = [seg_ref[rows[i]].reshape(block, 1) for i in range(n)] if has_segments else None
     a, t = {}, {}
     for i in range(n):
         y_i, g_i = load(y_ref, i), load(g_ref, i)
         for j in range(i + 1):
-            mask = local if i == j else jnp.ones((block, block), bool)
-            if has_segments:
-                mask = mask & (seg[i] == seg[j].reshape(1, block))
+            mask = pair_mask(local, i, j, *((seg[i], seg[j]) if seg else ()))
             a[i, j] = block_scores(y_i, g_i, load(x_ref, j), load(g_ref, j), mask, diagonal=i == j)
         t[i, i] = unit_lower_inverse_tile(a[i, i])
         for j in range(i):
             t[i, j] = -dot(t[i, i], sum(dot(a[i, m], t[m, j]) for m in range(j, i)))
+    return t
+
+
+def intra_kernel(x_ref, y_ref, z_ref, g_ref, *refs, block, has_segments):
+    """W = T (Y exp G), U~ = T Z of one chunk, block by block (T from `inverse_blocks`)."""
+    seg_ref, prev_ref, w_ref, u_ref = refs if has_segments else (None, None, *refs)
+    n = x_ref.shape[0] // block
+    rows = [pl.ds(i * block, block) for i in range(n)]
+    load = lambda ref, i: ref[rows[i], :].astype(jnp.float32)  # noqa: E731
+    seg = [seg_ref[rows[i]].reshape(block, 1) for i in range(n)] if has_segments else None
+    t = inverse_blocks(x_ref, y_ref, g_ref, seg, block)
     for i in range(n):
         w = sum(dot(t[i, j], load(y_ref, j) * jnp.exp(load(g_ref, j))) for j in range(i + 1))
         if has_segments:
@@ -96,7 +156,7 @@ def output_kernel(q_ref, gq_ref, x_ref, g_ref, u_ref, s_ref, *refs, block_tokens
     block = block_tokens * per_token
     n = x_ref.shape[0] // block
     state = s_ref[...].astype(jnp.float32)
-    local = iota(block_tokens) * per_token + per_token - 1 >= iota(block, 1)
+    local = causal_query_mask(block_tokens, per_token)
     for i in range(n):
         tokens = pl.ds(i * block_tokens, block_tokens)
         q, gq = q_ref[tokens, :].astype(jnp.float32), gq_ref[tokens, :]
@@ -107,9 +167,131 @@ def output_kernel(q_ref, gq_ref, x_ref, g_ref, u_ref, s_ref, *refs, block_tokens
         o = dot(q_decayed, state)
         for j in range(i + 1):
             rows = pl.ds(j * block, block)
-            mask = local if i == j else jnp.ones((block_tokens, block), bool)
-            if has_segments:
-                mask = mask & (seg_q == seg_ref[rows].reshape(1, block))
+            mask = pair_mask(local, i, j, *((seg_q, seg_ref[rows]) if has_segments else ()))
             x, g = x_ref[rows, :].astype(jnp.float32), g_ref[rows, :]
             o = o + dot(block_scores(q, gq, x, g, mask, diagonal=i == j), u_ref[rows, :])
         o_ref[tokens, :] = o.astype(o_ref.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# backward
+# ----------------------------------------------------------------------------------------------------------
+
+
+def value_grad_kernel(q_ref, gq_ref, x_ref, g_ref, do_ref, *refs, block_tokens, per_token, has_segments):
+    """P^T dO for one chunk and V block: the values' gradient through the chunk's own queries (P the scores of
+    output_kernel); row block j gets sum_{i >= j} scores_ij^T dO_i."""
+    seg_q_ref, seg_ref, du_ref = refs if has_segments else (None, None, *refs)
+    block = block_tokens * per_token
+    n = x_ref.shape[0] // block
+    local = causal_query_mask(block_tokens, per_token)
+    for j in range(n):
+        rows = pl.ds(j * block, block)
+        x, g = x_ref[rows, :].astype(jnp.float32), g_ref[rows, :]
+        du = 0.0
+        for i in range(j, n):
+            tokens = pl.ds(i * block_tokens, block_tokens)
+            segs = (seg_q_ref[tokens].reshape(block_tokens, 1), seg_ref[rows]) if has_segments else ()
+            q, gq = q_ref[tokens, :].astype(jnp.float32), gq_ref[tokens, :]
+            scores = block_scores(q, gq, x, g, pair_mask(local, i, j, *segs), diagonal=i == j)
+            du = du + dot(scores, do_ref[tokens, :].astype(jnp.float32), trans_a=True)
+        du_ref[rows, :] = du
+
+
+def chunk_grad_kernel(*refs, block_tokens, per_token, block_v, has_erase, has_segments):
+    """Gradients of one chunk's q, gq, x, y, z and g (the chunk-local cumulative log-decay), given the chunk's
+    start state S, the gradient dS' of its end state, dO, and U and dU = P^T dO + (X exp(G_last - G)) dS' from
+    the state passes. With T = (I + A)^-1 recomputed (`inverse_blocks`):
+
+        dZ = T^T dU                  dA = -dZ U^T (masked as A)     d(Y exp G) = -dZ S^T (rows that see S)
+        dP = dO U^T (masked as P)    d(Q exp Gq) = dO S^T (rows that see S)
+        d(X exp(G_last - G)) = U dS'^T (rows that reach S')         d exp(G_last) = rowsum(S * dS')
+
+    Products over V run in blocks of block_v columns; then `block_scores_grad` turns dA and dP into gradients
+    of y, x and q, block pair by block pair. Every use of q and y carries exp(+G) and every use of x exp(-G),
+    so dgq = q dq and dg = y dy - x dx, plus the terms of G_last on the last row. z's gradient is dZ (written
+    only with an erase address: without one, U = Z and dZ = dU).
+
+    Refs: q [C, K], gq [C, D], x, y [L, K], g [L, D], u, du [L, V], do [C, V], s, ds [K, V] (f32), then seg_q
+    [C], seg [L], seg_prev [1] with segments; outputs dq [C, K], dgq [C, D], dx, dy [L, K], dz [L, V] (with an
+    erase address), dg [L, D].
+    """
+    refs = list(refs)
+    take = lambda present=True: refs.pop(0) if present else None  # noqa: E731
+    q_ref, gq_ref, x_ref, y_ref, g_ref = take(), take(), take(), take(has_erase), take()
+    u_ref, du_ref, do_ref, s_ref, ds_ref = take(), take(), take(), take(), take()
+    seg_q_ref, seg_ref, prev_ref = take(has_segments), take(has_segments), take(has_segments)
+    dq_ref, dgq_ref, dx_ref, dy_ref, dz_ref, dg_ref = take(), take(), take(), take(has_erase), take(has_erase), take()
+    f32 = jnp.float32
+    block, length, width = block_tokens * per_token, x_ref.shape[0], g_ref.shape[1]
+    n = length // block
+    rows = [pl.ds(i * block, block) for i in range(n)]
+    tokens = [pl.ds(i * block_tokens, block_tokens) for i in range(n)]
+    x = [x_ref[r, :].astype(f32) for r in rows]
+    y = [y_ref[r, :].astype(f32) for r in rows] if has_erase else None
+    g = [g_ref[r, :].astype(f32) for r in rows]
+    g_last = g_ref[pl.ds(length - 1, 1), :].astype(f32)
+    a_local, q_local = iota(block) > iota(block, 1), causal_query_mask(block_tokens, per_token)
+    if has_segments:
+        seg = [seg_ref[r].reshape(block, 1) for r in rows]
+        seg_q = [seg_q_ref[t].reshape(block_tokens, 1) for t in tokens]
+        seg_prev, seg_last = jnp.sum(prev_ref[...]), jnp.sum(seg_ref[pl.ds(length - 1, 1)])
+    else:
+        seg, seg_q, seg_prev, seg_last = [None] * n, [None] * n, None, None
+    t = inverse_blocks(x_ref, y_ref, g_ref, seg if has_segments else None, block) if has_erase else None
+
+    # Products over V, accumulated over V blocks.
+    d_qd, d_xe, d_ye = [0.0] * n, [0.0] * n, [0.0] * n
+    d_p, d_a = collections.defaultdict(float), collections.defaultdict(float)
+    d_decay = 0.0  # d exp(G_last) as a [K, 1] column
+    for v in range(u_ref.shape[1] // block_v):
+        vs = pl.ds(v * block_v, block_v)
+        s, ds = s_ref[:, vs], ds_ref[:, vs]
+        u, du = [u_ref[r, vs] for r in rows], [du_ref[r, vs] for r in rows]
+        d_decay = d_decay + jnp.sum(s * ds, axis=1, keepdims=True)
+        for i in range(n):
+            do = do_ref[tokens[i], vs].astype(f32)
+            d_qd[i] = d_qd[i] + dot(do, s, trans_b=True)
+            d_xe[i] = d_xe[i] + dot(u[i], ds, trans_b=True)
+            for j in range(i + 1):
+                d_p[i, j] = d_p[i, j] + dot(do, u[j], trans_b=True)
+            if has_erase:
+                dz = sum(dot(t[m, i], du[m], trans_a=True) for m in range(i, n))
+                dz_ref[rows[i], vs] = dz
+                d_ye[i] = d_ye[i] - dot(dz, s, trans_b=True)
+                for j in range(i + 1):
+                    d_a[i, j] = d_a[i, j] - dot(dz, u[j], trans_b=True)
+
+    # Per key channel: the queries, then the edit and erase addresses.
+    dx = [0.0] * n
+    for i in range(n):
+        q, gq = q_ref[tokens[i], :].astype(f32), gq_ref[tokens[i], :].astype(f32)
+        dq = in_segment(d_qd[i], seg_q[i], seg_prev) * jnp.exp(gq)
+        for j in range(i + 1):
+            mask = pair_mask(q_local, i, j, seg_q[i], seg[j])
+            dq_ij, dx_ij = block_scores_grad(q, gq, x[j], g[j], d_p[i, j], mask, diagonal=i == j)
+            dq, dx[j] = dq + dq_ij, dx[j] + dx_ij
+        dq_ref[tokens[i], :] = dq
+        dgq_ref[tokens[i], :] = decay_width(q * dq, width)
+    dy, d_last = [None] * n, 0.0
+    for i in range(n):
+        decay_to_end, state_decay = end_decays(g[i], g_last, seg[i], seg_last, seg_prev)
+        dx_end = d_xe[i] * decay_to_end
+        d_last = d_last + jnp.sum(x[i] * dx_end, axis=0, keepdims=True)
+        dx[i] = dx[i] + dx_end
+        if has_erase:
+            dy[i] = in_segment(d_ye[i], seg[i], seg_prev) * jnp.exp(g[i])
+            for j in range(i + 1):
+                mask = pair_mask(a_local, i, j, seg[i], seg[j])
+                dy_ij, dx_ij = block_scores_grad(y[i], g[i], x[j], g[j], d_a[i, j], mask, diagonal=i == j)
+                dy[i], dx[j] = dy[i] + dy_ij, dx[j] + dx_ij
+    d_last = decay_width(d_last + (state_decay * d_decay).reshape(1, -1), width)
+    for i in range(n):
+        dg = -x[i] * dx[i] if y is None else y[i] * dy[i] - x[i] * dx[i]
+        dg = decay_width(dg, width)
+        if i == n - 1:
+            dg = dg + jnp.where(iota(block) == block - 1, d_last, 0.0)
+        dx_ref[rows[i], :] = dx[i]
+        dg_ref[rows[i], :] = dg
+        if has_erase:
+            dy_ref[rows[i], :] = dy[i]
