@@ -1,7 +1,8 @@
 """impl="pallas": the Pallas kernels (run in interpret mode on the CPU) agree with the recurrent form, for any
-T (shorter than a chunk: the token-by-token kernel), initial state and segments; their custom VJP gives the
-reference form's gradients; every kernel variant lowers to Triton for CUDA without a GPU (which catches
-operations the Triton lowering lacks). GPU runs: `pytest -m gpu`."""
+T (shorter than a chunk: the token-by-token kernel), initial state and segments; the chunkwise backward kernels
+give the chunk form's gradients (the token-by-token kernel's VJP is the recurrent form's); every kernel variant,
+forward and backward, lowers to Triton for CUDA without a GPU (which catches operations the Triton lowering
+lacks). GPU runs: `pytest -m gpu`."""
 
 import jax
 import jax.numpy as jnp
