@@ -118,7 +118,7 @@ def inverse_blocks(x_ref, y_ref, g_ref, seg, block):
     """T = (I + A)^-1 of one chunk as blocks {(i, j): [c, c]} for j <= i, c = block rows.
 
     A_ij = block_scores(Y_i, X_j) (strictly lower on the diagonal, within one segment), then
-    T_ii = (I + A_ii)^-1 and T_ij = -T_ii sum_m A_im T_mj. seg: per block [c, 1] segment numbers, or None."""
+    T_ii = (I + A_ii)^-1 and T_ij = -T_ii sum_m A_im T_mj. seg: per block, [c, 1] segment numbers or None."""
     n = x_ref.shape[0] // block
     load = lambda ref, i: ref[pl.ds(i * block, block), :].astype(jnp.float32)  # noqa: E731
     local = iota(block) > iota(block, 1)
@@ -126,7 +126,7 @@ def inverse_blocks(x_ref, y_ref, g_ref, seg, block):
     for i in range(n):
         y_i, g_i = load(y_ref, i), load(g_ref, i)
         for j in range(i + 1):
-            mask = pair_mask(local, i, j, *((seg[i], seg[j]) if seg else ()))
+            mask = pair_mask(local, i, j, seg[i], seg[j])
             a[i, j] = block_scores(y_i, g_i, load(x_ref, j), load(g_ref, j), mask, diagonal=i == j)
         t[i, i] = unit_lower_inverse_tile(a[i, i])
         for j in range(i):
@@ -140,7 +140,7 @@ def intra_kernel(x_ref, y_ref, z_ref, g_ref, *refs, block, has_segments):
     n = x_ref.shape[0] // block
     rows = [pl.ds(i * block, block) for i in range(n)]
     load = lambda ref, i: ref[rows[i], :].astype(jnp.float32)  # noqa: E731
-    seg = [seg_ref[rows[i]].reshape(block, 1) for i in range(n)] if has_segments else None
+    seg = [seg_ref[rows[i]].reshape(block, 1) for i in range(n)] if has_segments else [None] * n
     t = inverse_blocks(x_ref, y_ref, g_ref, seg, block)
     for i in range(n):
         w = sum(dot(t[i, j], load(y_ref, j) * jnp.exp(load(g_ref, j))) for j in range(i + 1))
@@ -238,7 +238,7 @@ def chunk_grad_kernel(*refs, block_tokens, per_token, block_v, has_erase, has_se
         seg_prev, seg_last = jnp.sum(prev_ref[...]), jnp.sum(seg_ref[pl.ds(length - 1, 1)])
     else:
         seg, seg_q, seg_prev, seg_last = [None] * n, [None] * n, None, None
-    t = inverse_blocks(x_ref, y_ref, g_ref, seg if has_segments else None, block) if has_erase else None
+    t = inverse_blocks(x_ref, y_ref, g_ref, seg, block) if has_erase else None
 
     # Products over V, accumulated over V blocks.
     d_qd, d_xe, d_ye = [0.0] * n, [0.0] * n, [0.0] * n
