@@ -230,7 +230,7 @@ def chunk_grad_kernel(*refs, block_tokens, per_token, block_v, has_erase, has_se
     x = [x_ref[r, :].astype(f32) for r in rows]
     y = [y_ref[r, :].astype(f32) for r in rows] if has_erase else None
     g = [g_ref[r, :].astype(f32) for r in rows]
-    g_last = g_ref[pl.ds(length - 1, 1), :].astype(f32)
+    g_last = row(g[-1], block - 1)
     a_local, q_local = iota(block) > iota(block, 1), causal_query_mask(block_tokens, per_token)
     if has_segments:
         seg = [seg_ref[r].reshape(block, 1) for r in rows]
@@ -243,12 +243,12 @@ def chunk_grad_kernel(*refs, block_tokens, per_token, block_v, has_erase, has_se
     # Products over V, accumulated over V blocks.
     d_qd, d_xe, d_ye = [0.0] * n, [0.0] * n, [0.0] * n
     d_p, d_a = collections.defaultdict(float), collections.defaultdict(float)
-    d_decay = 0.0  # d exp(G_last) as a [K, 1] column
+    d_decay = 0.0  # d exp(G_last), [1, K]
     for v in range(u_ref.shape[1] // block_v):
         vs = pl.ds(v * block_v, block_v)
         s, ds = s_ref[:, vs], ds_ref[:, vs]
         u, du = [u_ref[r, vs] for r in rows], [du_ref[r, vs] for r in rows]
-        d_decay = d_decay + jnp.sum(s * ds, axis=1, keepdims=True)
+        d_decay = d_decay + jnp.sum((s * ds).T, axis=0, keepdims=True)
         for i in range(n):
             do = do_ref[tokens[i], vs].astype(f32)
             d_qd[i] = d_qd[i] + dot(do, s, trans_b=True)
@@ -275,8 +275,7 @@ def chunk_grad_kernel(*refs, block_tokens, per_token, block_v, has_erase, has_se
         dgq_ref[tokens[i], :] = decay_width(q * dq, width)
     dy, d_last = [None] * n, 0.0
     for i in range(n):
-        decay_to_end, state_decay = end_decays(g[i], g_last, seg[i], seg_last, seg_prev)
-        dx_end = d_xe[i] * decay_to_end
+        dx_end = d_xe[i] * in_segment(jnp.exp(g_last - g[i]), seg[i], seg_last)
         d_last = d_last + jnp.sum(x[i] * dx_end, axis=0, keepdims=True)
         dx[i] = dx[i] + dx_end
         if has_erase:
@@ -285,7 +284,7 @@ def chunk_grad_kernel(*refs, block_tokens, per_token, block_v, has_erase, has_se
                 mask = pair_mask(a_local, i, j, seg[i], seg[j])
                 dy_ij, dx_ij = block_scores_grad(y[i], g[i], x[j], g[j], d_a[i, j], mask, diagonal=i == j)
                 dy[i], dx[j] = dy[i] + dy_ij, dx[j] + dx_ij
-    d_last = decay_width(d_last + (state_decay * d_decay).reshape(1, -1), width)
+    d_last = decay_width(d_last + in_segment(jnp.exp(g_last), seg_last, seg_prev) * d_decay, width)
     for i in range(n):
         dg = -x[i] * dx[i] if y is None else y[i] * dy[i] - x[i] * dx[i]
         dg = decay_width(dg, width)

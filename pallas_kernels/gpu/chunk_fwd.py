@@ -10,6 +10,8 @@ erase address y, with or without segments):
    S <- Diag(exp G_last) S + (X exp(G_last - G))^T U, with S in registers.
 3. `output` (grid B x H x N x V/BV, parallel; body in pallas_kernels.tiles): O = (Q exp Gq) S + scores U.
 
+`chunk_states` (kernels 1 and 2) is also the backward's recompute (chunk_bwd.py).
+
 Arrays keep the public [B, T, H, D] layout: a chunk of one head is a strided [rows, D] tile.
 """
 
