@@ -2,8 +2,9 @@
 `edarnn.core.recurrent` and `edarnn.core.chunkwise`.
 
 Python-side preparation (padding, chunk-local cumulative decays, running segment numbers) is shared by every
-backend. The backward recomputes through the plain-JAX form (`jax.vjp` of the `edarnn.core` reference) until
-the backward kernels land.
+backend and differentiated by JAX. The chunkwise kernels have backward kernels of their own (`gpu/chunk_bwd.py`,
+`tpu/chunk_bwd.py`) under a custom VJP on the prepared inputs; the token-by-token kernels recompute their
+backward through the plain-JAX recurrent form (`jax.vjp` of `edarnn.core.recurrent`).
 """
 
 import functools
@@ -12,8 +13,10 @@ import jax
 import jax.numpy as jnp
 
 from edarnn import core
+from pallas_kernels.gpu import chunk_bwd as gpu_chunk_bwd
 from pallas_kernels.gpu import chunk_fwd as gpu_chunk_fwd
 from pallas_kernels.gpu import recurrent_fwd as gpu_recurrent_fwd
+from pallas_kernels.tpu import chunk_bwd as tpu_chunk_bwd
 from pallas_kernels.tpu import chunk_fwd as tpu_chunk_fwd
 from pallas_kernels.tpu import recurrent_fwd as tpu_recurrent_fwd
 
@@ -51,17 +54,31 @@ def _check_platform(platform, segment_ids):
         raise ValueError('impl="pallas" on a TPU does not take segment_ids yet; use impl="chunk"')
 
 
-def _chunkwise_kernels(q, sub, initial_state, segment_ids, chunk_size, interpret, platform):
-    length = q.shape[1]
-    *prepared, seg, seg_q, seg_prev = prepare(q, sub, segment_ids, chunk_size)
-    state = initial_state.astype(jnp.float32)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(10, 11, 12))
+def _chunk_kernels(q, gq, x, y, z, gcum, initial_state, seg, seg_q, seg_prev, chunk_size, interpret, platform):
+    """The chunkwise forward kernels of `platform` on prepared inputs (`prepare`), with that platform's backward
+    kernels as their VJP. Returns (o [B, T, H, V] f32, final_state [B, H, K, V] f32), T padded."""
+    options = dict(chunk_size=chunk_size, interpret=interpret)
     if platform == "tpu":
-        o, final_state = tpu_chunk_fwd.chunk_forward(*prepared, state, chunk_size=chunk_size, interpret=interpret)
+        return tpu_chunk_fwd.chunk_forward(q, gq, x, y, z, gcum, initial_state, **options)
+    return gpu_chunk_fwd.chunk_forward(q, gq, x, y, z, gcum, initial_state, seg, seg_q, seg_prev, **options)
+
+
+def _chunk_kernels_forward(*args):
+    return _chunk_kernels(*args), args[:10]
+
+
+def _chunk_kernels_backward(chunk_size, interpret, platform, inputs, cotangents):
+    options = dict(chunk_size=chunk_size, interpret=interpret)
+    if platform == "tpu":
+        grads = tpu_chunk_bwd.chunk_backward(*inputs[:7], *cotangents, **options)
     else:
-        o, final_state = gpu_chunk_fwd.chunk_forward(
-            *prepared, state, seg, seg_q, seg_prev, chunk_size=chunk_size, interpret=interpret
-        )
-    return o[:, :length].astype(q.dtype), final_state.astype(initial_state.dtype)
+        grads = gpu_chunk_bwd.chunk_backward(*inputs, *cotangents, **options)
+    grads = tuple(None if d is None else d.astype(t.dtype) for d, t in zip(grads, inputs[:7], strict=True))
+    return (*grads, None, None, None)  # the segment numbers (integers) have no cotangent
+
+
+_chunk_kernels.defvjp(_chunk_kernels_forward, _chunk_kernels_backward)
 
 
 def _recurrent_kernels(q, sub, initial_state, segment_ids, interpret, platform):
@@ -100,9 +117,6 @@ def _with_recomputed_backward(kernels, reference, n_static):
     return form
 
 
-_chunkwise = _with_recomputed_backward(
-    _chunkwise_kernels, lambda q, sub, s0, seg, chunk_size, *_: core.chunkwise(q, sub, s0, seg, chunk_size), 3
-)
 _recurrent = _with_recomputed_backward(
     _recurrent_kernels, lambda q, sub, s0, seg, *_: core.recurrent(q, sub, s0, seg), 2
 )
@@ -111,7 +125,11 @@ _recurrent = _with_recomputed_backward(
 def chunkwise(q, sub, initial_state, segment_ids, chunk_size, interpret, platform="gpu"):
     """`edarnn.core.chunkwise` through the Pallas kernels of `platform` ("gpu": Triton, "tpu": Mosaic TPU, no
     segments yet); interpret=True runs them in Pallas interpret mode on any backend (for checking)."""
-    return _chunkwise(q, sub, initial_state, segment_ids, chunk_size, interpret, platform)
+    _check_platform(platform, segment_ids)
+    q_, gq, x, y, z, gcum, *segments = prepare(q, sub, segment_ids, chunk_size)
+    state = initial_state.astype(jnp.float32)
+    o, final_state = _chunk_kernels(q_, gq, x, y, z, gcum, state, *segments, chunk_size, interpret, platform)
+    return o[:, : q.shape[1]].astype(q.dtype), final_state.astype(initial_state.dtype)
 
 
 def recurrent(q, sub, initial_state, segment_ids, interpret, platform="gpu"):

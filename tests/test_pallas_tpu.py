@@ -1,5 +1,6 @@
 """The TPU (Mosaic) kernels of impl="pallas", run under the TPU interpreter on the CPU, agree with the recurrent
-form; their gradients are the chunk form's; every variant lowers for TPU without one."""
+form; their backward kernels give the chunk form's gradients; every variant, forward and backward, lowers for TPU
+without one (Pallas to Mosaic; Mosaic's own compilation needs a TPU)."""
 
 import jax
 import jax.numpy as jnp
@@ -8,10 +9,13 @@ from conftest import (
     VARIANTS,
     T,
     assert_close,
+    jit,
     kernel_input_specs,
+    loss_fn,
     make_inputs,
     make_segment_ids,
     make_state,
+    random_cotangents,
     reference,
     rule_of,
 )
@@ -61,15 +65,18 @@ def test_tpu_recurrent_kernel_lowers_for_tpu(per_token, decay):
     assert lowered.as_text().count("tpu_custom_call") == 1
 
 
-def test_tpu_kernel_grads_match_chunk(rng, tpu_kernels):
-    inputs, state = make_inputs("eda-channel", rng, T=T), make_state(rng)
-    cotangent = jnp.asarray(rng.standard_normal(inputs["v"].shape))
+@pytest.mark.parametrize("variant", ["gla-channel", "gated_delta_rule", "kda", "eda-scalar", "eda-channel"])
+def test_tpu_kernel_grads_match_chunk(variant, rng, tpu_kernels):
+    """The TPU backward kernels (tpu/chunk_bwd.py) give the chunk form's gradients of every input and the initial
+    state: scalar and channel decay, with and without an erase address, one and two sub-steps per token."""
+    rule = rule_of(variant)
+    inputs, state = make_inputs(variant, rng, T=T), make_state(rng)
+    cotangents = random_cotangents(rng, inputs)
 
-    def loss(impl):  # linear in o: the cotangents do not depend on the forward's rounding
-        return lambda x, s: jnp.sum(rules.eda(**x, initial_state=s, impl=impl, chunk_size=16)[0] * cotangent)
+    def grads(impl):  # a fresh jit: no cache shared with the GPU-kernel tests
+        return jit(jax.grad(loss_fn(rule, cotangents, impl=impl, chunk_size=16), argnums=(0, 1)))(inputs, state)
 
-    expected = jax.grad(loss("chunk"), argnums=(0, 1))(inputs, state)
-    assert_close(jax.jit(jax.grad(loss("pallas"), argnums=(0, 1)))(inputs, state), expected, 1e-9, "tpu grad")
+    assert_close(grads("pallas"), grads("chunk"), KERNEL_RTOL, f"{variant} tpu grad")
 
 
 def test_tpu_kernels_refuse_segments(rng, tpu_kernels):
@@ -85,3 +92,18 @@ def test_tpu_kernels_lower_for_tpu(per_token, decay, erase):
     forward = jax.jit(lambda q, sub, s0: forms.chunkwise(q, sub, s0, None, 64, False, "tpu"))
     lowered = forward.trace(q, sub, state).lower(lowering_platforms=("tpu",))
     assert lowered.as_text().count("tpu_custom_call") == 3  # intra, state, output
+
+
+@pytest.mark.parametrize("per_token,decay,erase", [(1, "1", True), (1, "K", False), (2, "K", True)])
+def test_tpu_backward_kernels_lower_for_tpu(per_token, decay, erase):
+    """A training step at a TPU-sized shape: the forward kernels, the intra and state kernels again (recomputed)
+    and the three backward kernels lower through Mosaic."""
+    q, sub, state, _ = kernel_input_specs(t=128, per_token=per_token, decay=decay, erase=erase, k=128, v=128)
+
+    def loss(q, sub, s0):
+        o, final_state = forms.chunkwise(q, sub, s0, None, 64, False, "tpu")
+        return jnp.sum(o * o) + jnp.sum(final_state)
+
+    step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+    lowered = step.trace(q, sub, state).lower(lowering_platforms=("tpu",))
+    assert lowered.as_text().count("tpu_custom_call") == 8  # forward 3, recompute 2, backward 3
