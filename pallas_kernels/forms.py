@@ -3,8 +3,9 @@
 
 Python-side preparation (padding, chunk-local cumulative decays, running segment numbers) is shared by every
 backend and differentiated by JAX. The chunkwise kernels have backward kernels of their own (`gpu/chunk_bwd.py`,
-`tpu/chunk_bwd.py`) under a custom VJP on the prepared inputs; the token-by-token kernels recompute their
-backward through the plain-JAX recurrent form (`jax.vjp` of `edarnn.core.recurrent`).
+`tpu/chunk_bwd.py`) under a custom VJP on the prepared inputs, used where BACKWARD_KERNELS says (by measurement);
+elsewhere, and for the token-by-token kernels, the backward recomputes through the plain-JAX form (`jax.vjp` of
+`edarnn.core.chunkwise` / `edarnn.core.recurrent`).
 """
 
 import functools
@@ -96,8 +97,8 @@ def _recurrent_kernels(q, sub, initial_state, segment_ids, interpret, platform):
 
 def _with_recomputed_backward(kernels, reference, n_static):
     """kernels(q, sub, initial_state, segment_ids, *static) with a custom VJP whose backward is the VJP of the
-    plain-JAX reference(q, sub, initial_state, segment_ids, *static), recomputed, until backward kernels land.
-    The static arguments are the last n_static; the last one is the platform."""
+    plain-JAX reference(q, sub, initial_state, segment_ids, *static), recomputed. The static arguments are the
+    last n_static; the last one is the platform."""
     static_argnums = tuple(range(4, 4 + n_static))
 
     @functools.partial(jax.custom_vjp, nondiff_argnums=static_argnums)
@@ -122,14 +123,33 @@ _recurrent = _with_recomputed_backward(
 )
 
 
-def chunkwise(q, sub, initial_state, segment_ids, chunk_size, interpret, platform="gpu"):
-    """`edarnn.core.chunkwise` through the Pallas kernels of `platform` ("gpu": Triton, "tpu": Mosaic TPU, no
-    segments yet); interpret=True runs them in Pallas interpret mode on any backend (for checking)."""
+def _chunk_forward(q, sub, initial_state, segment_ids, chunk_size, interpret, platform):
+    """The chunkwise kernels on unprepared inputs; differentiated by the backward kernels (`_chunk_kernels`)."""
     _check_platform(platform, segment_ids)
     q_, gq, x, y, z, gcum, *segments = prepare(q, sub, segment_ids, chunk_size)
     state = initial_state.astype(jnp.float32)
     o, final_state = _chunk_kernels(q_, gq, x, y, z, gcum, state, *segments, chunk_size, interpret, platform)
     return o[:, : q.shape[1]].astype(q.dtype), final_state.astype(initial_state.dtype)
+
+
+_chunk_recomputed = _with_recomputed_backward(
+    _chunk_forward, lambda q, sub, s0, seg, chunk_size, *_: core.chunkwise(q, sub, s0, seg, chunk_size), 3
+)
+
+# The backward of the chunkwise kernels, per platform: True, the backward kernels (gpu/chunk_bwd.py,
+# tpu/chunk_bwd.py); False, the VJP of the plain-JAX chunk form, recomputed. Chosen by measurement where there is
+# one: on an H100 (B=4, T=4096, H=16, K=V=128, bf16; docs/performance.md) forward + backward took 31.2 / 44.2 ms
+# (gated_delta_rule / kda) with the backward kernels as first written, 10.4 / 15.3 ms with the plain-JAX VJP.
+# The TPU kernels are unmeasured (no TPU here).
+BACKWARD_KERNELS = {"gpu": False, "tpu": True}
+
+
+def chunkwise(q, sub, initial_state, segment_ids, chunk_size, interpret, platform="gpu"):
+    """`edarnn.core.chunkwise` through the Pallas kernels of `platform` ("gpu": Triton, "tpu": Mosaic TPU, no
+    segments yet); interpret=True runs them in Pallas interpret mode on any backend (for checking). The backward
+    is the platform's choice in BACKWARD_KERNELS."""
+    form = _chunk_forward if BACKWARD_KERNELS[platform] else _chunk_recomputed
+    return form(q, sub, initial_state, segment_ids, chunk_size, interpret, platform)
 
 
 def recurrent(q, sub, initial_state, segment_ids, interpret, platform="gpu"):

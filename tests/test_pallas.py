@@ -53,13 +53,30 @@ def test_pallas_segments_match_recurrent(variant, rng):
     assert_close(actual, reference(rule, inputs, state, segment_ids), KERNEL_RTOL, f"{variant} pallas segments")
 
 
+@pytest.fixture
+def backward_kernels(monkeypatch):
+    """Differentiate through the backward kernels, whatever forms.BACKWARD_KERNELS picks by default."""
+    monkeypatch.setitem(forms.BACKWARD_KERNELS, "gpu", True)
+
+
+@pytest.mark.parametrize("backward", [True, False])
+def test_pallas_backward_follows_the_platform_choice(backward, rng, monkeypatch):
+    """Either backward of the chunkwise kernels gives the chunk form's gradients (the default is measured)."""
+    monkeypatch.setitem(forms.BACKWARD_KERNELS, "gpu", backward)
+    inputs, state = make_inputs("kda", rng, T=T), make_state(rng)
+    cotangents = random_cotangents(rng, inputs)
+    actual = grad_runner("kda", "pallas", 16)(cotangents, inputs, state, None)
+    expected = grad_runner("kda", "chunk", 16)(cotangents, inputs, state, None)
+    assert_close(actual, expected, KERNEL_RTOL, f"kda pallas grad, backward kernels {backward}")
+
+
 GRAD_CASES = [(variant, False) for variant in VARIANTS] + [(variant, True) for variant in SEGMENT_VARIANTS]
 
 
 @pytest.mark.parametrize(
     "variant,with_segments", GRAD_CASES, ids=[f"{v}{'-segments' if s else ''}" for v, s in GRAD_CASES]
 )
-def test_pallas_grads_match_chunk(variant, with_segments, rng):
+def test_pallas_grads_match_chunk(variant, with_segments, rng, backward_kernels):
     """The backward kernels (gpu/chunk_bwd.py) give the chunk form's gradients of every input and the initial
     state: odd T (a padded tail), chunks of 16, segments that cross chunk boundaries."""
     rule = rule_of(variant)
@@ -110,7 +127,7 @@ def test_channel_decay_down_to_the_documented_floor_float32(floor, impl, rng):
 
 
 @pytest.mark.parametrize("floor,rtol", [(-5.0, 1e-4), (-10.0, 1e-2)])
-def test_pallas_grads_down_to_the_documented_floor_float32(floor, rtol, rng):
+def test_pallas_grads_down_to_the_documented_floor_float32(floor, rtol, rng, backward_kernels):
     """The backward kernels at per-channel log-decay down to -10, chunk 64, float32: finite, and close to the
     float64 recurrent form's gradients. At -10 a 16-token block's middle reference (shared with the forward)
     puts factors at exp(+-80), where small products fall below float32's normal range and are flushed: about
@@ -153,7 +170,7 @@ def test_chunk_kernels_lower_to_triton(case):
 
 
 @pytest.mark.parametrize("case", list(LOWERING_CASES))
-def test_chunk_backward_kernels_lower_to_triton(case):
+def test_chunk_backward_kernels_lower_to_triton(case, backward_kernels):
     """A training step's forward and backward: the three forward kernels, the intra and state kernels again
     (the backward recomputes the chunk states), and the three backward kernels."""
 
@@ -199,7 +216,7 @@ def test_pallas_decode_step_on_gpu(rule):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("rule", ["gated_delta_rule", "kda", "gdn2", "eda"])
-def test_pallas_grads_on_gpu_bf16(rule):
+def test_pallas_grads_on_gpu_bf16(rule, backward_kernels):
     """Gradients of every input and the initial state at full-width heads, q, k, v (and e) in bf16, against a
     float32 recurrent run: relative error under 2e-2, finite."""
     from edarnn.check_forms import random_inputs
