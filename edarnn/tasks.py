@@ -163,7 +163,7 @@ ESSAY_TEMPLATES = (
     "adv , det noun verb det adj noun .",
 )
 ESSAY_VOCAB = tuple(word for words in ESSAY_WORDS.values() for word in words)
-"""The essay haystack's words in id order (word i has id haystack_start + i)."""
+"""The essay haystack's words in id order: word i has id 4 + key_vocab_size + value_vocab_size + i."""
 
 _CLASS_SIZES = np.array([len(words) for words in ESSAY_WORDS.values()])
 _CLASS_FIRST = np.cumsum(_CLASS_SIZES) - _CLASS_SIZES
@@ -307,13 +307,14 @@ RETRACT_MARK, RETRACT_NONE = 1, 2
 """edit_retract's retraction marker and the answer for a deleted key."""
 
 
-def _check_edit(where: str, config, seq_len: int, *, num_queries: int, write_len: int, query_len: int, fields: str):
-    """The fields every editing task has, and that a row of `write_len` tokens of writes, query_gap filler and
-    the queries (`query_len` tokens each, marker included) fits; `fields`: those that set the row's length."""
-    check_int(f"{where}.num_queries", config.num_queries, 0, num_queries)
+def _check_edit(where: str, config, seq_len: int, items: int, writes: int, query_len: int, fields: str):
+    """The fields every editing task has (num_queries of at most `items` items, query_gap, noise_vocab_size), and
+    that a row of `writes` tokens, query_gap filler and the queries (`query_len` tokens each, marker included)
+    fits; `fields`: those that set the row's length."""
+    check_int(f"{where}.num_queries", config.num_queries, 0, items)
     check_int(f"{where}.query_gap", config.query_gap, 0)
     check_int(f"{where}.noise_vocab_size", config.noise_vocab_size, 1)
-    length = write_len + config.query_gap + query_len * (config.num_queries or num_queries)
+    length = writes + config.query_gap + query_len * (config.num_queries or items)
     _check_fits(where, length, seq_len, fields)
 
 
@@ -346,15 +347,7 @@ def _rebind_check(config, seq_len: int):
     check_int(f"{where}.key_vocab_size", config.key_vocab_size, config.num_keys)
     check_int(f"{where}.value_vocab_size", config.value_vocab_size, 2)
     writes = 2 * config.num_keys * (1 + config.num_rebinds)
-    _check_edit(
-        where,
-        config,
-        seq_len,
-        num_queries=config.num_keys,
-        write_len=writes,
-        query_len=3,
-        fields="num_keys, num_rebinds, num_queries or query_gap",
-    )
+    _check_edit(where, config, seq_len, config.num_keys, writes, 3, "num_keys, num_rebinds, num_queries or query_gap")
 
 
 def _rebind_sample(rng: np.random.Generator, config, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
@@ -397,15 +390,8 @@ def _records_check(config, seq_len: int):
     check_int(f"{where}.value_vocab_size", config.value_vocab_size, 2)
     records, fields = config.num_records, config.num_fields
     writes = records * (1 + 2 * fields) + config.num_updates * (1 + 2 * config.fields_per_update)
-    _check_edit(
-        where,
-        config,
-        seq_len,
-        num_queries=records * fields,
-        write_len=writes,
-        query_len=4,
-        fields="num_records, num_fields, num_updates, fields_per_update, num_queries or query_gap",
-    )
+    lengths = "num_records, num_fields, num_updates, fields_per_update, num_queries or query_gap"
+    _check_edit(where, config, seq_len, records * fields, writes, 4, lengths)
 
 
 def _records_sample(rng: np.random.Generator, config, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
@@ -459,13 +445,7 @@ def _retract_check(config, seq_len: int):
     check_int(f"{where}.value_vocab_size", config.value_vocab_size, 1)
     writes = 2 * (config.num_keys + config.num_retractions)
     _check_edit(
-        where,
-        config,
-        seq_len,
-        num_queries=config.num_keys,
-        write_len=writes,
-        query_len=3,
-        fields="num_keys, num_retractions, num_queries or query_gap",
+        where, config, seq_len, config.num_keys, writes, 3, "num_keys, num_retractions, num_queries or query_gap"
     )
 
 

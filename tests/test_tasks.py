@@ -86,7 +86,8 @@ def test_splits_disjoint(name):
     drawn = {}
     for split in data.SPLITS:
         loader = data.make_loader(config, split=split, seed=1, batch_size=40, seq_len=16, num_epochs=1)
-        drawn[split] = [tuple(row) for batch in loader for row in batch["inputs"].tolist()]
+        tokens = [np.concatenate([b["inputs"], b["targets"][:, -1:]], axis=1) for b in loader]  # whole rows
+        drawn[split] = [tuple(row) for batch in tokens for row in batch.tolist()]
     assert len(drawn["train"]) == 120 and len(set(drawn["train"])) < 120  # repeats: the row space is small
     assert len(set(drawn["eval"])) > 1
     assert not set(drawn["train"]) & set(drawn["eval"])
@@ -95,11 +96,6 @@ def test_splits_disjoint(name):
 # ----------------------------------------------------------------------------------------------------------
 # needle in a haystack
 # ----------------------------------------------------------------------------------------------------------
-
-
-def essay_classes() -> dict[int, str]:
-    """Word offset -> its class, from docs/tasks.md's word list."""
-    return {i: c for i, (c, _) in enumerate((c, w) for c, words in tasks.ESSAY_WORDS.items() for w in words)}
 
 
 def niah_reference(tokens, mask, config, seq_len):
