@@ -18,7 +18,7 @@ def get_config(arg=None):
     config.model.update(
         d_model=256,
         n_layers=8,
-        layers=["eda", "eda", "eda", "swa"],
+        layers=("eda", "eda", "eda", "swa"),
         n_heads=4,
         head_dim_k=64,
         head_dim_v=64,

@@ -12,10 +12,10 @@ constant), --config.mesh.fsdp=N.
 from edarnn import config as config_lib
 
 ARCHITECTURES = {  # name -> (mixer pattern, layers): the depth brings each to 125M parameters within 3%
-    "eda": (["eda"], 15),
-    "gdn2": (["gdn2"], 16),
-    "hybrid": (["eda", "eda", "eda", "swa"], 16),
-    "attention": (["attention"], 18),
+    "eda": (("eda",), 15),
+    "gdn2": (("gdn2",), 16),
+    "hybrid": (("eda", "eda", "eda", "swa"), 16),
+    "attention": (("attention",), 18),
 }
 
 

@@ -17,7 +17,7 @@ def get_config(arg=None):
         raise ValueError(f"configs/mqar.py:<mixer>: expected one of {model.MIXER_KINDS}; got {mixer!r}")
     config = config_lib.defaults()
     config.model.update(
-        d_model=128, n_layers=2, layers=[mixer], n_heads=2, head_dim_k=64, head_dim_v=64, d_ff=256, window=64
+        d_model=128, n_layers=2, layers=(mixer,), n_heads=2, head_dim_k=64, head_dim_v=64, d_ff=256, window=64
     )
     config.data.update(source="mqar", seq_len=256, batch_size=64)
     config.data.mqar.update(num_pairs=32, num_queries=0, key_vocab_size=256, value_vocab_size=256)

@@ -50,7 +50,7 @@ def defaults() -> ml_collections.ConfigDict:
             vocab_size=0,
             d_model=64,
             n_layers=2,
-            layers=["eda"],
+            layers=("eda",),
             n_heads=2,
             head_dim_k=32,
             head_dim_v=32,

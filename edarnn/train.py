@@ -100,7 +100,7 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
         return (
             params,
             opt_state,
-            {"loss": loss / count, "accuracy": correct / count, "grad_norm": optax.global_norm(grads)},
+            {"loss": loss / count, "accuracy": correct / count, "grad_norm": optax.tree.norm(grads)},
         )
 
     return train_step
