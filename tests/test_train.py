@@ -131,7 +131,8 @@ def test_default_job_end_to_end(tmp_path):
 STEPS = 60
 
 
-def _command(workdir) -> list[str]:
+def _command(workdir, **extra) -> list[str]:
+    """The command line of a TINY run in `workdir`, with `extra` overrides ({"train.steps": 5, ...})."""
     overrides = {
         **TINY,
         "train.steps": STEPS,
@@ -142,6 +143,7 @@ def _command(workdir) -> list[str]:
         "train.checkpoint_every": 5,
         "train.keep_last": 3,
         "train.async_checkpoints": True,
+        **extra,
     }
     return [
         sys.executable,
@@ -223,3 +225,20 @@ def test_stopped_killed_and_resumed_run_follows_the_same_losses(tmp_path):
     assert {step for step, _ in logged} == set(expected)
     for step, loss in logged:
         assert loss == expected[step], f"step {step}: {loss} != {expected[step]} uninterrupted"
+
+
+def test_sharded_run_matches_one_device(tmp_path):
+    """8 simulated CPU devices as data x fsdp x tensor = 2 x 2 x 2, with 2 micro-batches per step: the same losses
+    as one device, to float32 rounding."""
+    sharded = {"train.steps": 6, "train.grad_accum": 2, "data.batch_size": 8, "train.checkpoint_every": 0}
+    runs = {}
+    for devices, mesh in ((1, {}), (8, {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2})):
+        env = _environment(tmp_path / "cache")
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+        workdir = tmp_path / f"devices{devices}"
+        result = subprocess.run(_command(workdir, **sharded, **mesh), cwd=ROOT, env=env, capture_output=True, text=True)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        assert f"over {devices} cpu device(s)" in result.stdout
+        runs[devices] = _losses(workdir)
+    assert [step for step, _ in runs[8]] == list(range(1, 7))
+    np.testing.assert_allclose([loss for _, loss in runs[8]], [loss for _, loss in runs[1]], rtol=1e-5)
