@@ -200,9 +200,11 @@ class ConvProjection(nnx.Module):
 
     def __init__(self, d_model: int, heads: int, width: int, conv_size: int, *, dtype, rngs: nnx.Rngs):
         self.proj = Dense((d_model,), (heads, width), ("embed", "heads", "kv"), dtype=dtype, rngs=rngs)
-        bound = conv_size**-0.5 if conv_size else 0.0
-        shape = (conv_size, heads, width)
-        self.conv = _param(_uniform(rngs, shape, -bound, bound), (None, "heads", "kv")) if conv_size else None
+        if conv_size:
+            bound = conv_size**-0.5
+            self.conv = _param(_uniform(rngs, (conv_size, heads, width), -bound, bound), (None, "heads", "kv"))
+        else:
+            self.conv = None
 
     def __call__(self, x: Array, segment_ids: Array | None) -> Array:
         y = self.proj(x)
@@ -386,7 +388,8 @@ def check_config(config) -> None:
         raise ValueError(f"config.model.layers must be a non-empty list of {MIXER_KINDS}; got {layers!r}")
     if config.dtype not in DTYPES:
         raise ValueError(f"config.model.dtype must be one of {tuple(DTYPES)}; got {config.dtype!r}")
-    rules.resolve_impl(config.rule_impl)
+    if config.rule_impl not in rules.IMPLS:
+        raise ValueError(f"config.model.rule_impl must be one of {rules.IMPLS}; got {config.rule_impl!r}")
     if any(kind in ATTENTION for kind in layers) and config.head_dim_v % 2:
         raise ValueError(f"config.model.head_dim_v must be even for RoPE in attention layers; got {config.head_dim_v}")
     if "swa" in layers and (type(config.window) is not int or config.window < 1):

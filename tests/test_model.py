@@ -156,6 +156,7 @@ def test_flops_per_token():
         ({"d_model": 0}, "d_model"),
         ({"dtype": "float16"}, "dtype"),
         ({"conv_size": -1}, "conv_size"),
+        ({"rule_impl": "fast"}, "rule_impl"),
         ({"layers": ["swa"], "window": 0}, "window"),
         ({"layers": ["attention"], "head_dim_v": 5}, "head_dim_v"),
     ],
