@@ -135,7 +135,6 @@ def make_loader(
             rows,
             length_struct={name: seq_len for name in ("inputs", "targets", "loss_mask")},
             num_packing_bins=PACKING_BINS,
-            seed=seed,
         ).map(functools.partial(_packed_row, source.pad_id(config)))
     return rows.batch(batch_size // shard_count, drop_remainder=True)
 
@@ -380,7 +379,8 @@ def _text_examples(config, *, split: str, seed: int, seq_len: int) -> grain.MapD
     documents = [d for d in read_documents(config) if is_eval_document(d, config.eval_fraction) == (split == "eval")]
     if not documents:
         raise ValueError(
-            f"data.bytes: no {split} documents under path={config.path!r} with eval_fraction={config.eval_fraction}"
+            f"data.bytes: no {split} documents under path={config.path!r} with eval_fraction={config.eval_fraction} "
+            "(documents are whole files unless data.bytes.separator is set)"
         )
     encoded = [tokenizer.encode(d) for d in documents]
     lengths = np.array([len(e) + 2 for e in encoded])  # BOS ... EOS
