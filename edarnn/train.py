@@ -78,15 +78,16 @@ def loss_sums(params: nnx.State, graphdef: nnx.GraphDef, batch: dict[str, jax.Ar
 
 
 def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, grad_accum: int):
-    """(params, opt_state, batch) -> (params, opt_state, metrics): one AdamW update from the mean loss over the
-    scored positions of the batch, its gradient accumulated over `grad_accum` micro-batches by a scan. Micro-batch
-    j takes rows j, j + grad_accum, ... so that every device holds its share of each."""
+    """(params, opt_state, batch) -> (params, opt_state, metrics): one update of `optimizer` from the mean loss over
+    the scored positions of the batch, its gradient summed over `grad_accum` micro-batches by a scan (so the update
+    equals that of the whole batch at once). Micro-batch j takes rows j, j + grad_accum, ... so that every device
+    holds its share of each. metrics: loss, accuracy (on the scored positions), grad_norm (before clipping)."""
 
     def train_step(params, opt_state, batch):
         micro_batches = jax.tree.map(lambda x: x.reshape(-1, grad_accum, *x.shape[1:]).swapaxes(0, 1), batch)
 
         def accumulate(sums, micro_batch):
-            micro_batch = {name: sharding.constrain(x, "batch", None) for name, x in micro_batch.items()}
+            micro_batch = {name: sharding.constrain(x, "batch", "length") for name, x in micro_batch.items()}
             (loss, (correct, count)), grads = jax.value_and_grad(loss_sums, has_aux=True)(params, graphdef, micro_batch)
             return jax.tree.map(jnp.add, sums, (grads, loss, correct, count)), None
 

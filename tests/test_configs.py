@@ -11,7 +11,7 @@ from flax import nnx
 from ml_collections import config_flags
 
 from edarnn import config as config_lib
-from edarnn import model
+from edarnn import data, model
 
 CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
 
@@ -46,6 +46,16 @@ def test_configs_resolve(name, arg):
     assert config.model.vocab_size > 0
     if name == "mqar":
         assert tuple(config.model.layers) == (arg,)
+
+
+@pytest.mark.parametrize(("name", "arg"), [("default", None), ("mqar", "eda")])
+def test_mqar_configs_make_batches(name, arg):
+    """The task settings fit the rows (edarnn.data checks them when the loader is made; the mqar variants share
+    them)."""
+    config = load(name, arg)
+    loader = data.make_loader(config.data, split="eval", seed=0, batch_size=2, seq_len=config.data.seq_len)
+    batch = next(iter(loader))
+    assert batch["inputs"].shape == (2, config.data.seq_len) and batch["loss_mask"].sum() > 0
 
 
 def test_mqar_variants_are_matched():
