@@ -75,13 +75,13 @@ def save(
     )
 
 
-def restore_latest(manager: ocp.CheckpointManager, abstract_state, data_iterator):
-    """Restores the newest readable checkpoint: returns (step, state) with state laid out as `abstract_state` (a
-    pytree of jax.ShapeDtypeStruct with shardings), and sets `data_iterator` to the saved position; None if there is
-    no readable checkpoint (the iterator then stays where it was). Unreadable checkpoints are skipped with a
-    warning and moved aside."""
+def restore_latest(manager: ocp.CheckpointManager, abstract_state, data_iterator, steps=None):
+    """Restores the newest readable checkpoint (of `steps` if given, else of all): returns (step, state) with state
+    laid out as `abstract_state` (a pytree of jax.ShapeDtypeStruct with shardings), and sets `data_iterator` to the
+    saved position; None if there is no readable checkpoint (the iterator then stays where it was). Unreadable
+    checkpoints are skipped with a warning and moved aside."""
     start = data_iterator.get_state()
-    for step in sorted(manager.all_steps(), reverse=True):
+    for step in sorted(manager.all_steps() if steps is None else steps, reverse=True):
         try:
             restored = manager.restore(
                 step,

@@ -16,6 +16,7 @@ Work dir: config.json (the exact config of the run), metrics.jsonl and tensorboa
 checkpoints/<step>/ (edarnn.checkpoint).
 """
 
+import functools
 import itertools
 import os
 import signal
@@ -67,14 +68,61 @@ def make_optimizer(train_config: ml_collections.ConfigDict) -> tuple[optax.Gradi
     return optax.chain(clip, adamw), schedule
 
 
-def loss_sums(params: nnx.State, graphdef: nnx.GraphDef, batch: dict[str, jax.Array]):
-    """Cross-entropy summed over the scored positions of `batch` (arrays [B, T]; loss_mask 1 where scored).
-    Returns (loss sum, (correct predictions, scored positions)), all float32 scalars."""
-    logits = nnx.merge(graphdef, params)(batch["inputs"], batch["segment_ids"])  # [B, T, vocab] float32
+def scored_sums(logits: jax.Array, batch: dict[str, jax.Array]):
+    """Cross-entropy of `logits` [B, T, vocab] summed over the scored positions of `batch` (arrays [B, T];
+    loss_mask 1 where scored). Returns (loss sum, (correct predictions, scored positions)), float32 scalars."""
     mask = batch["loss_mask"].astype(jnp.float32)
     losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch["targets"])
     correct = (jnp.argmax(logits, axis=-1) == batch["targets"]).astype(jnp.float32)
     return jnp.sum(losses * mask), (jnp.sum(correct * mask), jnp.sum(mask))
+
+
+def loss_sums(params: nnx.State, graphdef: nnx.GraphDef, batch: dict[str, jax.Array]):
+    """scored_sums of the model's logits on `batch`: (loss sum, (correct predictions, scored positions))."""
+    return scored_sums(nnx.merge(graphdef, params)(batch["inputs"], batch["segment_ids"]), batch)
+
+
+def query_sums(scored: jax.Array, right: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(queries, queries answered right), float32 scalars, from scored and right [B, T] bool: a query is a run of
+    consecutive scored positions of a row (an answer of several tokens), right when all its positions are."""
+    wrong = (scored & ~right).astype(jnp.int32)
+    starts = scored & ~jnp.pad(scored[:, :-1], ((0, 0), (1, 0)))
+    ends = scored & ~jnp.pad(scored[:, 1:], ((0, 0), (0, 1)))
+    wrong_so_far = jnp.cumsum(wrong, axis=1)
+    # at each position: the errors counted before the start of the latest query (the count only grows)
+    before_query = jax.lax.cummax(jnp.where(starts, wrong_so_far - wrong, 0), axis=1)
+    correct = ends & (wrong_so_far == before_query)
+    return jnp.sum(ends).astype(jnp.float32), jnp.sum(correct).astype(jnp.float32)
+
+
+def eval_sums(params: nnx.State, graphdef: nnx.GraphDef, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """The sums an evaluation adds up over batches (float32 scalars): loss (cross-entropy over the scored
+    positions), correct (scored positions predicted right), scored, queries (runs of consecutive scored positions
+    in a row: one per query, whose answer may be several tokens) and queries_correct (queries with every position
+    right)."""
+    logits = nnx.merge(graphdef, params)(batch["inputs"], batch["segment_ids"])  # [B, T, vocab] float32
+    loss, (correct, scored) = scored_sums(logits, batch)
+    right = jnp.argmax(logits, axis=-1) == batch["targets"]
+    queries, queries_correct = query_sums(batch["loss_mask"] > 0, right)
+    return {
+        "loss": loss,
+        "correct": correct,
+        "scored": scored,
+        "queries": queries,
+        "queries_correct": queries_correct,
+    }
+
+
+def evaluate(eval_step, batches) -> dict[str, float]:
+    """Metrics over `batches` (an iterable of batches as eval_step takes them) from eval_step (a jitted eval_sums
+    of the parameters): eval_loss and eval_accuracy over the scored positions, eval_query_accuracy (exact match
+    of whole answers)."""
+    totals = jax.tree.map(lambda *xs: float(sum(xs)), *[eval_step(batch) for batch in batches])
+    return {
+        "eval_loss": totals["loss"] / max(totals["scored"], 1.0),
+        "eval_accuracy": totals["correct"] / max(totals["scored"], 1.0),
+        "eval_query_accuracy": totals["queries_correct"] / max(totals["queries"], 1.0),
+    }
 
 
 def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, grad_accum: int):
@@ -153,10 +201,29 @@ class _StopRequest:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def init_or_restore(config, mesh, optimizer, manager, train_iterator):
+def make_loader(config: ml_collections.ConfigDict, split: str, seq_len: int | None = None):
+    """This process's share of the batches of `split` of config.data (edarnn.data.make_loader), rows of
+    `seq_len` tokens (default config.data.seq_len)."""
+    return data.make_loader(
+        config.data,
+        split=split,
+        seed=config.seed,
+        batch_size=config.data.batch_size,
+        seq_len=seq_len or config.data.seq_len,
+        shard_index=jax.process_index(),
+        shard_count=jax.process_count(),
+    )
+
+
+def to_global(local: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
+    """A batch as global arrays laid out by `sharding`, from this process's rows."""
+    return {name: jax.make_array_from_process_local_data(sharding, x) for name, x in local.items()}
+
+
+def init_or_restore(config, mesh, optimizer, manager, train_iterator, steps=None):
     """The model's graph, the state's shardings and the training state {"params", "opt_state"} laid out on `mesh`:
-    restored from the newest readable checkpoint of `manager` (which also sets `train_iterator`), else freshly
-    initialised from config.seed. Returns (graphdef, shardings, state, step)."""
+    restored from the newest readable checkpoint of `manager` (among `steps` if given; this also sets
+    `train_iterator`), else freshly initialised from config.seed. Returns (graphdef, shardings, state, step)."""
 
     def init_state():
         params = nnx.state(model.LM(config.model, rngs=nnx.Rngs(config.seed)), nnx.Param)
@@ -166,7 +233,7 @@ def init_or_restore(config, mesh, optimizer, manager, train_iterator):
     shapes = jax.eval_shape(init_state)
     shardings = state_shardings(shapes, mesh)
     abstract_state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
-    restored = checkpoint.restore_latest(manager, abstract_state, train_iterator)
+    restored = checkpoint.restore_latest(manager, abstract_state, train_iterator, steps)
     if restored is None:
         return graphdef, shardings, jax.jit(init_state, out_shardings=shardings)(), 0
     step, state = restored
@@ -186,24 +253,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         Path(workdir, "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
     tc, seq_len, batch_size = config.train, config.data.seq_len, config.data.batch_size
 
-    def loader(split):
-        return data.make_loader(
-            config.data,
-            split=split,
-            seed=config.seed,
-            batch_size=batch_size,
-            seq_len=seq_len,
-            shard_index=jax.process_index(),
-            shard_count=jax.process_count(),
-        )
-
     batch_sharding = sharding.batch_sharding(mesh)
-
-    def global_batch(local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        return {name: jax.make_array_from_process_local_data(batch_sharding, x) for name, x in local.items()}
-
+    global_batch = functools.partial(to_global, sharding=batch_sharding)
     optimizer, schedule = make_optimizer(tc)
-    train_iterator, eval_loader = iter(loader("train")), loader("eval")
+    train_iterator, eval_loader = iter(make_loader(config, "train")), make_loader(config, "eval")
     manager = checkpoint.make_manager(os.path.join(os.path.abspath(workdir), "checkpoints"), tc)
     graphdef, shardings, state, step = init_or_restore(config, mesh, optimizer, manager, train_iterator)
     if step:
@@ -237,13 +290,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
             .lower(params, opt_state, batch_shapes)
             .compile()
         )
-        eval_step = jax.jit(lambda params, batch: loss_sums(params, graphdef, batch))
+        eval_step = jax.jit(lambda params, batch: eval_sums(params, graphdef, batch))
         say(f"train step compiled in {time.perf_counter() - compile_start:.1f} s")
-
-        def evaluate(params) -> dict[str, float]:
-            sums = [eval_step(params, global_batch(b)) for b in itertools.islice(eval_loader, tc.eval_batches)]
-            loss, (correct, count) = jax.tree.map(lambda *xs: float(sum(xs)), *sums)
-            return {"eval_loss": loss / max(count, 1.0), "eval_accuracy": correct / max(count, 1.0)}
 
         writer = metrics_lib.Writer(workdir, enabled=main_process)
         saved_step, last_eval, evaluated_step = step, {}, None
@@ -271,7 +319,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                     jax.block_until_ready(params)
                     pause_start = time.perf_counter()
                     if evaluate_now:
-                        last_eval, evaluated_step = evaluate(params), step
+                        eval_batches = map(global_batch, itertools.islice(eval_loader, tc.eval_batches))
+                        last_eval = evaluate(functools.partial(eval_step, params), eval_batches)
+                        evaluated_step = step
                         writer.write(step, last_eval)
                     if save_now:
                         state = {"params": params, "opt_state": opt_state}
