@@ -56,24 +56,12 @@ def best_step(workdir: str, steps, metric: str) -> int:
     return max(ranked, key=lambda step: sign * logged[step])
 
 
-def evaluate_run(
-    workdir: str,
-    *,
-    split: str = "eval",
-    batches: int | None = None,
-    seq_len: int | None = None,
-    which: str = "latest",
-) -> dict:
-    """Evaluates checkpoint `which` ("latest" or "best") of the run in `workdir` on `batches` (default
-    train.eval_batches) batches of `split` at rows of `seq_len` (default data.seq_len) tokens; returns the
-    record written to the work dir (see the module docstring)."""
+def restore(workdir: str, which: str = "latest"):
+    """Checkpoint `which` ("latest" or "best") of the run in `workdir`: (config, step, mesh, graphdef, params),
+    the parameters laid out on the mesh (nnx.merge(graphdef, params) is the model)."""
     if which not in CHECKPOINTS:
         raise ValueError(f"which must be one of {CHECKPOINTS}; got {which!r}")
-    if batches is not None and batches < 1:
-        raise ValueError(f"batches must be a positive int; got {batches!r}")
     config = load_config(workdir)
-    batches = batches or config.train.eval_batches
-    seq_len = seq_len or config.data.seq_len
     mesh = sharding.make_mesh(config.mesh)
     optimizer, _ = train.make_optimizer(config.train)
     manager = checkpoint.make_manager(os.path.join(os.path.abspath(workdir), "checkpoints"), config.train)
@@ -89,12 +77,31 @@ def evaluate_run(
     manager.close()
     if not step:
         raise ValueError(f"workdir={workdir!r}: no readable checkpoint among steps {sorted(steps)}")
+    return config, step, mesh, graphdef, state["params"]
+
+
+def evaluate_run(
+    workdir: str,
+    *,
+    split: str = "eval",
+    batches: int | None = None,
+    seq_len: int | None = None,
+    which: str = "latest",
+) -> dict:
+    """Evaluates checkpoint `which` ("latest" or "best") of the run in `workdir` on `batches` (default
+    train.eval_batches) batches of `split` at rows of `seq_len` (default data.seq_len) tokens; returns the
+    record written to the work dir (see the module docstring)."""
+    if batches is not None and batches < 1:
+        raise ValueError(f"batches must be a positive int; got {batches!r}")
+    config, step, mesh, graphdef, params = restore(workdir, which)
+    batches = batches or config.train.eval_batches
+    seq_len = seq_len or config.data.seq_len
     with jax.set_mesh(mesh):
         eval_step = jax.jit(lambda params, batch: train.eval_sums(params, graphdef, batch))
         batch_sharding = sharding.batch_sharding(mesh)
         local = itertools.islice(train.make_loader(config, split, seq_len), batches)
         results = train.evaluate(
-            lambda batch: eval_step(state["params"], batch), (train.to_global(b, batch_sharding) for b in local)
+            lambda batch: eval_step(params, batch), (train.to_global(b, batch_sharding) for b in local)
         )
     results = {name.removeprefix("eval_"): value for name, value in results.items()}
     if config.data.source == "bytes" and not config.data.bytes.tokenizer:

@@ -1,0 +1,27 @@
+"""The notebooks run headless, top to bottom, at their tiny setting (EDARNN_NOTEBOOK_TINY=1), and are stored
+without outputs."""
+
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("*.ipynb"))
+
+
+def test_the_notebooks_are_there():
+    assert {p.stem for p in NOTEBOOKS} >= {"compare_rules", "memory_probes", "kernels"}
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_runs(path, monkeypatch):
+    notebook = nbformat.read(path, as_version=4)
+    assert not any(cell.get("outputs") for cell in notebook.cells), f"{path.name}: stored with outputs"
+    # the kernel inherits the environment: the tiny setting, the CPU, fast compiles, a headless plot backend
+    monkeypatch.setenv("EDARNN_NOTEBOOK_TINY", "1")
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    monkeypatch.setenv("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    client = NotebookClient(notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": path.parent}})
+    client.execute()  # raises CellExecutionError with the cell and its traceback if a cell fails
