@@ -4,9 +4,11 @@ grain iterator state of the training data and the config, in `<workdir>/checkpoi
 Orbax writes a checkpoint into a temporary directory and renames it when complete, so a run killed mid-save
 leaves no half checkpoint under its step (the temporary directory is removed at the next start). A checkpoint
 that is complete on disk but unreadable (truncated or garbled files) fails its checksums or its parse on restore:
-`restore_latest` then warns, moves it to `<workdir>/corrupt_checkpoints/` and loads the one before.
+`restore_latest` then warns, moves it to `<workdir>/corrupt_checkpoints/` and loads the one before. A
+checkpoint of another model (config.model differs) is an error, not a corrupt checkpoint.
 """
 
+import json
 import logging
 import shutil
 import time
@@ -75,29 +77,51 @@ def save(
     )
 
 
-def restore_latest(manager: ocp.CheckpointManager, abstract_state, data_iterator, steps=None):
+def restore_latest(
+    manager: ocp.CheckpointManager, abstract_state, data_iterator, config: ml_collections.ConfigDict, steps=None
+):
     """Restores the newest readable checkpoint (of `steps` if given, else of all): returns (step, state) with state
     laid out as `abstract_state` (a pytree of jax.ShapeDtypeStruct with shardings), and sets `data_iterator` to the
     saved position; None if there is no readable checkpoint (the iterator then stays where it was). Unreadable
-    checkpoints are skipped with a warning and moved aside."""
+    checkpoints are skipped with a warning and moved aside. A readable checkpoint of another model (its
+    config.model differs from `config`'s) raises ValueError: resuming it would need its config, starting afresh a
+    new work dir."""
     start = data_iterator.get_state()
+    model_config = json.loads(json.dumps(config.model.to_dict()))  # as saved: tuples become lists
     for step in sorted(manager.all_steps() if steps is None else steps, reverse=True):
         try:
-            restored = manager.restore(
-                step,
-                args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract_state),
-                    data=grain.checkpoint.CheckpointRestore(data_iterator),
-                ),
-            )
+            saved_model, restored = _read_config(manager, step)["model"], None
+            if saved_model == model_config:
+                restored = manager.restore(
+                    step,
+                    args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(abstract_state),
+                        data=grain.checkpoint.CheckpointRestore(data_iterator),
+                    ),
+                )
         except Exception as error:  # any failure to read means: not this checkpoint
             aside = _set_aside(manager, step)
-            logging.warning("checkpoint %d is unreadable (%s: %s); moved to %s, trying the previous one",
-                            step, type(error).__name__, error, aside)  # fmt: skip
+            logging.warning(
+                "checkpoint %d is unreadable (%s: %s); moved to %s, trying the previous one",
+                step, type(error).__name__, error, aside,
+            )  # fmt: skip
             continue
+        if restored is None:
+            differ = sorted(
+                k for k in model_config.keys() | saved_model.keys() if model_config.get(k) != saved_model.get(k)
+            )
+            raise ValueError(
+                f"{manager.directory / str(step)} is a checkpoint of another model: config.model differs in {differ}; "
+                "resume it with its own config (config.json of its work dir) or train in a new work dir"
+            )
         return step, restored["state"]
     data_iterator.set_state(start)  # a failed restore may have moved it
     return None
+
+
+def _read_config(manager: ocp.CheckpointManager, step: int) -> dict:
+    """The config saved with checkpoint `step`, as a dict of JSON values."""
+    return manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
 
 
 def _set_aside(manager: ocp.CheckpointManager, step: int) -> epath.Path:

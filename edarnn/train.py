@@ -163,7 +163,7 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
 def state_shardings(state_shapes: dict, mesh: jax.sharding.Mesh) -> dict:
     """NamedShardings for {"params", "opt_state"}: parameters by their logical axes; in the optimizer state
     every tree shaped like the parameters (Adam's moments) as the parameters, the rest (step counts) replicated."""
-    params = jax.tree.broadcast(sharding.model_shardings(state_shapes["params"], mesh), state_shapes["params"])
+    params = sharding.model_shardings(state_shapes["params"], mesh)
     like_params = jax.tree.structure(state_shapes["params"])
     replicated = NamedSharding(mesh, PartitionSpec())
     opt_state = jax.tree.map(
@@ -233,7 +233,7 @@ def init_or_restore(config, mesh, optimizer, manager, train_iterator, steps=None
     shapes = jax.eval_shape(init_state)
     shardings = state_shardings(shapes, mesh)
     abstract_state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
-    restored = checkpoint.restore_latest(manager, abstract_state, train_iterator, steps)
+    restored = checkpoint.restore_latest(manager, abstract_state, train_iterator, config, steps)
     if restored is None:
         return graphdef, shardings, jax.jit(init_state, out_shardings=shardings)(), 0
     step, state = restored

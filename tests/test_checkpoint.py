@@ -63,12 +63,12 @@ def test_round_trip(tmp_path, async_checkpoints):
 
     manager = checkpoint.make_manager(tmp_path / "checkpoints", _train_config())
     fresh = _iterator()
-    step, state = checkpoint.restore_latest(manager, ABSTRACT, fresh)
+    step, state = checkpoint.restore_latest(manager, ABSTRACT, fresh, CONFIG)
     assert step == 3
     _assert_state(state, 3)
     np.testing.assert_array_equal(next(fresh), batch_after_save)
     saved_config = manager.restore(3, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
-    assert saved_config == CONFIG.to_dict()
+    assert saved_config == {"seed": 3, "model": {"layers": ["eda", "swa"]}}
 
 
 @pytest.mark.parametrize(
@@ -121,7 +121,7 @@ def test_unreadable_latest_is_skipped(tmp_path, caplog, how):
     manager = checkpoint.make_manager(directory, _train_config(keep_last=3))
     fresh = _iterator()
     with caplog.at_level(logging.WARNING):
-        step, state = checkpoint.restore_latest(manager, ABSTRACT, fresh)
+        step, state = checkpoint.restore_latest(manager, ABSTRACT, fresh, CONFIG)
     assert step == 1
     _assert_state(state, 1)
     np.testing.assert_array_equal(next(fresh), batch_after_1)
@@ -145,7 +145,7 @@ def test_nothing_readable(tmp_path, caplog):
     manager = checkpoint.make_manager(tmp_path / "checkpoints", _train_config(keep_last=3))
     fresh = _iterator()
     with caplog.at_level(logging.WARNING):
-        assert checkpoint.restore_latest(manager, ABSTRACT, fresh) is None
+        assert checkpoint.restore_latest(manager, ABSTRACT, fresh, CONFIG) is None
     np.testing.assert_array_equal(next(fresh), next(_iterator()))
     assert sorted(p.name.split("-")[0] for p in (tmp_path / "corrupt_checkpoints").iterdir()) == ["1", "2", "3"]
 
@@ -161,6 +161,18 @@ def test_unfinished_save_is_ignored(tmp_path):
     (unfinished / "state" / "_METADATA").write_text("{")
 
     manager = checkpoint.make_manager(directory, _train_config())
-    step, state = checkpoint.restore_latest(manager, ABSTRACT, _iterator())
+    step, state = checkpoint.restore_latest(manager, ABSTRACT, _iterator(), CONFIG)
     assert step == 2
     _assert_state(state, 2)
+
+
+def test_checkpoint_of_another_model_is_refused(tmp_path):
+    """Resuming a work dir with a different model config is an error naming the fields, not a corrupt checkpoint."""
+    manager = checkpoint.make_manager(tmp_path / "checkpoints", _train_config())
+    _save(manager, _iterator(), [1])
+    manager.close()
+    other = ml_collections.ConfigDict({"seed": 3, "model": {"layers": ["eda"]}})
+    manager = checkpoint.make_manager(tmp_path / "checkpoints", _train_config())
+    with pytest.raises(ValueError, match=r"another model: config.model differs in \['layers'\]"):
+        checkpoint.restore_latest(manager, ABSTRACT, _iterator(), other)
+    assert manager.all_steps() == [1]

@@ -31,6 +31,11 @@ def n_params(model_config) -> int:
 ALL = [
     ("default", None),
     *(("mqar", mixer) for mixer in model.MIXER_KINDS),
+    *(
+        ("editing", f"{mixer},{task}")
+        for mixer in ("eda", "gdn2")
+        for task in ("edit_rebind", "edit_records", "edit_retract")
+    ),
     ("bytes_lm", None),
     *(("lm_125m", arch) for arch in ("eda", "gdn2", "hybrid", "attention")),
 ]
@@ -48,7 +53,14 @@ def test_configs_resolve(name, arg):
         assert tuple(config.model.layers) == (arg,)
 
 
-@pytest.mark.parametrize(("name", "arg"), [("default", None), ("mqar", "eda")])
+@pytest.mark.parametrize(
+    ("name", "arg"),
+    [
+        ("default", None),
+        ("mqar", "eda"),
+        *(("editing", f"eda,{t}") for t in ("edit_rebind", "edit_records", "edit_retract")),
+    ],
+)
 def test_mqar_configs_make_batches(name, arg):
     """The task settings fit the rows (edarnn.data checks them when the loader is made; the mqar variants share
     them)."""
@@ -64,6 +76,7 @@ def test_mqar_variants_are_matched():
         for mixer in model.MIXER_KINDS
     }
     assert len({tuple(size.values()) for size in sizes.values()}) == 1, sizes
+    assert load("editing", "kda,edit_retract").model == load("mqar", "kda").model  # the same models on editing
 
 
 @pytest.mark.parametrize("arch", ["eda", "gdn2", "hybrid", "attention"])
