@@ -6,3 +6,5 @@ python -m experiments.sweep --task mqar --values 4 --seeds 0,1 --steps 300 --seq
     --out docs/results/cpu_mqar.json
 python -m experiments.sweep --task edit_rebind --values 3 --seeds 0,1 --steps 300 --seq-len 32 --workdir runs/cpu_sweep \
     --out docs/results/cpu_edit_rebind.json
+python -m experiments.sweep --bars docs/results/cpu_mqar.json docs/results/cpu_edit_rebind.json \
+    --plot docs/results/cpu_sweep.png

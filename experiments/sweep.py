@@ -3,6 +3,7 @@ scratch with edarnn.train, its last evaluation collected into one JSON file and 
 
     python -m experiments.sweep --task mqar --rules eda,gdn2 --values 4,8 --seeds 0,1 --steps 400 \
         --out docs/results/mqar_sweep.json [--plot docs/results/mqar_sweep.png]
+    python -m experiments.sweep --bars a.json b.json --plot bars.png      # a bar chart of finished sweeps
 
 The model is configs/default.py's (2 layers, d_model 64, 2 heads of a 32 x 32 state, rows of 64 tokens),
 the same for every rule (gates and erase projections add their few parameters); --task picks the task and
@@ -127,6 +128,28 @@ def plot(results: list[dict], ax=None, metric: str = "eval_query_accuracy"):
     return ax
 
 
+def bars(results_per_task: list[list[dict]], metric: str = "eval_query_accuracy"):
+    """A bar per rule and task (mean over seeds and swept values, error bars: the seeds' range), the tasks side by
+    side; returns the matplotlib Axes."""
+    import matplotlib.pyplot as plt  # noqa: PLC0415  (only for plots)
+
+    rules = list(dict.fromkeys(r["rule"] for results in results_per_task for r in results))
+    ax = plt.figure(figsize=(1.2 * len(rules) + 2, 4)).gca()
+    width = 0.8 / len(results_per_task)
+    for i, results in enumerate(results_per_task):
+        table = summary(results, metric)
+        means = [sum(m for m, _ in table[rule].values()) / len(table[rule]) if rule in table else 0 for rule in rules]
+        spreads = [max(h for _, h in table[rule].values()) if rule in table else 0 for rule in rules]
+        label = f"{results[0]['task']} ({results[0]['field']} {', '.join(str(v) for v in sorted(table[rules[0]]))})"
+        ax.bar([j + i * width for j in range(len(rules))], means, width, yerr=spreads, capsize=3, label=label)
+    middle = width * (len(results_per_task) - 1) / 2
+    ax.set_xticks([j + middle for j in range(len(rules))], rules, rotation=30, ha="right")
+    ax.set_ylabel(metric)
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8)
+    return ax
+
+
 def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",")]
 
@@ -141,9 +164,16 @@ def main():
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workdir", default="runs/sweep", help="the runs' work dirs go under it")
-    parser.add_argument("--out", required=True, help="JSON file of the results")
+    parser.add_argument("--out", help="JSON file of the results")
     parser.add_argument("--plot", help="PNG file of the accuracy curves")
+    parser.add_argument("--bars", nargs="+", help="no training: a bar chart (--plot) of these result files")
     args = parser.parse_args()
+    if args.bars:
+        results_per_task = [json.loads(Path(path).read_text()) for path in args.bars]
+        bars(results_per_task).figure.savefig(args.plot, dpi=120, bbox_inches="tight")
+        return
+    if not args.out:
+        parser.error("--out is required (unless --bars)")
     results = run(
         args.task,
         args.rules.split(","),
