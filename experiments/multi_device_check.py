@@ -2,7 +2,7 @@
 
     python -m experiments.multi_device_check                                   # configs/default.py, 50 steps
     python -m experiments.multi_device_check --steps 50 --tolerance 2e-2 -- \\
-        --config=configs/lm_125m.py:eda --config.data.bytes.path=edarnn \
+        --config=configs/lm_125m.py:eda --config.data.bytes.path=edarnn \\
         --config.data.bytes.eval_fraction=0.3                                    # the 125M model, 2 GPUs
     XLA_FLAGS=--xla_force_host_platform_device_count=2 JAX_PLATFORMS=cpu python -m experiments.multi_device_check
 
