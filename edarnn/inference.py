@@ -98,10 +98,10 @@ def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[np.n
     rows = []
     for i, prompt in enumerate(prompts):
         row = np.asarray(prompt)
+        if row.shape == (0,):
+            raise ValueError(f"prompts[{i}] is empty: every prompt needs at least one token (e.g. BOS)")
         if row.ndim != 1 or not np.issubdtype(row.dtype, np.integer):
             raise ValueError(f"prompts[{i}] must be a 1-D sequence of int token ids; got {row.dtype}{list(row.shape)}")
-        if row.size == 0:
-            raise ValueError(f"prompts[{i}] is empty: every prompt needs at least one token (e.g. BOS)")
         rows.append(row)
     lengths = np.array([len(r) for r in rows], np.int32)
     tokens = np.full((len(rows), lengths.max()), pad_id, np.int32)

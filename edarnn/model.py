@@ -329,7 +329,7 @@ class RecurrentMixer(nnx.Module):
         values, new_tails = {}, {}
         for name, projection in projections.items():
             if projection is not None:
-                values[name], tail = projection(x, segment_ids, None if tails is None else tails[name])
+                values[name], tail = projection(x, segment_ids, None if tails is None else tails.get(name))
                 if tail is not None:
                     new_tails[name] = tail
         return values, new_tails
