@@ -62,6 +62,9 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 GATE_RANK = 16  # rank of the per-channel gate projections d -> GATE_RANK -> H x D
 CHANNEL_LOG_DECAY_MIN = -10.0  # floor of channel-wise log-decays: the rules' chunk form needs g >= -10 per token
 ROPE_THETA = 10_000.0
+# Parameters the model reads only cast to the compute dtype: inference may store them in it (same results, half
+# the memory and traffic in bfloat16). The others (norm scales, decay parameters) enter float32 arithmetic.
+COMPUTE_DTYPE_PARAMS = ("kernel", "conv", "embed", "head")
 
 
 class Recurrent(NamedTuple):

@@ -1,6 +1,8 @@
 """Inference: prefill + decode steps reproduce the forward pass for every mixer kind and for batched prompts of
 different lengths; cache sizes; sampling; generation; errors."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -215,3 +217,16 @@ def test_bad_prefill_and_decode_arguments():
 def test_bad_sampling_options(options, match):
     with pytest.raises(ValueError, match=match):
         inference.sample(jnp.zeros((1, 3)), jax.random.key(0), **options)
+
+
+def test_prepared_weights_in_the_compute_dtype_give_the_same_logits(rng):
+    """prepare stores COMPUTE_DTYPE_PARAMS in the compute dtype: bit for bit the logits of the float32 weights."""
+    lm, model = prepared_model(n_layers=2, layers=["eda_channel", "swa"], dtype="bfloat16")
+    assert {x.dtype.name for x in model.params} == {"bfloat16", "float32"}
+    float32 = dataclasses.replace(model, params=jax.tree.leaves(nnx.state(lm)))
+    tokens = rng.integers(0, VOCAB, (2, 9))
+    (stored, stored_cache), (cast, cast_cache) = (inference.prefill(m, tokens) for m in (model, float32))
+    np.testing.assert_array_equal(stored, cast)
+    stored, _ = inference.decode_step(model, stored_cache, tokens[:, 0])
+    cast, _ = inference.decode_step(float32, cast_cache, tokens[:, 0])
+    np.testing.assert_array_equal(stored, cast)
