@@ -17,6 +17,16 @@ from edarnn import model as M
 RTOL = 1e-5  # float32 throughout; the chunk and recurrent forms differ by rounding only
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _release_executables():
+    """Drop this module's compiled prefill, decode and sample functions at its end. Every executable XLA:CPU
+    compiles holds memory mappings; the suite's total comes near the kernel's limit (vm.max_map_count, 65530 by
+    default), beyond which a compile segfaults, and this module's models would add about 7000."""
+    yield
+    for jitted in (inference._prefill, inference._decode, inference._sample):
+        jitted.clear_cache()
+
+
 def prepared_model(**overrides) -> tuple[M.LM, inference.Prepared]:
     lm = M.LM(tiny_config(**overrides), rngs=nnx.Rngs(0))
     return lm, inference.prepare(lm)
