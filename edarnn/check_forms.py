@@ -2,8 +2,7 @@
 
     python -m edarnn.check_forms [--batch 2 --seq 512 --heads 4 --key 32 --value 32 --chunk-size 64]
 
-The placeholder default job until training lands: a quick, visible check that the installation computes what
-the definition says, on whatever backend JAX finds.
+A quick, visible check that the installation computes what the definition says, on whatever backend JAX finds.
 """
 
 import argparse

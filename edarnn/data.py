@@ -11,11 +11,9 @@
                               but padding
 
 Sources (`SOURCES`, chosen by `config.data.source`; each reads its settings from `config.data.<source>`):
-- "mqar": multi-query associative recall (Zoology, Arora et al. 2023), one example per row. Tokens: keys
-  [0, K), values [K, K + V), filler [K + V, K + V + N) for K, V, N = key_vocab_size, value_vocab_size,
-  noise_vocab_size. A row of T + 1 tokens opens with num_pairs key-value pairs (keys distinct), then holds
-  num_queries (0: num_pairs) queries "key value" of distinct earlier keys, at random pair-aligned places in filler
-  tokens; the loss is on the input positions of the queried keys, whose targets are their values.
+- the synthetic tasks of edarnn.tasks (`tasks.TASKS`; formats in docs/tasks.md), one example per row: "mqar"
+  (multi-query associative recall); needle in a haystack "s_niah_1", "s_niah_2", "s_niah_3", "mk_niah"; memory
+  editing "edit_rebind", "edit_records", "edit_retract".
 - "bytes": text from a file or a directory (the files under it matching `glob`, in sorted order). Documents are
   the files, or the pieces between occurrences of `separator` when it is not empty; empty ones are dropped. Token
   ids: bytes 0..255 are themselves, then PAD = 256, BOS = 257, EOS = 258 (vocab 259); with `tokenizer` set to a
@@ -28,7 +26,7 @@ Sources (`SOURCES`, chosen by `config.data.source`; each reads its settings from
   without a pending remainder skips data). A document belongs to the eval split when its content hash falls below
   `eval_fraction` (stable under adding files; equal documents share a split).
 
-Synthetic tasks (`Task`): a task is a function drawing a row from a numpy Generator; `synthetic(task)` makes it a
+Synthetic tasks (`tasks.Task`): a task draws a row from a numpy Generator; `synthetic(task)` makes it a
 source. Row i of a split is drawn from `np.random.default_rng([seed, split id, i])`: random access, reproducible,
 independent of sharding. The splits are disjoint by construction: a row belongs to the eval split when the CRC32
 of its tokens is 0 mod EVAL_ROW_BUCKETS, and each split redraws until it has one of its own. Each synthetic
@@ -68,6 +66,8 @@ from typing import Any
 import grain
 import ml_collections
 import numpy as np
+
+from edarnn.tasks import TASKS, Task, check_int
 
 SPLITS = ("train", "eval")
 EVAL_ROW_BUCKETS = 4  # a synthetic row is an eval row when crc32(tokens) % EVAL_ROW_BUCKETS == 0
@@ -112,15 +112,15 @@ def make_loader(
     num_epochs=None repeats forever (a finite count needs a finite split). Deterministic from (seed, split)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}; got {split!r}")
-    _check_int("seed", seed, 0, 2**32 - 1)
-    _check_int("seq_len", seq_len, 1)
-    _check_int("shard_count", shard_count, 1)
-    _check_int("shard_index", shard_index, 0, shard_count - 1)
-    _check_int("batch_size", batch_size, shard_count)
+    check_int("seed", seed, 0, 2**32 - 1)
+    check_int("seq_len", seq_len, 1)
+    check_int("shard_count", shard_count, 1)
+    check_int("shard_index", shard_index, 0, shard_count - 1)
+    check_int("batch_size", batch_size, shard_count)
     if batch_size % shard_count:
         raise ValueError(f"batch_size={batch_size} must be a multiple of shard_count={shard_count}")
     if num_epochs is not None:
-        _check_int("num_epochs", num_epochs, 1)
+        check_int("num_epochs", num_epochs, 1)
     source, config = _source(data_config)
     examples = source.examples(config, split=split, seed=seed, seq_len=seq_len)
     if len(examples) < sys.maxsize:
@@ -166,13 +166,6 @@ def _packed_row(pad_id: int, packed: dict) -> dict:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _check_int(name: str, value, low: int, high: int | None = None):
-    """ValueError naming `name` unless `value` is an int in [low, high]."""
-    if not isinstance(value, int | np.integer) or value < low or (high is not None and value > high):
-        expected = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise ValueError(f"{name}={value!r}: expected an integer {expected}")
-
-
 def _source(data_config: ml_collections.ConfigDict) -> tuple[Source, ml_collections.ConfigDict]:
     """config.data's source and its section, checked to have exactly the source's fields."""
     name = data_config.source
@@ -193,19 +186,6 @@ def _source(data_config: ml_collections.ConfigDict) -> tuple[Source, ml_collecti
 # ----------------------------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class Task:
-    """A synthetic task: `sample(rng, config, seq_len)` draws one row, (tokens [seq_len + 1] int, answers [seq_len]
-    bool: which input positions t are scored, i.e. predict tokens[t + 1]); `check(config, seq_len)` raises a
-    ValueError naming the field of config.data.<name> that is out of range; ids lie in [0, vocab_size(config))."""
-
-    name: str
-    defaults: Mapping[str, Any]
-    vocab_size: Callable[[ml_collections.ConfigDict], int]
-    check: Callable[[ml_collections.ConfigDict, int], None]
-    sample: Callable[[np.random.Generator, ml_collections.ConfigDict, int], tuple[np.ndarray, np.ndarray]]
-
-
 def synthetic(task: Task) -> Source:
     """The source of a synthetic task: its settings plus num_train_examples (0: endless) and num_eval_examples."""
     defaults = {**task.defaults, "num_train_examples": 0, "num_eval_examples": 1024}
@@ -214,8 +194,8 @@ def synthetic(task: Task) -> Source:
 
 def _synthetic_examples(task: Task, config, *, split: str, seed: int, seq_len: int) -> grain.MapDataset:
     where = f"data.{task.name}"
-    _check_int(f"{where}.num_train_examples", config.num_train_examples, 0)
-    _check_int(f"{where}.num_eval_examples", config.num_eval_examples, 1)
+    check_int(f"{where}.num_train_examples", config.num_train_examples, 0)
+    check_int(f"{where}.num_eval_examples", config.num_eval_examples, 1)
     task.check(config, seq_len)
     count = config.num_train_examples if split == "train" else config.num_eval_examples
     rows = grain.MapDataset.range(count or sys.maxsize)
@@ -238,55 +218,6 @@ def _synthetic_row(task: Task, config, seq_len: int, seed: int, split_id: int, i
 
 def _is_eval_row(tokens: np.ndarray) -> bool:
     return zlib.crc32(np.ascontiguousarray(tokens, np.int64).tobytes()) % EVAL_ROW_BUCKETS == 0
-
-
-def _mqar_vocab_size(config) -> int:
-    return config.key_vocab_size + config.value_vocab_size + config.noise_vocab_size
-
-
-def _mqar_check(config, seq_len: int):
-    where = "data.mqar"
-    _check_int(f"{where}.num_pairs", config.num_pairs, 1)
-    _check_int(f"{where}.num_queries", config.num_queries, 0, config.num_pairs)
-    _check_int(f"{where}.key_vocab_size", config.key_vocab_size, config.num_pairs)
-    _check_int(f"{where}.value_vocab_size", config.value_vocab_size, 1)
-    _check_int(f"{where}.noise_vocab_size", config.noise_vocab_size, 1)
-    pairs, queries = config.num_pairs, config.num_queries or config.num_pairs
-    if 2 * (pairs + queries) > seq_len + 1:
-        raise ValueError(
-            f"{where}.num_pairs={pairs} with {queries} queries needs seq_len >= {2 * (pairs + queries) - 1} "
-            f"(2 tokens per pair and per query); got seq_len={seq_len}"
-        )
-
-
-def _mqar_sample(rng: np.random.Generator, config, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
-    pairs, queries = config.num_pairs, config.num_queries or config.num_pairs
-    keys = rng.choice(config.key_vocab_size, pairs, replace=False)
-    values = config.key_vocab_size + rng.integers(0, config.value_vocab_size, pairs)
-    noise = config.key_vocab_size + config.value_vocab_size  # the first filler id
-    tokens = noise + rng.integers(0, config.noise_vocab_size, seq_len + 1)
-    tokens[0 : 2 * pairs : 2], tokens[1 : 2 * pairs : 2] = keys, values
-    slots = np.sort(rng.choice((seq_len + 1 - 2 * pairs) // 2, queries, replace=False))
-    at, asked = 2 * pairs + 2 * slots, rng.choice(pairs, queries, replace=False)
-    tokens[at], tokens[at + 1] = keys[asked], values[asked]
-    answers = np.zeros(seq_len, bool)
-    answers[at] = True
-    return tokens, answers
-
-
-MQAR = Task(
-    name="mqar",
-    defaults={
-        "num_pairs": 8,
-        "num_queries": 0,  # 0: every key is asked once
-        "key_vocab_size": 64,
-        "value_vocab_size": 64,
-        "noise_vocab_size": 16,
-    },
-    vocab_size=_mqar_vocab_size,
-    check=_mqar_check,
-    sample=_mqar_sample,
-)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -419,8 +350,8 @@ TEXT = Source(
 # the registry
 # ----------------------------------------------------------------------------------------------------------
 
-SOURCES: dict[str, Source] = {"mqar": synthetic(MQAR), "bytes": TEXT}
-"""Data sources by name (config.data.source); a new synthetic task is `SOURCES[task.name] = synthetic(task)`."""
+SOURCES: dict[str, Source] = {**{task.name: synthetic(task) for task in TASKS}, "bytes": TEXT}
+"""Data sources by name (config.data.source): the synthetic tasks of edarnn.tasks.TASKS, and text."""
 
 
 def default_config() -> ml_collections.ConfigDict:

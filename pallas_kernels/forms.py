@@ -2,8 +2,10 @@
 `edarnn.core.recurrent` and `edarnn.core.chunkwise`.
 
 Python-side preparation (padding, chunk-local cumulative decays, running segment numbers) is shared by every
-backend. The backward recomputes through the plain-JAX form (`jax.vjp` of the `edarnn.core` reference) until
-the backward kernels land.
+backend and differentiated by JAX. The chunkwise kernels have backward kernels of their own (`gpu/chunk_bwd.py`,
+`tpu/chunk_bwd.py`) under a custom VJP on the prepared inputs, used where BACKWARD_KERNELS says (by measurement);
+elsewhere, and for the token-by-token kernels, the backward recomputes through the plain-JAX form (`jax.vjp` of
+`edarnn.core.chunkwise` / `edarnn.core.recurrent`).
 """
 
 import functools
@@ -12,8 +14,10 @@ import jax
 import jax.numpy as jnp
 
 from edarnn import core
+from pallas_kernels.gpu import chunk_bwd as gpu_chunk_bwd
 from pallas_kernels.gpu import chunk_fwd as gpu_chunk_fwd
 from pallas_kernels.gpu import recurrent_fwd as gpu_recurrent_fwd
+from pallas_kernels.tpu import chunk_bwd as tpu_chunk_bwd
 from pallas_kernels.tpu import chunk_fwd as tpu_chunk_fwd
 from pallas_kernels.tpu import recurrent_fwd as tpu_recurrent_fwd
 
@@ -46,47 +50,47 @@ def prepare(q, sub: core.Substeps, segment_ids, chunk_size):
     return q, gq, x, y, z, gcum, seg, seg_q, seg_prev
 
 
-def _check_platform(platform, segment_ids):
-    if platform == "tpu" and segment_ids is not None:
-        raise ValueError('impl="pallas" on a TPU does not take segment_ids yet; use impl="chunk"')
+@functools.partial(jax.custom_vjp, nondiff_argnums=(10, 11, 12))
+def _chunk_kernels(q, gq, x, y, z, gcum, initial_state, seg, seg_q, seg_prev, chunk_size, interpret, platform):
+    """The chunkwise forward kernels of `platform` on prepared inputs (`prepare`), with that platform's backward
+    kernels as their VJP. Returns (o [B, T, H, V] f32, final_state [B, H, K, V] f32), T padded."""
+    forward = tpu_chunk_fwd.chunk_forward if platform == "tpu" else gpu_chunk_fwd.chunk_forward
+    return forward(
+        q, gq, x, y, z, gcum, initial_state, seg, seg_q, seg_prev, chunk_size=chunk_size, interpret=interpret
+    )
 
 
-def _chunkwise_kernels(q, sub, initial_state, segment_ids, chunk_size, interpret, platform):
-    length = q.shape[1]
-    *prepared, seg, seg_q, seg_prev = prepare(q, sub, segment_ids, chunk_size)
-    state = initial_state.astype(jnp.float32)
-    if platform == "tpu":
-        o, final_state = tpu_chunk_fwd.chunk_forward(*prepared, state, chunk_size=chunk_size, interpret=interpret)
-    else:
-        o, final_state = gpu_chunk_fwd.chunk_forward(
-            *prepared, state, seg, seg_q, seg_prev, chunk_size=chunk_size, interpret=interpret
-        )
-    return o[:, :length].astype(q.dtype), final_state.astype(initial_state.dtype)
+def _chunk_kernels_forward(*args):
+    return _chunk_kernels(*args), args[:10]
+
+
+def _chunk_kernels_backward(chunk_size, interpret, platform, inputs, cotangents):
+    backward = tpu_chunk_bwd.chunk_backward if platform == "tpu" else gpu_chunk_bwd.chunk_backward
+    grads = backward(*inputs, *cotangents, chunk_size=chunk_size, interpret=interpret)
+    grads = tuple(None if d is None else d.astype(t.dtype) for d, t in zip(grads, inputs[:7], strict=True))
+    return (*grads, None, None, None)  # the segment numbers (integers) have no cotangent
+
+
+_chunk_kernels.defvjp(_chunk_kernels_forward, _chunk_kernels_backward)
 
 
 def _recurrent_kernels(q, sub, initial_state, segment_ids, interpret, platform):
     sub = [None if t is None else _narrow(t) for t in sub]
     state = initial_state.astype(jnp.float32)
-    if platform == "tpu":
-        o, final_state = tpu_recurrent_fwd.recurrent_forward(_narrow(q), *sub, state, interpret=interpret)
-    else:
-        resets = core.resets(segment_ids, q.shape[1])
-        o, final_state = gpu_recurrent_fwd.recurrent_forward(
-            _narrow(q), *sub, state, None if resets is None else resets.astype(jnp.int32), interpret=interpret
-        )
+    resets = core.resets(segment_ids, q.shape[1])
+    resets = None if resets is None else resets.astype(jnp.int32)
+    forward = tpu_recurrent_fwd.recurrent_forward if platform == "tpu" else gpu_recurrent_fwd.recurrent_forward
+    o, final_state = forward(_narrow(q), *sub, state, resets, interpret=interpret)
     return o.astype(q.dtype), final_state.astype(initial_state.dtype)
 
 
 def _with_recomputed_backward(kernels, reference, n_static):
     """kernels(q, sub, initial_state, segment_ids, *static) with a custom VJP whose backward is the VJP of the
-    plain-JAX reference(q, sub, initial_state, segment_ids, *static), recomputed, until backward kernels land.
-    The static arguments are the last n_static; the last one is the platform."""
+    plain-JAX reference(q, sub, initial_state, segment_ids, *static), recomputed. The static arguments are the
+    last n_static; the last one is the platform."""
     static_argnums = tuple(range(4, 4 + n_static))
 
-    @functools.partial(jax.custom_vjp, nondiff_argnums=static_argnums)
-    def form(q, sub, initial_state, segment_ids, *static):
-        _check_platform(static[-1], segment_ids)
-        return kernels(q, sub, initial_state, segment_ids, *static)
+    form = jax.custom_vjp(kernels, nondiff_argnums=static_argnums)
 
     def forward(q, sub, initial_state, segment_ids, *static):
         return form(q, sub, initial_state, segment_ids, *static), (q, sub, initial_state, segment_ids)
@@ -100,21 +104,39 @@ def _with_recomputed_backward(kernels, reference, n_static):
     return form
 
 
-_chunkwise = _with_recomputed_backward(
-    _chunkwise_kernels, lambda q, sub, s0, seg, chunk_size, *_: core.chunkwise(q, sub, s0, seg, chunk_size), 3
-)
 _recurrent = _with_recomputed_backward(
     _recurrent_kernels, lambda q, sub, s0, seg, *_: core.recurrent(q, sub, s0, seg), 2
 )
 
 
+def _chunk_forward(q, sub, initial_state, segment_ids, chunk_size, interpret, platform):
+    """The chunkwise kernels on unprepared inputs; differentiated by the backward kernels (`_chunk_kernels`)."""
+    q_, gq, x, y, z, gcum, *segments = prepare(q, sub, segment_ids, chunk_size)
+    state = initial_state.astype(jnp.float32)
+    o, final_state = _chunk_kernels(q_, gq, x, y, z, gcum, state, *segments, chunk_size, interpret, platform)
+    return o[:, : q.shape[1]].astype(q.dtype), final_state.astype(initial_state.dtype)
+
+
+_chunk_recomputed = _with_recomputed_backward(
+    _chunk_forward, lambda q, sub, s0, seg, chunk_size, *_: core.chunkwise(q, sub, s0, seg, chunk_size), 3
+)
+
+# The backward of the chunkwise kernels, per platform: True, the backward kernels (gpu/chunk_bwd.py,
+# tpu/chunk_bwd.py); False, the VJP of the plain-JAX chunk form, recomputed. Chosen by measurement where there is
+# one: on an H100 (B=4, T=4096, H=16, K=V=128, bf16; docs/performance.md) forward + backward took 31.2 / 44.2 ms
+# (gated_delta_rule / kda) with the backward kernels as first written, 10.4 / 15.3 ms with the plain-JAX VJP.
+# The TPU kernels are unmeasured (no TPU here).
+BACKWARD_KERNELS = {"gpu": False, "tpu": True}
+
+
 def chunkwise(q, sub, initial_state, segment_ids, chunk_size, interpret, platform="gpu"):
-    """`edarnn.core.chunkwise` through the Pallas kernels of `platform` ("gpu": Triton, "tpu": Mosaic TPU, no
-    segments yet); interpret=True runs them in Pallas interpret mode on any backend (for checking)."""
-    return _chunkwise(q, sub, initial_state, segment_ids, chunk_size, interpret, platform)
+    """`edarnn.core.chunkwise` through the Pallas kernels of `platform` ("gpu": Triton, "tpu": Mosaic TPU);
+    interpret=True runs them in Pallas interpret mode on any backend (for checking). The backward is the
+    platform's choice in BACKWARD_KERNELS."""
+    form = _chunk_forward if BACKWARD_KERNELS[platform] else _chunk_recomputed
+    return form(q, sub, initial_state, segment_ids, chunk_size, interpret, platform)
 
 
 def recurrent(q, sub, initial_state, segment_ids, interpret, platform="gpu"):
-    """`edarnn.core.recurrent` through the token-by-token kernel of `platform` (decoding, short prefills; the TPU
-    one takes no segment_ids yet)."""
+    """`edarnn.core.recurrent` through the token-by-token kernel of `platform` (decoding, short prefills)."""
     return _recurrent(q, sub, initial_state, segment_ids, interpret, platform)

@@ -1,17 +1,23 @@
-"""Kernel bodies shared by the GPU (Triton) and TPU (Mosaic) Pallas kernels of the chunkwise form.
+"""Kernel bodies shared by the GPU (Triton) and TPU (Mosaic) Pallas kernels of the chunkwise form, forward and
+backward.
 
-Reference: `edarnn.core.chunkwise`. Written with what both lowerings take: whole tiles loaded from refs by
-static row blocks, element-wise ops, masks, masked reductions and 2-D products (no slicing of values, no
-gathers). The per-backend modules (`gpu/chunk_fwd.py`, `tpu/chunk_fwd.py`) choose layouts, grids and the
-sequential state pass.
+Reference: `edarnn.core.chunkwise` (and, for the backward bodies, its VJP). Written with what both lowerings
+take: whole tiles loaded from refs by static row blocks, element-wise ops, masks, masked reductions and 2-D
+products (no slicing of values, no gathers). The per-backend modules (`gpu/chunk_fwd.py`, `gpu/chunk_bwd.py`,
+`tpu/chunk_fwd.py`) choose layouts, grids and the sequential state passes.
 
 A chunk's rows are handled in blocks of BLOCK_TOKENS tokens (BLOCK_TOKENS * P sub-step rows): A, T and the
 scores are built block by block. Channel-wise decays are referenced per block pair, as in
 `edarnn.core.pair_scores`: a diagonal block to its middle row (every exponent within half a block of decay), a
 block pair (i > j) to the last row of block j (every factor <= 1). Shapes: L = C P rows per chunk of C tokens,
 c = BLOCK_TOKENS P rows per block, D = 1 (scalar decay) or K.
+
+Segment numbers (int32) lie along a ref's last axis: 1-D blocks [L] on the GPU, [1, L] blocks on the TPU (whose
+tiling takes blocks of at least two dimensions, and lays a [1, L] block along lanes); `segment_column` and
+`segment_row` read both.
 """
 
+import collections
 from typing import NamedTuple
 
 import jax
@@ -49,6 +55,69 @@ def block_scores(a, ga, b, gb, mask, diagonal):
     ref = row(gb, gb.shape[0] // 2 if diagonal else gb.shape[0] - 1)
     scores = dot(a * jnp.exp(ga - ref), b * jnp.exp(ref - gb), trans_b=True)
     return jnp.where(mask, scores, 0.0)
+
+
+def block_scores_grad(a, ga, b, gb, d_scores, mask, diagonal):
+    """(da, db): the gradients of sum(d_scores * block_scores(a, ga, b, gb, mask, diagonal)) w.r.t. a and b.
+
+    With M_rs = sum_k a_rk b_sk exp(ga_rk - gb_sk), the log-decays' gradients are d ga = a da and d gb = -b db
+    (summed over channels by `decay_width` for D = 1); the exponents are block_scores', so bounded the same way."""
+    if gb.shape[1] == 1:
+        expo = jnp.where(mask, ga - gb.reshape(1, -1), -jnp.inf)
+        d = jnp.where(mask, d_scores * jnp.exp(expo), 0.0)
+        return dot(d, b), dot(d, a, trans_a=True)
+    ref = row(gb, gb.shape[0] // 2 if diagonal else gb.shape[0] - 1)
+    a_decay, b_decay = jnp.exp(ga - ref), jnp.exp(ref - gb)
+    d = jnp.where(mask, d_scores, 0.0)
+    return a_decay * dot(d, b * b_decay), b_decay * dot(d, a * a_decay, trans_a=True)
+
+
+def decay_width(t, width):
+    """[m, K] -> [m, width]: summed over the channels for a scalar decay (width 1), else unchanged."""
+    return jnp.sum(t, axis=1, keepdims=True) if width == 1 else t
+
+
+def segment_row(ref, s=slice(None)):
+    """[1, n]: the segment numbers ref[..., s] of a [L] or [1, L] block, as a row."""
+    return (ref[s] if ref.ndim == 1 else ref[:, s]).reshape(1, -1)
+
+
+def segment_column(ref, s=slice(None)):
+    """[n, 1]: the segment numbers ref[..., s] of a [L] or [1, L] block, as a column. A [1, n] -> [n, 1] reshape
+    would move lanes into sublanes, which Mosaic does not take: [1, L] blocks are turned by a masked lane
+    reduction (n x n selects, as `row`)."""
+    if ref.ndim == 1:
+        return ref[s].reshape(-1, 1)
+    numbers = segment_row(ref, s)
+    n = numbers.shape[1]
+    return jnp.sum(jnp.where(iota(n) == iota(n, 1), numbers, 0), axis=1, keepdims=True, dtype=jnp.int32)
+
+
+def segment_number(ref, s=slice(None)):
+    """The one segment number of a [1] or [1, 1] block, or of the slice ref[..., s] of one element: an int32
+    scalar (a max: Mosaic's lowering of a reduction to a scalar sums in int64 under jax_enable_x64)."""
+    return jnp.max(segment_row(ref, s))
+
+
+def in_segment(t, seg, number):
+    """t where seg == number (seg [m, 1] per row, or a scalar), else 0; t itself when there are no segments
+    (seg None)."""
+    return t if seg is None else jnp.where(seg == number, t, 0.0)
+
+
+def end_decays(g, g_last, seg=None, seg_last=None, seg_prev=None):
+    """(decay_to_end [rows, D], state_decay [D, 1]) of one chunk: exp(G_last - G), zero on rows before the
+    chunk's last segment; exp(G_last), zero when that segment starts inside the chunk. g [rows, D], g_last
+    [1, D]; seg [rows, 1], seg_last and seg_prev (the number before the chunk) scalars, or all None."""
+    return (
+        in_segment(jnp.exp(g_last - g), seg, seg_last),
+        in_segment(jnp.exp(g_last).reshape(-1, 1), seg_last, seg_prev),
+    )
+
+
+def causal_query_mask(block_tokens, per_token):
+    """[block_tokens, block_tokens P]: token t of a diagonal block sees the sub-step rows up to its own last."""
+    return iota(block_tokens) * per_token + per_token - 1 >= iota(block_tokens * per_token, 1)
 
 
 class KeyBlocks(NamedTuple):
@@ -102,12 +171,38 @@ def unit_lower_inverse_tile(a):
     return jax.lax.fori_loop(jnp.int32(1), jnp.int32(size), substitute, (rows == cols).astype(jnp.float32))
 
 
+def pair_mask(local, i, j, seg_rows=None, seg_cols=None):
+    """Mask of block pair (i, j <= i): `local` on the diagonal, all True below it, and within one segment when
+    segment numbers are given (seg_rows [m, 1] of block i's rows, seg_cols [1, c] of block j's)."""
+    mask = local if i == j else jnp.ones(local.shape, bool)
+    return mask if seg_rows is None else mask & (seg_rows == seg_cols)
+
+
+def inverse_blocks(keys, y_ref, seg, seg_t, block):
+    """T = (I + A)^-1 of one chunk as blocks {(i, j): [c, c]} for j <= i, c = block rows.
+
+    A_ij = block_scores(Y_i, X_j) (strictly lower on the diagonal, within one segment), then
+    T_ii = (I + A_ii)^-1 and T_ij = -T_ii sum_m A_im T_mj. keys: `key_blocks` of x and g; seg, seg_t: per block,
+    its segment numbers as a column [c, 1] and as a row [1, c], or None."""
+    n = len(keys.x)
+    local = iota(block) > iota(block, 1)
+    t = {}
+    for i in range(n):
+        masks = [pair_mask(local, i, j, seg[i], seg_t[j]) for j in range(i + 1)]
+        y_i = y_ref[pl.ds(i * block, block), :].astype(jnp.float32)
+        a = row_block_scores(y_i, keys.g[i], i, keys, masks)
+        t[i, i] = unit_lower_inverse_tile(a[i])
+        for j in range(i):
+            t[i, j] = -dot(t[i, i], sum(dot(a[m], t[m, j]) for m in range(j, i)))
+    return t
+
+
 def intra_kernel(q_ref, gq_ref, x_ref, g_ref, *refs, block_tokens, per_token, has_erase, has_segments):
     """The chunk-local part of one chunk, block by block.
 
     Always the query scores Aqk[t, s] = q_t . (x_s exp(Gq_t - G_s)) (masked: causal, within one segment),
-    [C, L]. With an erase address y, also A_ij, T_ii = (I + A_ii)^-1, T_ij = -T_ii sum_m A_im T_mj, and from them
-    W = T (Y exp G) and U~ = T Z, [L, K] and [L, V].
+    [C, L]. With an erase address y, also T = (I + A)^-1 (`inverse_blocks`), W = T (Y exp G) and U~ = T Z,
+    [L, K] and [L, V].
     refs: (y_ref, z_ref if has_erase) (seg_q_ref, seg_ref, prev_ref if has_segments), then the outputs
     (aqk_ref, then w_ref, u_ref if has_erase)."""
     refs = list(refs)
@@ -118,14 +213,13 @@ def intra_kernel(q_ref, gq_ref, x_ref, g_ref, *refs, block_tokens, per_token, ha
     n = x_ref.shape[0] // block
     rows = [pl.ds(i * block, block) for i in range(n)]
     tokens = [pl.ds(i * block_tokens, block_tokens) for i in range(n)]
-    seg = [seg_ref[rows[i]].reshape(1, block) for i in range(n)] if has_segments else None
+    seg = [segment_column(seg_ref, r) for r in rows] if has_segments else [None] * n
+    seg_t = [segment_row(seg_ref, r) for r in rows] if has_segments else [None] * n
     keys = key_blocks(x_ref, g_ref, block)
-    query_local = iota(block_tokens) * per_token + per_token - 1 >= iota(block, 1)
+    query_local = causal_query_mask(block_tokens, per_token)
     for i in range(n):
-        masks = [query_local if i == j else jnp.ones((block_tokens, block), bool) for j in range(i + 1)]
-        if has_segments:
-            seg_q = seg_q_ref[tokens[i]].reshape(block_tokens, 1)
-            masks = [mask & (seg_q == seg[j]) for j, mask in enumerate(masks)]
+        seg_q = segment_column(seg_q_ref, tokens[i]) if has_segments else None
+        masks = [pair_mask(query_local, i, j, seg_q, seg_t[j]) for j in range(i + 1)]
         q = q_ref[tokens[i], :].astype(jnp.float32)
         for j, scores in enumerate(row_block_scores(q, gq_ref[tokens[i], :], i, keys, masks)):
             aqk_ref[tokens[i], rows[j]] = scores
@@ -134,22 +228,12 @@ def intra_kernel(q_ref, gq_ref, x_ref, g_ref, *refs, block_tokens, per_token, ha
     if not has_erase:
         return
     w_ref, u_ref = erase_outs
-    local = iota(block) > iota(block, 1)
     load = lambda ref, i: ref[rows[i], :].astype(jnp.float32)  # noqa: E731
-    a, t = {}, {}
-    for i in range(n):
-        masks = [local if i == j else jnp.ones((block, block), bool) for j in range(i + 1)]
-        if has_segments:
-            masks = [mask & (seg[i].reshape(block, 1) == seg[j]) for j, mask in enumerate(masks)]
-        for j, scores in enumerate(row_block_scores(load(y_ref, i), keys.g[i], i, keys, masks)):
-            a[i, j] = scores
-        t[i, i] = unit_lower_inverse_tile(a[i, i])
-        for j in range(i):
-            t[i, j] = -dot(t[i, i], sum(dot(a[i, m], t[m, j]) for m in range(j, i)))
+    t = inverse_blocks(keys, y_ref, seg, seg_t, block)
     for i in range(n):
         w = sum(dot(t[i, j], load(y_ref, j) * jnp.exp(keys.g[j])) for j in range(i + 1))
         if has_segments:
-            w = jnp.where(seg[i].reshape(block, 1) == jnp.sum(prev_ref[...]), w, 0.0)
+            w = jnp.where(seg[i] == segment_number(prev_ref), w, 0.0)
         w_ref[rows[i], :] = w
         u_ref[rows[i], :] = sum(dot(t[i, j], load(z_ref, j)) for j in range(i + 1))
 
@@ -160,7 +244,114 @@ def output_kernel(q_ref, gq_ref, aqk_ref, u_ref, s_ref, *refs, has_segments):
     seg_q_ref, prev_ref, o_ref = refs if has_segments else (None, None, *refs)
     q_decayed = q_ref[...].astype(jnp.float32) * jnp.exp(gq_ref[...])
     if has_segments:  # tokens of a segment that began inside the chunk do not see the incoming state
-        seg_q = seg_q_ref[...].reshape(-1, 1)
-        q_decayed = jnp.where(seg_q == jnp.sum(prev_ref[...]), q_decayed, 0.0)
+        q_decayed = in_segment(q_decayed, segment_column(seg_q_ref), segment_number(prev_ref))
     o = dot(q_decayed, s_ref[...].astype(jnp.float32)) + dot(aqk_ref[...], u_ref[...].astype(jnp.float32))
     o_ref[...] = o.astype(o_ref.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# backward
+# ----------------------------------------------------------------------------------------------------------
+
+
+def value_grad_kernel(aqk_ref, do_ref, du_ref):
+    """Aqk^T dO for one chunk and V block, [L, C] [C, BV]: the values' gradient through the chunk's own queries."""
+    du_ref[...] = dot(aqk_ref[...], do_ref[...].astype(jnp.float32), trans_a=True)
+
+
+def chunk_grad_kernel(*refs, block_tokens, per_token, block_v, has_erase, has_segments):
+    """Gradients of one chunk's q, gq, x, y, z and g (the chunk-local cumulative log-decay), given the chunk's
+    start state S, the gradient dS' of its end state, dO, and U and dU = P^T dO + (X exp(G_last - G)) dS' from
+    the state passes. With T = (I + A)^-1 recomputed (`inverse_blocks`):
+
+        dZ = T^T dU                  dA = -dZ U^T (masked as A)     d(Y exp G) = -dZ S^T (rows that see S)
+        dP = dO U^T (masked as P)    d(Q exp Gq) = dO S^T (rows that see S)
+        d(X exp(G_last - G)) = U dS'^T (rows that reach S')         d exp(G_last) = rowsum(S * dS')
+
+    Products over V run in blocks of block_v columns; then `block_scores_grad` turns dA and dP into gradients
+    of y, x and q, block pair by block pair. Every use of q and y carries exp(+G) and every use of x exp(-G),
+    so dgq = q dq and dg = y dy - x dx, plus the terms of G_last on the last row. z's gradient is dZ (written
+    only with an erase address: without one, U = Z and dZ = dU).
+
+    Refs: q [C, K], gq [C, D], x, y [L, K], g [L, D], u, du [L, V], do [C, V], s, ds [K, V] (f32), then seg_q
+    [C], seg [L], seg_prev [1] with segments ([1, C], [1, L], [1, 1] on the TPU); outputs dq [C, K], dgq [C, D],
+    dx, dy [L, K], dz [L, V] (with an erase address), dg [L, D].
+    """
+    refs = list(refs)
+    take = lambda present=True: refs.pop(0) if present else None  # noqa: E731
+    q_ref, gq_ref, x_ref, y_ref, g_ref = take(), take(), take(), take(has_erase), take()
+    u_ref, du_ref, do_ref, s_ref, ds_ref = take(), take(), take(), take(), take()
+    seg_q_ref, seg_ref, prev_ref = take(has_segments), take(has_segments), take(has_segments)
+    dq_ref, dgq_ref, dx_ref, dy_ref, dz_ref, dg_ref = take(), take(), take(), take(has_erase), take(has_erase), take()
+    f32 = jnp.float32
+    block, length, width = block_tokens * per_token, x_ref.shape[0], g_ref.shape[1]
+    n = length // block
+    rows = [pl.ds(i * block, block) for i in range(n)]
+    tokens = [pl.ds(i * block_tokens, block_tokens) for i in range(n)]
+    x = [x_ref[r, :].astype(f32) for r in rows]
+    y = [y_ref[r, :].astype(f32) for r in rows] if has_erase else None
+    g = [g_ref[r, :].astype(f32) for r in rows]
+    g_last = row(g[-1], block - 1)
+    a_local, q_local = iota(block) > iota(block, 1), causal_query_mask(block_tokens, per_token)
+    if has_segments:
+        seg, seg_t = [segment_column(seg_ref, r) for r in rows], [segment_row(seg_ref, r) for r in rows]
+        seg_q = [segment_column(seg_q_ref, t) for t in tokens]
+        seg_prev, seg_last = segment_number(prev_ref), segment_number(seg_ref, pl.ds(length - 1, 1))
+    else:
+        seg, seg_t, seg_q, seg_prev, seg_last = [None] * n, [None] * n, [None] * n, None, None
+    t = inverse_blocks(key_blocks(x_ref, g_ref, block), y_ref, seg, seg_t, block) if has_erase else None
+
+    # Products over V, accumulated over V blocks.
+    d_qd, d_xe, d_ye = [0.0] * n, [0.0] * n, [0.0] * n
+    d_p, d_a = collections.defaultdict(float), collections.defaultdict(float)
+    d_decay = 0.0  # d exp(G_last), [1, K]
+    for v in range(u_ref.shape[1] // block_v):
+        vs = pl.ds(v * block_v, block_v)
+        s, ds = s_ref[:, vs], ds_ref[:, vs]
+        u, du = [u_ref[r, vs] for r in rows], [du_ref[r, vs] for r in rows]
+        d_decay = d_decay + jnp.sum((s * ds).T, axis=0, keepdims=True)
+        for i in range(n):
+            do = do_ref[tokens[i], vs].astype(f32)
+            d_qd[i] = d_qd[i] + dot(do, s, trans_b=True)
+            d_xe[i] = d_xe[i] + dot(u[i], ds, trans_b=True)
+            for j in range(i + 1):
+                d_p[i, j] = d_p[i, j] + dot(do, u[j], trans_b=True)
+            if has_erase:
+                dz = sum(dot(t[m, i], du[m], trans_a=True) for m in range(i, n))
+                dz_ref[rows[i], vs] = dz
+                d_ye[i] = d_ye[i] - dot(dz, s, trans_b=True)
+                for j in range(i + 1):
+                    d_a[i, j] = d_a[i, j] - dot(dz, u[j], trans_b=True)
+
+    # Per key channel: the queries, then the edit and erase addresses.
+    dx = [0.0] * n
+    for i in range(n):
+        q, gq = q_ref[tokens[i], :].astype(f32), gq_ref[tokens[i], :].astype(f32)
+        dq = in_segment(d_qd[i], seg_q[i], seg_prev) * jnp.exp(gq)
+        for j in range(i + 1):
+            mask = pair_mask(q_local, i, j, seg_q[i], seg_t[j])
+            dq_ij, dx_ij = block_scores_grad(q, gq, x[j], g[j], d_p[i, j], mask, diagonal=i == j)
+            dq, dx[j] = dq + dq_ij, dx[j] + dx_ij
+        dq_ref[tokens[i], :] = dq
+        dgq_ref[tokens[i], :] = decay_width(q * dq, width)
+    dy, d_last = [None] * n, 0.0
+    for i in range(n):
+        dx_end = d_xe[i] * in_segment(jnp.exp(g_last - g[i]), seg[i], seg_last)
+        d_last = d_last + jnp.sum(x[i] * dx_end, axis=0, keepdims=True)
+        dx[i] = dx[i] + dx_end
+        if has_erase:
+            dy[i] = in_segment(d_ye[i], seg[i], seg_prev) * jnp.exp(g[i])
+            for j in range(i + 1):
+                mask = pair_mask(a_local, i, j, seg[i], seg_t[j])
+                dy_ij, dx_ij = block_scores_grad(y[i], g[i], x[j], g[j], d_a[i, j], mask, diagonal=i == j)
+                dy[i], dx[j] = dy[i] + dy_ij, dx[j] + dx_ij
+    d_last = decay_width(d_last + in_segment(jnp.exp(g_last), seg_last, seg_prev) * d_decay, width)
+    for i in range(n):
+        dg = -x[i] * dx[i] if y is None else y[i] * dy[i] - x[i] * dx[i]
+        dg = decay_width(dg, width)
+        if i == n - 1:
+            dg = dg + jnp.where(iota(block) == block - 1, d_last, 0.0)
+        dx_ref[rows[i], :] = dx[i]
+        dg_ref[rows[i], :] = dg
+        if has_erase:
+            dy_ref[rows[i], :] = dy[i]

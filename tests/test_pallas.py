@@ -1,7 +1,8 @@
 """impl="pallas": the Pallas kernels (run in interpret mode on the CPU) agree with the recurrent form, for any
-T (shorter than a chunk: the token-by-token kernel), initial state and segments; their custom VJP gives the
-reference form's gradients; every kernel variant lowers to Triton for CUDA without a GPU (which catches
-operations the Triton lowering lacks). GPU runs: `pytest -m gpu`."""
+T (shorter than a chunk: the token-by-token kernel), initial state and segments; the chunkwise backward kernels
+give the chunk form's gradients (the token-by-token kernel's VJP is the recurrent form's); every kernel variant,
+forward and backward, lowers to Triton for CUDA without a GPU (which catches operations the Triton lowering
+lacks). GPU runs: `pytest -m gpu`."""
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +23,7 @@ from conftest import (
     relative_error,
     rule_of,
     run,
+    to_float64,
 )
 
 from edarnn import rules
@@ -39,7 +41,10 @@ def test_pallas_matches_recurrent(variant, rng):
         assert_close(actual, reference(rule, inputs, initial_state), KERNEL_RTOL, f"{variant} pallas")
 
 
-@pytest.mark.parametrize("variant", ["gla-channel", "gated_delta_rule", "gdn2-channel", "eda-bw"])
+SEGMENT_VARIANTS = ["gla-channel", "gated_delta_rule", "gdn2-channel", "eda-bw"]
+
+
+@pytest.mark.parametrize("variant", SEGMENT_VARIANTS)
 def test_pallas_segments_match_recurrent(variant, rng):
     rule = rule_of(variant)
     inputs, state = make_inputs(variant, rng, T=T), make_state(rng)
@@ -48,14 +53,39 @@ def test_pallas_segments_match_recurrent(variant, rng):
     assert_close(actual, reference(rule, inputs, state, segment_ids), KERNEL_RTOL, f"{variant} pallas segments")
 
 
-@pytest.mark.parametrize("variant", ["kda", "eda-channel"])
-def test_pallas_grads_match_chunk(variant, rng):
+@pytest.fixture
+def backward_kernels(monkeypatch):
+    """Differentiate through the backward kernels, whatever forms.BACKWARD_KERNELS picks by default."""
+    monkeypatch.setitem(forms.BACKWARD_KERNELS, "gpu", True)
+
+
+@pytest.mark.parametrize("backward", [True, False])
+def test_pallas_backward_follows_the_platform_choice(backward, rng, monkeypatch):
+    """Either backward of the chunkwise kernels gives the chunk form's gradients (the default is measured)."""
+    monkeypatch.setitem(forms.BACKWARD_KERNELS, "gpu", backward)
+    inputs, state = make_inputs("kda", rng, T=T), make_state(rng)
+    cotangents = random_cotangents(rng, inputs)
+    actual = grad_runner("kda", "pallas", 16)(cotangents, inputs, state, None)
+    expected = grad_runner("kda", "chunk", 16)(cotangents, inputs, state, None)
+    assert_close(actual, expected, KERNEL_RTOL, f"kda pallas grad, backward kernels {backward}")
+
+
+GRAD_CASES = [(variant, False) for variant in VARIANTS] + [(variant, True) for variant in SEGMENT_VARIANTS]
+
+
+@pytest.mark.parametrize(
+    "variant,with_segments", GRAD_CASES, ids=[f"{v}{'-segments' if s else ''}" for v, s in GRAD_CASES]
+)
+def test_pallas_grads_match_chunk(variant, with_segments, rng, backward_kernels):
+    """The backward kernels (gpu/chunk_bwd.py) give the chunk form's gradients of every input and the initial
+    state: odd T (a padded tail), chunks of 16, segments that cross chunk boundaries."""
     rule = rule_of(variant)
     inputs, state = make_inputs(variant, rng, T=T), make_state(rng)
+    segment_ids = make_segment_ids(rng, SEGMENTS) if with_segments else None
     cotangents = random_cotangents(rng, inputs)
-    actual = grad_runner(rule, "pallas", 16)(cotangents, inputs, state, None)
-    expected = grad_runner(rule, "chunk", 16)(cotangents, inputs, state, None)
-    assert_close(actual, expected, 1e-9, f"{variant} pallas grad")
+    actual = grad_runner(rule, "pallas", 16)(cotangents, inputs, state, segment_ids)
+    expected = grad_runner(rule, "chunk", 16)(cotangents, inputs, state, segment_ids)
+    assert_close(actual, expected, KERNEL_RTOL, f"{variant} pallas grad")
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -96,6 +126,21 @@ def test_channel_decay_down_to_the_documented_floor_float32(floor, impl, rng):
     assert relative_error(actual[0], reference("eda", inputs)[0]) < 1e-4
 
 
+@pytest.mark.parametrize("floor,rtol", [(-5.0, 1e-4), (-10.0, 1e-2)])
+def test_pallas_grads_down_to_the_documented_floor_float32(floor, rtol, rng, backward_kernels):
+    """The backward kernels at per-channel log-decay down to -10, chunk 64, float32: finite, and close to the
+    float64 recurrent form's gradients. At -10 a 16-token block's middle reference (shared with the forward)
+    puts factors at exp(+-80), where small products fall below float32's normal range and are flushed: about
+    1e-3 of the largest gradient is lost (docs/performance.md)."""
+    inputs = make_inputs("eda-channel", rng, T=130, dtype=jnp.float32, max_decay=-floor)
+    inputs["g"] = inputs["g"].at[..., :3].set(floor)
+    state = make_state(rng, dtype=jnp.float32)
+    cotangents = random_cotangents(rng, inputs)
+    actual = grad_runner("eda", "pallas", 64)(cotangents, inputs, state, None)
+    expected = grad_runner("eda", "recurrent")(cotangents, to_float64(inputs), to_float64(state), None)
+    assert_close(actual, expected, rtol, f"eda pallas grad, log-decay floor {floor}")
+
+
 LOWERING_CASES = {  # name: (sub-steps per token, decay width: "1" or "K", erase address y, segments)
     "scalar-decay delta": (1, "1", True, False),
     "channel-decay delta": (1, "K", True, False),
@@ -124,6 +169,23 @@ def test_chunk_kernels_lower_to_triton(case):
     assert lowered.as_text().count("xla.gpu.triton") == 3  # intra, state, output
 
 
+@pytest.mark.parametrize("case", list(LOWERING_CASES))
+def test_chunk_backward_kernels_lower_to_triton(case, backward_kernels):
+    """A training step's forward and backward: the three forward kernels, the intra and state kernels again
+    (the backward recomputes the chunk states), and the three backward kernels."""
+
+    def loss(q, sub, s0, seg):
+        o, state = forms.chunkwise(q, sub, s0, seg, 64, False)
+        return jnp.sum(o * o) + jnp.sum(state)
+
+    step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+    text = step.trace(*_lowering_inputs(case, 128)).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("xla.gpu.triton") == 8  # forward 3, recompute 2, backward 3
+    assert all(
+        f'name = "{kernel}"' in text for kernel in ("value_grad_kernel", "_state_grad_kernel", "chunk_grad_kernel")
+    )
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("rule", ["gated_delta_rule", "kda", "gdn2", "eda"])
 def test_pallas_on_gpu_bf16(rule):
@@ -150,3 +212,32 @@ def test_pallas_decode_step_on_gpu(rule):
     expected = step(state, *token)
     actual = jax.jit(lambda s, *t: step(s, *t, impl="pallas"), donate_argnums=0)(state.copy(), *token)
     assert relative_error(actual[0], expected[0]) < 1e-4 and relative_error(actual[1], expected[1]) < 1e-4
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rule", ["gated_delta_rule", "kda", "gdn2", "eda"])
+def test_pallas_grads_on_gpu_bf16(rule, backward_kernels):
+    """Gradients of every input and the initial state at full-width heads, q, k, v (and e) in bf16, against a
+    float32 recurrent run: relative error under 2e-2, finite."""
+    from edarnn.check_forms import random_inputs
+
+    inputs = random_inputs(rule, 2, 1000, 4, 128, 128)
+    keys = jax.random.split(jax.random.key(1), 3)
+    state = jax.random.normal(keys[0], (2, 4, 128, 128), jnp.float32)
+    co = jax.random.normal(keys[1], (2, 1000, 4, 128), jnp.float32)
+    cs = jax.random.normal(keys[2], (2, 4, 128, 128), jnp.float32)
+
+    def grads(impl, args):
+        def loss(args, initial_state):
+            o, final_state = rules.RULES[rule](*args, initial_state=initial_state, impl=impl)
+            return jnp.sum(o.astype(jnp.float32) * co) + jnp.sum(final_state * cs)
+
+        return jax.jit(jax.grad(loss, argnums=(0, 1)))(args, state)
+
+    with jax.default_matmul_precision("highest"):
+        expected = grads("recurrent", inputs)
+    low = tuple(x.astype(jnp.bfloat16) if i < 3 or (rule == "eda" and i == 3) else x for i, x in enumerate(inputs))
+    actual = grads("pallas", low)
+    for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True):
+        assert np.isfinite(np.asarray(a, np.float32)).all()
+        assert relative_error(a, e) < 2e-2

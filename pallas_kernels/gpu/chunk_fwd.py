@@ -10,6 +10,8 @@ erase address y, with or without segments):
    S <- Diag(exp G_last) S + (X exp(G_last - G))^T U, with S in registers.
 3. `output` (grid B x H x N x V/BV, parallel; body in pallas_kernels.tiles): O = (Q exp Gq) S + Aqk U.
 
+`chunk_states` (kernels 1 and 2) is also the backward's recompute (chunk_bwd.py).
+
 Arrays keep the public [B, T, H, D] layout: a chunk of one head is a strided [rows, D] tile.
 """
 
@@ -21,7 +23,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from pallas_kernels.tiles import BLOCK_TOKENS, dot, intra_kernel, output_kernel
+from pallas_kernels.tiles import BLOCK_TOKENS, dot, end_decays, intra_kernel, output_kernel
 
 
 class Config(NamedTuple):
@@ -63,13 +65,10 @@ def _state_kernel(*refs, rows, n_chunks, has_erase, has_segments):
         if has_erase:
             u = u - dot(w_ref[b, ts, h, :], state)
         g_last = g_ref[b, n * rows + rows - 1, h, :].reshape(1, -1)
-        decay_to_end = jnp.exp(g_last - g)
-        state_decay = jnp.exp(g_last).reshape(-1, 1)
-        if has_segments:
-            seg = seg_ref[b, ts].reshape(rows, 1)
-            seg_last = seg_ref[b, n * rows + rows - 1]
-            decay_to_end = jnp.where(seg == seg_last, decay_to_end, 0.0)
-            state_decay = jnp.where(seg_last == prev_ref[b, n], state_decay, 0.0)
+        segs = (
+            (seg_ref[b, ts].reshape(rows, 1), seg_ref[b, n * rows + rows - 1], prev_ref[b, n]) if has_segments else ()
+        )
+        decay_to_end, state_decay = end_decays(g, g_last, *segs)
         u_ref[b, ts, h, vs] = u
         states_ref[b, h, n, :, vs] = state
         return state_decay * state + dot((x * decay_to_end).T, u)
@@ -82,7 +81,7 @@ def _state_kernel(*refs, rows, n_chunks, has_erase, has_segments):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _tile(rows, width, grid_rank=3, v_block=False):
+def tile_spec(rows, width, grid_rank=3, v_block=False):
     """BlockSpec of one chunk's rows of a [B, T', H, width...] array on the grid (B, H, N) or (B, H, N, V/BV);
     v_block: the last axis is cut in blocks of `width`, the grid's last index picks one."""
     if grid_rank == 3:
@@ -90,10 +89,75 @@ def _tile(rows, width, grid_rank=3, v_block=False):
     return pl.BlockSpec((None, rows, None, width), lambda b, h, n, j: (b, n, h, j if v_block else 0))
 
 
+def triton_call(kernel, warps, interpret, **kwargs):
+    """pl.pallas_call with the Triton compiler parameters."""
+    params = plt.CompilerParams(num_warps=warps, num_stages=1)
+    return pl.pallas_call(kernel, interpret=interpret, compiler_params=params, **kwargs)
+
+
+def segment_specs(grid_rank, *widths):
+    """BlockSpecs of segment arrays ([B, rows of a chunk] or [B, 1]) on a grid (B, H, N) or (B, H, N, V/BV)."""
+    if grid_rank == 3:
+        return [pl.BlockSpec((None, r), lambda b, h, n: (b, n)) for r in widths]
+    return [pl.BlockSpec((None, r), lambda b, h, n, j: (b, n)) for r in widths]
+
+
+def chunk_states(
+    q, gq, x, y, z, gcum, initial_state, seg, seg_q, seg_prev, *, chunk_size, interpret, config=DEFAULT_CONFIG
+):
+    """The intra and state kernels on prepared inputs (see chunk_forward).
+    Returns (scores [B, T, H, C P] f32, each token's query scores against its chunk's sub-steps; w [B, T P, H, K]
+    f32, None without an erase address; u [B, T P, H, V] f32; states [B, H, N, K, V] f32, each chunk's start
+    state; final_state [B, H, K, V] f32)."""
+    batch, length, heads, key = q.shape
+    per_token = x.shape[1] // length
+    rows, value, dim = per_token * chunk_size, z.shape[-1], gcum.shape[-1]
+    n_chunks = length // chunk_size
+    block_tokens = min(BLOCK_TOKENS, chunk_size)
+    has_erase, has_segments = y is not None, seg is not None
+    f32 = jnp.float32
+
+    intra_outs = triton_call(
+        functools.partial(
+            intra_kernel,
+            block_tokens=block_tokens,
+            per_token=per_token,
+            has_erase=has_erase,
+            has_segments=has_segments,
+        ),
+        config.intra_warps[per_token - 1],
+        interpret,
+        grid=(batch, heads, n_chunks),
+        in_specs=[tile_spec(chunk_size, key), tile_spec(chunk_size, dim), tile_spec(rows, key), tile_spec(rows, dim)]
+        + ([tile_spec(rows, key), tile_spec(rows, value)] if has_erase else [])
+        + (segment_specs(3, chunk_size, rows, 1) if has_segments else []),
+        out_specs=[tile_spec(chunk_size, rows)] + ([tile_spec(rows, key), tile_spec(rows, value)] if has_erase else []),
+        out_shape=[jax.ShapeDtypeStruct((batch, length, heads, rows), f32)]
+        + ([jax.ShapeDtypeStruct(x.shape, f32), jax.ShapeDtypeStruct(z.shape, f32)] if has_erase else []),
+    )(q, gq, x, gcum, *((y, z) if has_erase else ()), *((seg_q, seg, seg_prev) if has_segments else ()))
+    scores, w, u_tilde = intra_outs if has_erase else (intra_outs[0], None, z)
+
+    state_block_v = min(config.state_block_v, value)
+    u, states, final_state = triton_call(
+        functools.partial(
+            _state_kernel, rows=rows, n_chunks=n_chunks, has_erase=w is not None, has_segments=has_segments
+        ),
+        config.state_warps,
+        interpret,
+        grid=(batch, heads, value // state_block_v),
+        out_shape=[
+            jax.ShapeDtypeStruct(z.shape, f32),
+            jax.ShapeDtypeStruct((batch, heads, n_chunks, key, value), f32),
+            jax.ShapeDtypeStruct((batch, heads, key, value), f32),
+        ],
+    )(*(t for t in (u_tilde, w, x, gcum, initial_state) if t is not None), *((seg, seg_prev) if has_segments else ()))
+    return scores, w, u, states, final_state
+
+
 def chunk_forward(
     q, gq, x, y, z, gcum, initial_state, seg, seg_q, seg_prev, *, chunk_size, interpret, config=DEFAULT_CONFIG
 ):
-    """Chunkwise forward on prepared, padded inputs (see pallas_kernels.chunk.prepare).
+    """Chunkwise forward on prepared, padded inputs (see pallas_kernels.forms.prepare).
 
     q [B, T, H, K] (scaled), gq [B, T, H, D] (the chunk-local cumulative log-decay each query sees), x, y
     [B, T P, H, K] (y may be None), z [B, T P, H, V], gcum [B, T P, H, D] (chunk-local cumulative log-decay),
@@ -103,72 +167,39 @@ def chunk_forward(
     Returns (o [B, T, H, V] f32, final_state [B, H, K, V] f32).
     """
     batch, length, heads, key = q.shape
-    per_token = x.shape[1] // length
-    rows, value, dim = per_token * chunk_size, z.shape[-1], gcum.shape[-1]
+    rows, value, dim = x.shape[1] // length * chunk_size, z.shape[-1], gcum.shape[-1]
     n_chunks = length // chunk_size
-    block_tokens = min(BLOCK_TOKENS, chunk_size)
     has_segments = seg is not None
-    f32 = jnp.float32
-
-    def call(kernel, warps, **kwargs):
-        params = plt.CompilerParams(num_warps=warps, num_stages=1)
-        return pl.pallas_call(kernel, interpret=interpret, compiler_params=params, **kwargs)
-
-    def seg_specs(*shapes):
-        """BlockSpecs of segment arrays ([B, rows of a chunk] or [B, 1]) on a grid of len(shapes[0]) axes."""
-        if len(shapes[0]) == 3:
-            return [pl.BlockSpec((None, r), lambda b, h, n: (b, n)) for r in shapes[1:]]
-        return [pl.BlockSpec((None, r), lambda b, h, n, j: (b, n)) for r in shapes[1:]]
-
-    has_erase = y is not None
-    scores_shape = jax.ShapeDtypeStruct((batch, length, heads, rows), f32)
-    intra_outs = call(
-        functools.partial(
-            intra_kernel,
-            block_tokens=block_tokens,
-            per_token=per_token,
-            has_erase=has_erase,
-            has_segments=has_segments,
-        ),
-        config.intra_warps[per_token - 1],
-        grid=(batch, heads, n_chunks),
-        in_specs=[_tile(chunk_size, key), _tile(chunk_size, dim), _tile(rows, key), _tile(rows, dim)]
-        + ([_tile(rows, key), _tile(rows, value)] if has_erase else [])
-        + (seg_specs("bhn", chunk_size, rows, 1) if has_segments else []),
-        out_specs=[_tile(chunk_size, rows)] + ([_tile(rows, key), _tile(rows, value)] if has_erase else []),
-        out_shape=[scores_shape]
-        + ([jax.ShapeDtypeStruct(x.shape, f32), jax.ShapeDtypeStruct(z.shape, f32)] if has_erase else []),
-    )(q, gq, x, gcum, *((y, z) if has_erase else ()), *((seg_q, seg, seg_prev) if has_segments else ()))
-    scores, w, u_tilde = intra_outs if has_erase else (intra_outs[0], None, z)
-
-    state_block_v = min(config.state_block_v, value)
-    u, states, final_state = call(
-        functools.partial(
-            _state_kernel, rows=rows, n_chunks=n_chunks, has_erase=w is not None, has_segments=has_segments
-        ),
-        config.state_warps,
-        grid=(batch, heads, value // state_block_v),
-        out_shape=[
-            jax.ShapeDtypeStruct(z.shape, f32),
-            jax.ShapeDtypeStruct((batch, heads, n_chunks, key, value), f32),
-            jax.ShapeDtypeStruct((batch, heads, key, value), f32),
-        ],
-    )(*(t for t in (u_tilde, w, x, gcum, initial_state) if t is not None), *((seg, seg_prev) if has_segments else ()))
-
+    scores, _, u, states, final_state = chunk_states(
+        q,
+        gq,
+        x,
+        y,
+        z,
+        gcum,
+        initial_state,
+        seg,
+        seg_q,
+        seg_prev,
+        chunk_size=chunk_size,
+        interpret=interpret,
+        config=config,
+    )
     output_block_v = min(config.output_block_v, value)
-    o = call(
+    o = triton_call(
         functools.partial(output_kernel, has_segments=has_segments),
         config.output_warps,
+        interpret,
         grid=(batch, heads, n_chunks, value // output_block_v),
         in_specs=[
-            _tile(chunk_size, key, 4),
-            _tile(chunk_size, dim, 4),
-            _tile(chunk_size, rows, 4),
-            _tile(rows, output_block_v, 4, v_block=True),
+            tile_spec(chunk_size, key, 4),
+            tile_spec(chunk_size, dim, 4),
+            tile_spec(chunk_size, rows, 4),
+            tile_spec(rows, output_block_v, 4, v_block=True),
             pl.BlockSpec((None, None, None, key, output_block_v), lambda b, h, n, j: (b, h, n, 0, j)),
         ]
-        + (seg_specs("bhnj", chunk_size, 1) if has_segments else []),
-        out_specs=_tile(chunk_size, output_block_v, 4, v_block=True),
-        out_shape=jax.ShapeDtypeStruct((batch, length, heads, value), f32),
+        + (segment_specs(4, chunk_size, 1) if has_segments else []),
+        out_specs=tile_spec(chunk_size, output_block_v, 4, v_block=True),
+        out_shape=jax.ShapeDtypeStruct((batch, length, heads, value), jnp.float32),
     )(q, gq, scores, u, states, *((seg_q, seg_prev) if has_segments else ()))
     return o, final_state

@@ -1,0 +1,178 @@
+"""edarnn.checkpoint on a toy state and a grain iterator: round trip, what is kept, unreadable checkpoints."""
+
+import logging
+
+import grain
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from edarnn import checkpoint
+
+CONFIG = ml_collections.ConfigDict({"seed": 3, "model": {"layers": ["eda", "swa"]}})
+SHARDING = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+
+def _train_config(**overrides) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict({"keep_last": 2, "keep_best": "", "async_checkpoints": False, **overrides})
+
+
+def _state(step: int) -> dict:
+    return {"params": {"w": jnp.full((4, 3), step / 7, jnp.float32)}, "opt_state": {"count": jnp.int32(step)}}
+
+
+ABSTRACT = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=SHARDING), _state(0))
+
+
+def _iterator():
+    return iter(grain.MapDataset.range(1000).shuffle(seed=1).batch(2).to_iter_dataset())
+
+
+def _save(manager, iterator, steps, metrics=None):
+    """Takes a batch and saves a checkpoint at each of `steps`; returns the batch taken after the last save."""
+    for step in steps:
+        next(iterator)
+        checkpoint.save(manager, step, _state(step), iterator, CONFIG, None if metrics is None else metrics[step])
+    return next(iterator)
+
+
+def _assert_state(state, step):
+    for actual, expected in zip(jax.tree.leaves(state), jax.tree.leaves(_state(step)), strict=True):
+        assert actual.dtype == expected.dtype
+        np.testing.assert_array_equal(actual, expected)
+
+
+@pytest.mark.parametrize("async_checkpoints", [False, True])
+def test_round_trip(tmp_path, async_checkpoints):
+    """The newest checkpoint comes back: state, the iterator's position and the config. With async saves, the
+    arrays and the iterator position are those at save(), even when the arrays are deleted (donated) and the
+    iterator moves on right after it."""
+    manager = checkpoint.make_manager(tmp_path / "checkpoints", _train_config(async_checkpoints=async_checkpoints))
+    iterator = _iterator()
+    for step in (1, 2, 3):
+        next(iterator)
+        state = _state(step)
+        checkpoint.save(manager, step, state, iterator, CONFIG)
+        jax.tree.map(lambda x: x.delete(), state)
+    batch_after_save = next(iterator)
+    next(iterator)
+    manager.close()
+
+    manager = checkpoint.make_manager(tmp_path / "checkpoints", _train_config())
+    fresh = _iterator()
+    step, state = checkpoint.restore_latest(manager, ABSTRACT, fresh, CONFIG)
+    assert step == 3
+    _assert_state(state, 3)
+    np.testing.assert_array_equal(next(fresh), batch_after_save)
+    saved_config = manager.restore(3, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+    assert saved_config == {"seed": 3, "model": {"layers": ["eda", "swa"]}}
+
+
+@pytest.mark.parametrize(
+    ("keep_best", "values", "kept"),
+    [
+        ("", None, [4, 5]),
+        ("eval_accuracy", {1: 0.5, 2: 0.9, 3: 0.4, 4: 0.3, 5: 0.2}, [2, 4, 5]),
+        ("eval_loss", {1: 0.5, 2: 0.9, 3: 0.1, 4: 0.3, 5: 0.2}, [3, 4, 5]),
+    ],
+)
+def test_keeps_the_last_and_the_best(tmp_path, keep_best, values, kept):
+    manager = checkpoint.make_manager(tmp_path, _train_config(keep_best=keep_best))
+    metrics = None if values is None else {step: {keep_best: value} for step, value in values.items()}
+    _save(manager, _iterator(), [1, 2, 3, 4, 5], metrics)
+    manager.close()
+    assert sorted(manager.all_steps()) == kept
+
+
+def _corrupt(step_dir, how: str):
+    files = sorted(p for p in step_dir.rglob("*") if p.is_file())
+    assert files, step_dir
+    for path in files:
+        if how == "truncate":
+            path.write_bytes(b"")
+        elif how == "garble":  # flip bytes in the middle of every file
+            content = bytearray(path.read_bytes())
+            middle = len(content) // 2
+            content[middle : middle + 4] = bytes(b ^ 0xFF for b in content[middle : middle + 4])
+            path.write_bytes(bytes(content))
+        elif how == "remove_state" and "state" in path.relative_to(step_dir).parts:
+            path.unlink()
+        elif how == "remove_data" and "data" in path.relative_to(step_dir).parts:
+            path.unlink()
+
+
+@pytest.mark.parametrize("how", ["truncate", "garble", "remove_state", "remove_data"])
+def test_unreadable_latest_is_skipped(tmp_path, caplog, how):
+    """A complete-looking but unreadable newest checkpoint is skipped with a warning and moved aside; the one
+    before it is loaded, with its iterator position; its step can be saved again."""
+    directory = tmp_path / "checkpoints"
+    manager = checkpoint.make_manager(directory, _train_config(keep_last=3))
+    iterator = _iterator()
+    next(iterator)
+    checkpoint.save(manager, 1, _state(1), iterator, CONFIG)
+    batch_after_1 = next(iterator)
+    checkpoint.save(manager, 2, _state(2), iterator, CONFIG)
+    manager.close()
+    _corrupt(directory / "2", how)
+
+    manager = checkpoint.make_manager(directory, _train_config(keep_last=3))
+    fresh = _iterator()
+    with caplog.at_level(logging.WARNING):
+        step, state = checkpoint.restore_latest(manager, ABSTRACT, fresh, CONFIG)
+    assert step == 1
+    _assert_state(state, 1)
+    np.testing.assert_array_equal(next(fresh), batch_after_1)
+    assert any("checkpoint 2 is unreadable" in r.getMessage() for r in caplog.records), caplog.text
+    assert [p.name.split("-")[0] for p in (tmp_path / "corrupt_checkpoints").iterdir()] == ["2"]
+    assert manager.all_steps() == [1]
+    checkpoint.save(manager, 2, _state(2), fresh, CONFIG)
+    manager.close()
+    assert manager.all_steps() == [1, 2]
+
+
+def test_nothing_readable(tmp_path, caplog):
+    """With no readable checkpoint restore_latest returns None and leaves the iterator at its start."""
+    manager = checkpoint.make_manager(tmp_path / "checkpoints", _train_config(keep_last=3))
+    _save(manager, _iterator(), [1, 2, 3])
+    manager.close()
+    _corrupt(tmp_path / "checkpoints" / "1", "truncate")
+    _corrupt(tmp_path / "checkpoints" / "3", "garble")
+    _corrupt(tmp_path / "checkpoints" / "2", "remove_state")
+
+    manager = checkpoint.make_manager(tmp_path / "checkpoints", _train_config(keep_last=3))
+    fresh = _iterator()
+    with caplog.at_level(logging.WARNING):
+        assert checkpoint.restore_latest(manager, ABSTRACT, fresh, CONFIG) is None
+    np.testing.assert_array_equal(next(fresh), next(_iterator()))
+    assert sorted(p.name.split("-")[0] for p in (tmp_path / "corrupt_checkpoints").iterdir()) == ["1", "2", "3"]
+
+
+def test_unfinished_save_is_ignored(tmp_path):
+    """A save cut off before orbax renamed its temporary directory (a kill mid-save) is not a checkpoint."""
+    directory = tmp_path / "checkpoints"
+    manager = checkpoint.make_manager(directory, _train_config())
+    _save(manager, _iterator(), [1, 2])
+    manager.close()
+    unfinished = directory / "3.orbax-checkpoint-tmp-1234567"
+    (unfinished / "state").mkdir(parents=True)
+    (unfinished / "state" / "_METADATA").write_text("{")
+
+    manager = checkpoint.make_manager(directory, _train_config())
+    step, state = checkpoint.restore_latest(manager, ABSTRACT, _iterator(), CONFIG)
+    assert step == 2
+    _assert_state(state, 2)
+
+
+def test_checkpoint_of_another_model_is_refused(tmp_path):
+    """Resuming a work dir with a different model config is an error naming the fields, not a corrupt checkpoint."""
+    manager = checkpoint.make_manager(tmp_path / "checkpoints", _train_config())
+    _save(manager, _iterator(), [1])
+    manager.close()
+    other = ml_collections.ConfigDict({"seed": 3, "model": {"layers": ["eda"]}})
+    manager = checkpoint.make_manager(tmp_path / "checkpoints", _train_config())
+    with pytest.raises(ValueError, match=r"another model: config.model differs in \['layers'\]"):
+        checkpoint.restore_latest(manager, ABSTRACT, _iterator(), other)
+    assert manager.all_steps() == [1]
