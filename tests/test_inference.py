@@ -2,7 +2,9 @@
 different lengths; cache sizes; sampling; generation; errors."""
 
 import dataclasses
+import io
 
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,7 +13,8 @@ from conftest import jit, relative_error
 from flax import nnx
 from test_model import VOCAB, tiny_config
 
-from edarnn import inference
+from edarnn import checkpoint, data, generate, inference
+from edarnn import config as config_lib
 from edarnn import model as M
 
 RTOL = 1e-5  # float32 throughout; the chunk and recurrent forms differ by rounding only
@@ -240,3 +243,58 @@ def test_prepared_weights_in_the_compute_dtype_give_the_same_logits(rng):
     stored, _ = inference.decode_step(model, stored_cache, tokens[:, 0])
     cast, _ = inference.decode_step(float32, cast_cache, tokens[:, 0])
     np.testing.assert_array_equal(stored, cast)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the command line: a checkpoint as edarnn.train writes it
+# ----------------------------------------------------------------------------------------------------------
+
+
+def save_run(workdir, step: int, source: str = "bytes") -> M.LM:
+    """A work dir with checkpoint `step` of a random tiny model on `source` data (an "optimizer state" beside it,
+    as edarnn.train saves); returns the model."""
+    config = config_lib.defaults()
+    config.model.update(
+        vocab_size=data.BYTES.eos + 1, d_model=16, n_layers=2, layers=("eda", "swa"), n_heads=2, d_ff=24, window=4
+    )
+    config.data.source = source
+    config.train.async_checkpoints = False
+    lm = M.LM(config.model, rngs=nnx.Rngs(step))
+    params = nnx.state(lm, nnx.Param)
+    manager = checkpoint.make_manager(str(workdir / "checkpoints"), config.train)
+    iterator = iter(grain.MapDataset.range(8).batch(2).to_iter_dataset())
+    state = {"params": params, "opt_state": jax.tree.map(jnp.zeros_like, params)}
+    checkpoint.save(manager, step, state, iterator, config)
+    manager.close()
+    return lm
+
+
+def test_command_line_continues_a_prompt_from_a_checkpoint(tmp_path):
+    save_run(tmp_path, 3)
+    lm = save_run(tmp_path, 7)  # the newest, loaded by default
+    loaded, _, step = generate.load(str(tmp_path))
+    assert step == 7
+    for saved, restored in zip(jax.tree.leaves(nnx.state(lm)), jax.tree.leaves(nnx.state(loaded)), strict=True):
+        np.testing.assert_array_equal(saved, restored)
+
+    prompt = "héllo"
+    expected = list(inference.generate(inference.prepare(lm), [generate.encode(prompt)], 12, temperature=0))
+    expected = bytes(int(t[0]) for t in expected if t[0] < 256).decode("utf-8", errors="replace")
+    out = io.StringIO()
+    generate.main(["--workdir", str(tmp_path), "--prompt", prompt, "--max-new-tokens", "12", "--temperature", "0"], out)
+    assert out.getvalue().splitlines()[1:] == (prompt + expected).splitlines()
+
+    out = io.StringIO()  # a batch of two prompts, sampled: each printed after its prompt
+    batch = ["--prompt", "a", "--prompt", "bcd", "--step", "3", "--top-k", "5", "--max-new-tokens", "4"]
+    generate.main(["--workdir", str(tmp_path), *batch], out)
+    assert "--- 'a'\na" in out.getvalue() and "--- 'bcd'\nbcd" in out.getvalue()
+
+
+def test_command_line_errors(tmp_path):
+    with pytest.raises(ValueError, match="no checkpoints/"):
+        generate.load(str(tmp_path))
+    save_run(tmp_path, 2, source="synthetic")
+    with pytest.raises(ValueError, match=r"--step 5: .* holds the steps \[2\]"):
+        generate.load(str(tmp_path), 5)
+    with pytest.raises(ValueError, match="byte-level models"):
+        generate.main(["--workdir", str(tmp_path), "--prompt", "x"])
