@@ -19,6 +19,7 @@ import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
 from flax import nnx
 
@@ -71,6 +72,7 @@ def parse_args(argv=None):
 
 def main(argv=None, out=None) -> int:
     args = parse_args(argv)
+    logging.set_verbosity(logging.ERROR)  # orbax warns that a read-only checkpoint manager is read-only
     out = out or sys.stdout
     lm, config, step = load(args.workdir, args.step)
     if config.data.source != "bytes" or config.data.bytes.tokenizer:
