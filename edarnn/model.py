@@ -21,6 +21,12 @@ The token mixer of layer i is config.layers[i % len(config.layers)], one of MIXE
 segment_ids [B, T] (packed documents): the recurrent state restarts, the convolution does not reach back and
 attention does not look across a change of id; a document's logits do not depend on what is packed before it.
 
+Decoding (edarnn.inference drives it): `LM.prefill` is the forward pass that also returns a cache per layer,
+`LM.decode` one token from the caches. Every layer runs the same code as in training: a recurrent mixer continues
+its rule from the cached state and the convolution from the cached inputs of the last W - 1 tokens
+(RecurrentCache, a fixed size); an attention mixer appends its key and value to a ring buffer (AttentionCache:
+the last `window` tokens for "swa", all of them up to a maximum length for full attention) and attends over it.
+
 Dimensions: d = d_model, H = n_heads, K = head_dim_k, V = head_dim_v, F = d_ff. Parameters are float32; the
 computation runs in config.dtype ("float32" or "bfloat16"; norms, decays, RoPE and the rules' state in float32);
 logits are float32. Every parameter carries logical axis names (edarnn.sharding) in its `out_sharding` metadata.
@@ -56,6 +62,9 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 GATE_RANK = 16  # rank of the per-channel gate projections d -> GATE_RANK -> H x D
 CHANNEL_LOG_DECAY_MIN = -10.0  # floor of channel-wise log-decays: the rules' chunk form needs g >= -10 per token
 ROPE_THETA = 10_000.0
+# Parameters the model reads only cast to the compute dtype: inference may store them in it (same results, half
+# the memory and traffic in bfloat16). The others (norm scales, decay parameters) enter float32 arithmetic.
+COMPUTE_DTYPE_PARAMS = ("kernel", "conv", "embed", "head")
 
 
 class Recurrent(NamedTuple):
@@ -115,6 +124,18 @@ def causal_conv(x: Array, weight: Array, segment_ids: Array | None) -> Array:
             past = past * same[:, :, None, None].astype(x.dtype)
         y = y + past * weight[lag]
     return y
+
+
+def conv_tail(x: Array, segment_ids: Array | None, width: int) -> Array:
+    """What a causal convolution of `width` needs from before the token after x: x's last width - 1 tokens
+    [B, width - 1, H, D], zeros for those before x's start or outside the last token's segment."""
+    keep = width - 1
+    tail = jnp.pad(x, ((0, 0), (keep, 0), (0, 0), (0, 0)))[:, x.shape[1] :]
+    if segment_ids is None:
+        return tail
+    segment = core.segment_numbers(segment_ids, x.shape[1])
+    same = jnp.pad(segment == segment[:, -1:], ((0, 0), (keep, 0)))[:, x.shape[1] :]
+    return tail * same[:, :, None, None].astype(x.dtype)
 
 
 def segment_positions(segment_ids: Array | None, length: int) -> Array:
@@ -196,7 +217,11 @@ class RMSNorm(nnx.Module):
 
 
 class ConvProjection(nnx.Module):
-    """x [B, T, d] -> SiLU(causal_conv(x W)) [B, T, H, D]; conv_size 0: SiLU(x W)."""
+    """x [B, T, d] -> SiLU(causal_conv(x W)) [B, T, H, D]; conv_size 0: SiLU(x W).
+
+    With a `tail` (the convolution inputs x W of the W - 1 tokens before x, see conv_tail; decoding) the
+    convolution continues from it, the tail counting as part of x's first segment. Also returns the tail for the
+    tokens after x (None without a convolution)."""
 
     def __init__(self, d_model: int, heads: int, width: int, conv_size: int, *, dtype, rngs: nnx.Rngs):
         self.proj = Dense((d_model,), (heads, width), ("embed", "heads", "kv"), dtype=dtype, rngs=rngs)
@@ -206,11 +231,17 @@ class ConvProjection(nnx.Module):
         else:
             self.conv = None
 
-    def __call__(self, x: Array, segment_ids: Array | None) -> Array:
+    def __call__(self, x: Array, segment_ids: Array | None, tail: Array | None = None) -> tuple[Array, Array | None]:
         y = self.proj(x)
-        if self.conv is not None:
-            y = causal_conv(y, self.conv[...].astype(y.dtype), segment_ids)
-        return constrain(jax.nn.silu(y), "batch", "length", "heads", "kv")
+        if self.conv is None:
+            return constrain(jax.nn.silu(y), "batch", "length", "heads", "kv"), None
+        width = self.conv.shape[0]
+        if tail is not None:
+            y = jnp.concatenate([tail.astype(y.dtype), y], axis=1)
+            if segment_ids is not None:
+                segment_ids = jnp.pad(segment_ids, ((0, 0), (width - 1, 0)), mode="edge")
+        out = causal_conv(y, self.conv[...].astype(y.dtype), segment_ids)[:, y.shape[1] - x.shape[1] :]
+        return constrain(jax.nn.silu(out), "batch", "length", "heads", "kv"), conv_tail(y, segment_ids, width)
 
 
 class Gate(nnx.Module):
@@ -252,11 +283,22 @@ def _gate_shape(channels: str, heads: int, key: int, value: int) -> tuple[tuple[
     return (heads, key if channels == "K" else value), ("heads", "kv")
 
 
+class RecurrentCache(NamedTuple):
+    """What a recurrent mixer carries to the next token: a fixed size, whatever the length.
+
+    state: [B, H, K, V] float32, the rule's state after the last token;
+    tails: {"q", "k", "v" (, "e"): [B, W - 1, H, K or V]} in the compute dtype, the convolution inputs (x W) of
+    the last W - 1 tokens (zeros where there were none); empty without a convolution."""
+
+    state: Array
+    tails: dict[str, Array]
+
+
 class RecurrentMixer(nnx.Module):
     """A rule of edarnn.rules as a token mixer, x [B, T, d] -> [B, T, d] (see the module docstring).
 
-    Factored as inputs (projections, conv) -> gates -> the rule -> readout (norm, output gate, projection), so
-    that a decoding path can reuse each part with a cached state and conv tail."""
+    Factored as inputs (projections, conv) -> gates -> the rule -> readout (norm, output gate, projection);
+    `extend` runs them from a cache (prefill: from none; decode: one token)."""
 
     def __init__(self, kind: str, config, *, rngs: nnx.Rngs):
         spec = RECURRENT[kind]
@@ -281,10 +323,19 @@ class RecurrentMixer(nnx.Module):
         out_std = (heads * value * 2 * config.n_layers) ** -0.5
         self.out = Dense((heads, value), (d,), ("heads", "kv", "embed"), dtype=dtype, rngs=rngs, std=out_std)
 
-    def inputs(self, x: Array, segment_ids: Array | None) -> dict[str, Array]:
-        """q, k [B, T, H, K], v [B, T, H, V] and (EDA) e [B, T, H, K], before normalisation."""
+    def inputs(
+        self, x: Array, segment_ids: Array | None, tails: dict[str, Array] | None = None
+    ) -> tuple[dict[str, Array], dict[str, Array]]:
+        """q, k [B, T, H, K], v [B, T, H, V] and (EDA) e [B, T, H, K], before normalisation, continuing the
+        convolutions from `tails` (RecurrentCache.tails; None: no tokens before x); and the tails after x."""
         projections = {"q": self.q, "k": self.k, "v": self.v, "e": self.e}
-        return {name: p(x, segment_ids) for name, p in projections.items() if p is not None}
+        values, new_tails = {}, {}
+        for name, projection in projections.items():
+            if projection is not None:
+                values[name], tail = projection(x, segment_ids, None if tails is None else tails.get(name))
+                if tail is not None:
+                    new_tails[name] = tail
+        return values, new_tails
 
     def gate_values(self, x: Array) -> dict[str, Array]:
         """The rule's gates: g (log-decay) and sigmoid gates, [B, T, H] or [B, T, H, K or V]."""
@@ -299,16 +350,51 @@ class RecurrentMixer(nnx.Module):
         """(RMSNorm_per_head(o) * SiLU(x W_og)) W_out: o [B, T, H, V], x [B, T, d] -> [B, T, d]."""
         return self.out(self.norm(o) * jax.nn.silu(self.out_gate(x)))
 
-    def __call__(self, x: Array, segment_ids: Array | None) -> Array:
-        o, _ = rules.RULES[self.rule](
-            **self.inputs(x, segment_ids),
+    def extend(self, x: Array, segment_ids: Array | None, cache: RecurrentCache | None) -> tuple[Array, RecurrentCache]:
+        """x [B, T, d] after the tokens summarised by `cache` (None: none) -> (y [B, T, d], the cache after x's
+        last token: the state of its segment). The rule runs in config.rule_impl; a single token (decoding) in
+        the recurrent form, or the Pallas token kernel with rule_impl "pallas"."""
+        inputs, tails = self.inputs(x, segment_ids, None if cache is None else cache.tails)
+        impl = "recurrent" if x.shape[1] == 1 and self.impl != "pallas" else self.impl
+        o, state = rules.RULES[self.rule](
+            **inputs,
             **self.gate_values(x),
+            initial_state=None if cache is None else cache.state,
             segment_ids=segment_ids,
-            impl=self.impl,
+            impl=impl,
             chunk_size=self.chunk_size,
             normalize_qk=True,
         )
-        return self.readout(constrain(o, "batch", "length", "heads", "kv"), x)
+        state = constrain(state.astype(jnp.float32), "batch", "heads", None, "kv")
+        return self.readout(constrain(o, "batch", "length", "heads", "kv"), x), RecurrentCache(state, tails)
+
+    def prefill(self, x: Array, segment_ids: Array | None, max_len: int | None) -> tuple[Array, RecurrentCache]:
+        """x [B, T, d] -> (y [B, T, d], the cache after x); max_len is unused (the cache has a fixed size)."""
+        return self.extend(x, segment_ids, None)
+
+    def decode(self, x: Array, cache: RecurrentCache) -> tuple[Array, RecurrentCache]:
+        """One token x [B, 1, d] -> (y [B, 1, d], the cache after it)."""
+        return self.extend(x, None, cache)
+
+    def __call__(self, x: Array, segment_ids: Array | None) -> Array:
+        return self.extend(x, segment_ids, None)[0]
+
+
+class AttentionCache(NamedTuple):
+    """The keys and values of an attention mixer's last S tokens, a ring buffer: the token written i-th (counted
+    over the padded batch, prompt and decoded tokens) sits in slot i % S. S = min(window, max_len) for "swa",
+    max_len for full attention (which then never overwrites a slot).
+
+    keys, values: [B, S, H, D] in the compute dtype (keys after RoPE);
+    positions: [B, S] int32, each slot's position in its sequence, -1 where empty or padding;
+    length: [B] int32, tokens of each sequence so far (the next token's position);
+    index: [] int32, tokens written (the next token's slot is index % S)."""
+
+    keys: Array
+    values: Array
+    positions: Array
+    length: Array
+    index: Array
 
 
 class AttentionMixer(nnx.Module):
@@ -324,11 +410,64 @@ class AttentionMixer(nnx.Module):
         self.out = Dense((heads, width), (d,), ("heads", "kv", "embed"), dtype=dtype, rngs=rngs, std=out_std)
         self.window = window
 
-    def __call__(self, x: Array, segment_ids: Array | None) -> Array:
-        positions = segment_positions(segment_ids, x.shape[1])
+    def _qkv(self, x: Array, positions: Array) -> tuple[Array, Array, Array]:
+        """q, k (after RoPE at positions [B or 1, T]) and v, [B, T, H, D]."""
         q, k, v = rope(self.q(x), positions), rope(self.k(x), positions), self.v(x)
-        q, k, v = (constrain(t, "batch", "length", "heads", "kv") for t in (q, k, v))
-        return self.out(attention(q, k, v, segment_ids, self.window))
+        return tuple(constrain(t, "batch", "length", "heads", "kv") for t in (q, k, v))
+
+    def cache_size(self, max_len: int) -> int:
+        """Slots S of the cache for sequences of at most max_len tokens."""
+        return max_len if self.window is None else min(self.window, max_len)
+
+    def prefill(self, x: Array, segment_ids: Array | None, max_len: int | None) -> tuple[Array, AttentionCache | None]:
+        """x [B, T, d] -> (y [B, T, d], the cache for decoding after x's last token, sized for max_len tokens (None:
+        no cache)). The cache keeps the last min(T, S) tokens; those outside the last token's segment (padding
+        before a shorter prompt) as empty slots."""
+        length = x.shape[1]
+        positions = segment_positions(segment_ids, length)
+        q, k, v = self._qkv(x, positions)
+        y = self.out(attention(q, k, v, segment_ids, self.window))
+        if max_len is None:
+            return y, None
+        size = self.cache_size(max_len)
+        kept = min(length, size)
+        positions = jnp.broadcast_to(positions, x.shape[:2])
+        if segment_ids is not None:
+            segment = core.segment_numbers(segment_ids, length)
+            positions = jnp.where(segment == segment[:, -1:], positions, -1)
+
+        def buffer(t: Array, fill) -> Array:
+            """[B, T, ...] -> [B, S, ...]: token i (of the last `kept`) in slot i % S, `fill` in the others."""
+            widths = ((0, 0), (0, size - kept)) + ((0, 0),) * (t.ndim - 2)
+            t = jnp.pad(t[:, length - kept :], widths, constant_values=fill)
+            return jnp.roll(t, (length - kept) % size, axis=1)
+
+        cache = AttentionCache(
+            keys=buffer(k, 0),
+            values=buffer(v, 0),
+            positions=buffer(positions, -1),
+            length=positions[:, -1] + 1,
+            index=jnp.asarray(length, jnp.int32),
+        )
+        return y, cache
+
+    def decode(self, x: Array, cache: AttentionCache) -> tuple[Array, AttentionCache]:
+        """One token x [B, 1, d] -> (y [B, 1, d], the cache with it): attends over the cache's valid slots. A full
+        attention layer given more tokens than its cache holds returns NaN (it would silently drop context)."""
+        size = cache.keys.shape[1]
+        q, k, v = self._qkv(x, cache.length[:, None])
+        slot = cache.index % size
+        write = lambda buffer, t: jax.lax.dynamic_update_slice_in_dim(buffer, t.astype(buffer.dtype), slot, 1)  # noqa: E731
+        keys, values = write(cache.keys, k), write(cache.values, v)
+        positions = write(cache.positions, cache.length[:, None])
+        o = jax.nn.dot_product_attention(q, keys, values, mask=(positions >= 0)[:, None, None, :])
+        if self.window is None:
+            o = jnp.where(cache.index < size, o, jnp.nan)
+        cache = AttentionCache(keys, values, positions, cache.length + 1, cache.index + 1)
+        return self.out(o), cache
+
+    def __call__(self, x: Array, segment_ids: Array | None) -> Array:
+        return self.prefill(x, segment_ids, None)[0]
 
 
 class MLP(nnx.Module):
@@ -359,10 +498,22 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm((config.d_model,), ("embed",), eps=eps, dtype=dtype)
         self.mlp = MLP(config, rngs=rngs)
 
-    def __call__(self, x: Array, segment_ids: Array | None) -> Array:
-        x = x + self.mixer(self.mixer_norm(x), segment_ids)
+    def _mlp_residual(self, x: Array) -> Array:
         x = x + self.mlp(self.mlp_norm(x))
         return constrain(x, "batch", "length", "act_embed")
+
+    def prefill(self, x: Array, segment_ids: Array | None, max_len: int | None):
+        """x [B, T, d] -> (the block's output, the mixer's cache for decoding up to max_len tokens)."""
+        y, cache = self.mixer.prefill(self.mixer_norm(x), segment_ids, max_len)
+        return self._mlp_residual(x + y), cache
+
+    def decode(self, x: Array, cache):
+        """One token x [B, 1, d] -> (the block's output, the mixer's cache with it)."""
+        y, cache = self.mixer.decode(self.mixer_norm(x), cache)
+        return self._mlp_residual(x + y), cache
+
+    def __call__(self, x: Array, segment_ids: Array | None) -> Array:
+        return self._mlp_residual(x + self.mixer(self.mixer_norm(x), segment_ids))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -413,21 +564,50 @@ class LM(nnx.Module):
         self.head = None if config.tie_embeddings else _param(_normal(rngs, (d, vocab), d**-0.5), ("embed", "vocab"))
         self.remat = bool(config.remat)
 
-    def __call__(self, tokens: Array, segment_ids: Array | None = None) -> Array:
-        """tokens [B, T] int; segment_ids [B, T] int or None -> logits [B, T, vocab_size] float32."""
+    def _embed(self, tokens: Array, segment_ids: Array | None) -> Array:
+        """tokens [B, T] int -> the residual stream [B, T, d] in the compute dtype (checks the arguments)."""
         if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
             raise ValueError(f"tokens must be an int array [B, T]; got {tokens.dtype}{list(tokens.shape)}")
         if segment_ids is not None and segment_ids.shape != tokens.shape:
             raise ValueError(f"segment_ids must have the shape of tokens {tokens.shape}; got {segment_ids.shape}")
         embed = constrain(self.embed[...], "vocab", None)  # gathered over fsdp for the lookup
         x = jnp.take(embed, tokens, axis=0).astype(self.dtype) * math.sqrt(embed.shape[1])
-        x = constrain(x, "batch", "length", "act_embed")
+        return constrain(x, "batch", "length", "act_embed")
+
+    def _logits(self, x: Array) -> Array:
+        """The residual stream [B, T, d] -> logits [B, T, vocab_size] float32."""
+        head = constrain(self.embed[...], "vocab", None).T if self.head is None else self.head[...]
+        logits = jnp.einsum("btd,dv->btv", self.norm(x), head.astype(self.dtype), preferred_element_type=jnp.float32)
+        return constrain(logits, "batch", "length", "vocab")
+
+    def __call__(self, tokens: Array, segment_ids: Array | None = None) -> Array:
+        """tokens [B, T] int; segment_ids [B, T] int or None -> logits [B, T, vocab_size] float32."""
+        x = self._embed(tokens, segment_ids)
         block_fn = nnx.remat(Block.__call__) if self.remat else Block.__call__
         for block in self.blocks:
             x = block_fn(block, x, segment_ids)
-        head = embed.T if self.head is None else self.head[...]
-        logits = jnp.einsum("btd,dv->btv", self.norm(x), head.astype(self.dtype), preferred_element_type=jnp.float32)
-        return constrain(logits, "batch", "length", "vocab")
+        return self._logits(x)
+
+    def prefill(self, tokens: Array, segment_ids: Array | None, max_len: int | None) -> tuple[Array, list]:
+        """The forward pass over a prompt that also returns every layer's cache: tokens [B, T] int, segment_ids
+        [B, T] or None -> (logits of the last token [B, vocab_size] float32, [cache per layer]) for decoding the
+        last token's segment further, up to max_len tokens in all (attention caches are sized for it)."""
+        x = self._embed(tokens, segment_ids)
+        caches = []
+        for block in self.blocks:
+            x, cache = block.prefill(x, segment_ids, max_len)
+            caches.append(cache)
+        return self._logits(x[:, -1:])[:, 0], caches
+
+    def decode(self, tokens: Array, caches: list) -> tuple[Array, list]:
+        """One token per sequence: tokens [B] int and the caches after the tokens before it -> (logits
+        [B, vocab_size] float32, the caches with it)."""
+        x = self._embed(tokens[:, None], None)
+        new_caches = []
+        for block, cache in zip(self.blocks, caches, strict=True):
+            x, cache = block.decode(x, cache)
+            new_caches.append(cache)
+        return self._logits(x)[:, 0], new_caches
 
 
 def count_params(model: nnx.Module) -> int:

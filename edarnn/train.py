@@ -68,6 +68,10 @@ def make_optimizer(train_config: ml_collections.ConfigDict) -> tuple[optax.Gradi
     return optax.chain(clip, adamw), schedule
 
 
+BATCH_DTYPES = {"inputs": jnp.int32, "targets": jnp.int32, "segment_ids": jnp.int32, "loss_mask": jnp.float32}
+"""The arrays of a training batch, each [B, T]; segment_ids may be left out (one document per row)."""
+
+
 def scored_sums(logits: jax.Array, batch: dict[str, jax.Array]):
     """Cross-entropy of `logits` [B, T, vocab] summed over the scored positions of `batch` (arrays [B, T];
     loss_mask 1 where scored). Returns (loss sum, (correct predictions, scored positions)), float32 scalars."""
@@ -79,7 +83,7 @@ def scored_sums(logits: jax.Array, batch: dict[str, jax.Array]):
 
 def loss_sums(params: nnx.State, graphdef: nnx.GraphDef, batch: dict[str, jax.Array]):
     """scored_sums of the model's logits on `batch`: (loss sum, (correct predictions, scored positions))."""
-    return scored_sums(nnx.merge(graphdef, params)(batch["inputs"], batch["segment_ids"]), batch)
+    return scored_sums(nnx.merge(graphdef, params)(batch["inputs"], batch.get("segment_ids")), batch)
 
 
 def query_sums(scored: jax.Array, right: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -100,7 +104,7 @@ def eval_sums(params: nnx.State, graphdef: nnx.GraphDef, batch: dict[str, jax.Ar
     positions), correct (scored positions predicted right), scored, queries (runs of consecutive scored positions
     in a row: one per query, whose answer may be several tokens) and queries_correct (queries with every position
     right)."""
-    logits = nnx.merge(graphdef, params)(batch["inputs"], batch["segment_ids"])  # [B, T, vocab] float32
+    logits = nnx.merge(graphdef, params)(batch["inputs"], batch.get("segment_ids"))  # [B, T, vocab] float32
     loss, (correct, scored) = scored_sums(logits, batch)
     right = jnp.argmax(logits, axis=-1) == batch["targets"]
     queries, queries_correct = query_sums(batch["loss_mask"] > 0, right)
@@ -174,6 +178,23 @@ def state_shardings(state_shapes: dict, mesh: jax.sharding.Mesh) -> dict:
     return {"params": params, "opt_state": opt_state}
 
 
+def compile_train_step(graphdef, optimizer, grad_accum: int, shardings: dict, state: dict, batch_shapes: dict):
+    """make_train_step jitted with the state's `shardings` (state_shardings; the state donated) and compiled ahead
+    of time for `state` ({"params", "opt_state"}, arrays or shapes) and batches like `batch_shapes` ({name:
+    jax.ShapeDtypeStruct with its sharding}). Call it under `jax.set_mesh` (the model's sharding constraints)."""
+    batch_shardings = {name: shape.sharding for name, shape in batch_shapes.items()}
+    return (
+        jax.jit(
+            make_train_step(graphdef, optimizer, grad_accum),
+            in_shardings=(shardings["params"], shardings["opt_state"], batch_shardings),
+            out_shardings=(shardings["params"], shardings["opt_state"], None),
+            donate_argnums=(0, 1),
+        )
+        .lower(state["params"], state["opt_state"], batch_shapes)
+        .compile()
+    )
+
+
 class _StopRequest:
     """Turns SIGTERM and the first Ctrl-C into a request to stop after the current step (and save); a second
     Ctrl-C interrupts at once. Restores the previous handlers on exit."""
@@ -220,10 +241,11 @@ def to_global(local: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str
     return {name: jax.make_array_from_process_local_data(sharding, x) for name, x in local.items()}
 
 
-def init_or_restore(config, mesh, optimizer, manager, train_iterator, steps=None):
+def init_or_restore(config, mesh, optimizer, manager=None, train_iterator=None, steps=None):
     """The model's graph, the state's shardings and the training state {"params", "opt_state"} laid out on `mesh`:
     restored from the newest readable checkpoint of `manager` (among `steps` if given; this also sets
-    `train_iterator`), else freshly initialised from config.seed. Returns (graphdef, shardings, state, step)."""
+    `train_iterator`), else (or without a manager) freshly initialised from config.seed. Returns (graphdef,
+    shardings, state, step)."""
 
     def init_state():
         params = nnx.state(model.LM(config.model, rngs=nnx.Rngs(config.seed)), nnx.Param)
@@ -233,7 +255,9 @@ def init_or_restore(config, mesh, optimizer, manager, train_iterator, steps=None
     shapes = jax.eval_shape(init_state)
     shardings = state_shardings(shapes, mesh)
     abstract_state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
-    restored = checkpoint.restore_latest(manager, abstract_state, train_iterator, config, steps)
+    restored = None
+    if manager is not None:
+        restored = checkpoint.restore_latest(manager, abstract_state, train_iterator, config, steps)
     if restored is None:
         return graphdef, shardings, jax.jit(init_state, out_shardings=shardings)(), 0
     step, state = restored
@@ -277,19 +301,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         compile_start = time.perf_counter()
         batch_shapes = {
             name: jax.ShapeDtypeStruct((batch_size, seq_len), dtype, sharding=batch_sharding)
-            for name, dtype in (("inputs", jnp.int32), ("targets", jnp.int32), ("segment_ids", jnp.int32),
-                                ("loss_mask", jnp.float32))
-        }  # fmt: skip
-        train_step = (
-            jax.jit(
-                make_train_step(graphdef, optimizer, tc.grad_accum),
-                in_shardings=(shardings["params"], shardings["opt_state"], batch_sharding),
-                out_shardings=(shardings["params"], shardings["opt_state"], None),
-                donate_argnums=(0, 1),
-            )
-            .lower(params, opt_state, batch_shapes)
-            .compile()
-        )
+            for name, dtype in BATCH_DTYPES.items()
+        }
+        train_step = compile_train_step(graphdef, optimizer, tc.grad_accum, shardings, state, batch_shapes)
         eval_step = jax.jit(lambda params, batch: eval_sums(params, graphdef, batch))
         say(f"train step compiled in {time.perf_counter() - compile_start:.1f} s")
 

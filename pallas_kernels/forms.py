@@ -50,19 +50,14 @@ def prepare(q, sub: core.Substeps, segment_ids, chunk_size):
     return q, gq, x, y, z, gcum, seg, seg_q, seg_prev
 
 
-def _check_platform(platform, segment_ids):
-    if platform == "tpu" and segment_ids is not None:
-        raise ValueError('impl="pallas" on a TPU does not take segment_ids yet; use impl="chunk"')
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(10, 11, 12))
 def _chunk_kernels(q, gq, x, y, z, gcum, initial_state, seg, seg_q, seg_prev, chunk_size, interpret, platform):
     """The chunkwise forward kernels of `platform` on prepared inputs (`prepare`), with that platform's backward
     kernels as their VJP. Returns (o [B, T, H, V] f32, final_state [B, H, K, V] f32), T padded."""
-    options = dict(chunk_size=chunk_size, interpret=interpret)
-    if platform == "tpu":
-        return tpu_chunk_fwd.chunk_forward(q, gq, x, y, z, gcum, initial_state, **options)
-    return gpu_chunk_fwd.chunk_forward(q, gq, x, y, z, gcum, initial_state, seg, seg_q, seg_prev, **options)
+    forward = tpu_chunk_fwd.chunk_forward if platform == "tpu" else gpu_chunk_fwd.chunk_forward
+    return forward(
+        q, gq, x, y, z, gcum, initial_state, seg, seg_q, seg_prev, chunk_size=chunk_size, interpret=interpret
+    )
 
 
 def _chunk_kernels_forward(*args):
@@ -70,11 +65,8 @@ def _chunk_kernels_forward(*args):
 
 
 def _chunk_kernels_backward(chunk_size, interpret, platform, inputs, cotangents):
-    options = dict(chunk_size=chunk_size, interpret=interpret)
-    if platform == "tpu":
-        grads = tpu_chunk_bwd.chunk_backward(*inputs[:7], *cotangents, **options)
-    else:
-        grads = gpu_chunk_bwd.chunk_backward(*inputs, *cotangents, **options)
+    backward = tpu_chunk_bwd.chunk_backward if platform == "tpu" else gpu_chunk_bwd.chunk_backward
+    grads = backward(*inputs, *cotangents, chunk_size=chunk_size, interpret=interpret)
     grads = tuple(None if d is None else d.astype(t.dtype) for d, t in zip(grads, inputs[:7], strict=True))
     return (*grads, None, None, None)  # the segment numbers (integers) have no cotangent
 
@@ -85,13 +77,10 @@ _chunk_kernels.defvjp(_chunk_kernels_forward, _chunk_kernels_backward)
 def _recurrent_kernels(q, sub, initial_state, segment_ids, interpret, platform):
     sub = [None if t is None else _narrow(t) for t in sub]
     state = initial_state.astype(jnp.float32)
-    if platform == "tpu":
-        o, final_state = tpu_recurrent_fwd.recurrent_forward(_narrow(q), *sub, state, interpret=interpret)
-    else:
-        resets = core.resets(segment_ids, q.shape[1])
-        o, final_state = gpu_recurrent_fwd.recurrent_forward(
-            _narrow(q), *sub, state, None if resets is None else resets.astype(jnp.int32), interpret=interpret
-        )
+    resets = core.resets(segment_ids, q.shape[1])
+    resets = None if resets is None else resets.astype(jnp.int32)
+    forward = tpu_recurrent_fwd.recurrent_forward if platform == "tpu" else gpu_recurrent_fwd.recurrent_forward
+    o, final_state = forward(_narrow(q), *sub, state, resets, interpret=interpret)
     return o.astype(q.dtype), final_state.astype(initial_state.dtype)
 
 
@@ -101,10 +90,7 @@ def _with_recomputed_backward(kernels, reference, n_static):
     last n_static; the last one is the platform."""
     static_argnums = tuple(range(4, 4 + n_static))
 
-    @functools.partial(jax.custom_vjp, nondiff_argnums=static_argnums)
-    def form(q, sub, initial_state, segment_ids, *static):
-        _check_platform(static[-1], segment_ids)
-        return kernels(q, sub, initial_state, segment_ids, *static)
+    form = jax.custom_vjp(kernels, nondiff_argnums=static_argnums)
 
     def forward(q, sub, initial_state, segment_ids, *static):
         return form(q, sub, initial_state, segment_ids, *static), (q, sub, initial_state, segment_ids)
@@ -125,7 +111,6 @@ _recurrent = _with_recomputed_backward(
 
 def _chunk_forward(q, sub, initial_state, segment_ids, chunk_size, interpret, platform):
     """The chunkwise kernels on unprepared inputs; differentiated by the backward kernels (`_chunk_kernels`)."""
-    _check_platform(platform, segment_ids)
     q_, gq, x, y, z, gcum, *segments = prepare(q, sub, segment_ids, chunk_size)
     state = initial_state.astype(jnp.float32)
     o, final_state = _chunk_kernels(q_, gq, x, y, z, gcum, state, *segments, chunk_size, interpret, platform)
@@ -145,14 +130,13 @@ BACKWARD_KERNELS = {"gpu": False, "tpu": True}
 
 
 def chunkwise(q, sub, initial_state, segment_ids, chunk_size, interpret, platform="gpu"):
-    """`edarnn.core.chunkwise` through the Pallas kernels of `platform` ("gpu": Triton, "tpu": Mosaic TPU, no
-    segments yet); interpret=True runs them in Pallas interpret mode on any backend (for checking). The backward
-    is the platform's choice in BACKWARD_KERNELS."""
+    """`edarnn.core.chunkwise` through the Pallas kernels of `platform` ("gpu": Triton, "tpu": Mosaic TPU);
+    interpret=True runs them in Pallas interpret mode on any backend (for checking). The backward is the
+    platform's choice in BACKWARD_KERNELS."""
     form = _chunk_forward if BACKWARD_KERNELS[platform] else _chunk_recomputed
     return form(q, sub, initial_state, segment_ids, chunk_size, interpret, platform)
 
 
 def recurrent(q, sub, initial_state, segment_ids, interpret, platform="gpu"):
-    """`edarnn.core.recurrent` through the token-by-token kernel of `platform` (decoding, short prefills; the TPU
-    one takes no segment_ids yet)."""
+    """`edarnn.core.recurrent` through the token-by-token kernel of `platform` (decoding, short prefills)."""
     return _recurrent(q, sub, initial_state, segment_ids, interpret, platform)

@@ -11,6 +11,10 @@ scores are built block by block. Channel-wise decays are referenced per block pa
 `edarnn.core.pair_scores`: a diagonal block to its middle row (every exponent within half a block of decay), a
 block pair (i > j) to the last row of block j (every factor <= 1). Shapes: L = C P rows per chunk of C tokens,
 c = BLOCK_TOKENS P rows per block, D = 1 (scalar decay) or K.
+
+Segment numbers (int32) lie along a ref's last axis: 1-D blocks [L] on the GPU, [1, L] blocks on the TPU (whose
+tiling takes blocks of at least two dimensions, and lays a [1, L] block along lanes); `segment_column` and
+`segment_row` read both.
 """
 
 import collections
@@ -71,6 +75,28 @@ def block_scores_grad(a, ga, b, gb, d_scores, mask, diagonal):
 def decay_width(t, width):
     """[m, K] -> [m, width]: summed over the channels for a scalar decay (width 1), else unchanged."""
     return jnp.sum(t, axis=1, keepdims=True) if width == 1 else t
+
+
+def segment_row(ref, s=slice(None)):
+    """[1, n]: the segment numbers ref[..., s] of a [L] or [1, L] block, as a row."""
+    return (ref[s] if ref.ndim == 1 else ref[:, s]).reshape(1, -1)
+
+
+def segment_column(ref, s=slice(None)):
+    """[n, 1]: the segment numbers ref[..., s] of a [L] or [1, L] block, as a column. A [1, n] -> [n, 1] reshape
+    would move lanes into sublanes, which Mosaic does not take: [1, L] blocks are turned by a masked lane
+    reduction (n x n selects, as `row`)."""
+    if ref.ndim == 1:
+        return ref[s].reshape(-1, 1)
+    numbers = segment_row(ref, s)
+    n = numbers.shape[1]
+    return jnp.sum(jnp.where(iota(n) == iota(n, 1), numbers, 0), axis=1, keepdims=True, dtype=jnp.int32)
+
+
+def segment_number(ref, s=slice(None)):
+    """The one segment number of a [1] or [1, 1] block, or of the slice ref[..., s] of one element: an int32
+    scalar (a max: Mosaic's lowering of a reduction to a scalar sums in int64 under jax_enable_x64)."""
+    return jnp.max(segment_row(ref, s))
 
 
 def in_segment(t, seg, number):
@@ -147,22 +173,22 @@ def unit_lower_inverse_tile(a):
 
 def pair_mask(local, i, j, seg_rows=None, seg_cols=None):
     """Mask of block pair (i, j <= i): `local` on the diagonal, all True below it, and within one segment when
-    segment numbers are given (seg_rows [m, 1] of block i's rows, seg_cols [c, 1] of block j's)."""
+    segment numbers are given (seg_rows [m, 1] of block i's rows, seg_cols [1, c] of block j's)."""
     mask = local if i == j else jnp.ones(local.shape, bool)
-    return mask if seg_rows is None else mask & (seg_rows == seg_cols.reshape(1, -1))
+    return mask if seg_rows is None else mask & (seg_rows == seg_cols)
 
 
-def inverse_blocks(keys, y_ref, seg, block):
+def inverse_blocks(keys, y_ref, seg, seg_t, block):
     """T = (I + A)^-1 of one chunk as blocks {(i, j): [c, c]} for j <= i, c = block rows.
 
     A_ij = block_scores(Y_i, X_j) (strictly lower on the diagonal, within one segment), then
-    T_ii = (I + A_ii)^-1 and T_ij = -T_ii sum_m A_im T_mj. keys: `key_blocks` of x and g; seg: per block,
-    [c, 1] segment numbers or None."""
+    T_ii = (I + A_ii)^-1 and T_ij = -T_ii sum_m A_im T_mj. keys: `key_blocks` of x and g; seg, seg_t: per block,
+    its segment numbers as a column [c, 1] and as a row [1, c], or None."""
     n = len(keys.x)
     local = iota(block) > iota(block, 1)
     t = {}
     for i in range(n):
-        masks = [pair_mask(local, i, j, seg[i], seg[j]) for j in range(i + 1)]
+        masks = [pair_mask(local, i, j, seg[i], seg_t[j]) for j in range(i + 1)]
         y_i = y_ref[pl.ds(i * block, block), :].astype(jnp.float32)
         a = row_block_scores(y_i, keys.g[i], i, keys, masks)
         t[i, i] = unit_lower_inverse_tile(a[i])
@@ -187,12 +213,13 @@ def intra_kernel(q_ref, gq_ref, x_ref, g_ref, *refs, block_tokens, per_token, ha
     n = x_ref.shape[0] // block
     rows = [pl.ds(i * block, block) for i in range(n)]
     tokens = [pl.ds(i * block_tokens, block_tokens) for i in range(n)]
-    seg = [seg_ref[rows[i]].reshape(block, 1) for i in range(n)] if has_segments else [None] * n
+    seg = [segment_column(seg_ref, r) for r in rows] if has_segments else [None] * n
+    seg_t = [segment_row(seg_ref, r) for r in rows] if has_segments else [None] * n
     keys = key_blocks(x_ref, g_ref, block)
     query_local = causal_query_mask(block_tokens, per_token)
     for i in range(n):
-        seg_q = seg_q_ref[tokens[i]].reshape(block_tokens, 1) if has_segments else None
-        masks = [pair_mask(query_local, i, j, seg_q, seg[j]) for j in range(i + 1)]
+        seg_q = segment_column(seg_q_ref, tokens[i]) if has_segments else None
+        masks = [pair_mask(query_local, i, j, seg_q, seg_t[j]) for j in range(i + 1)]
         q = q_ref[tokens[i], :].astype(jnp.float32)
         for j, scores in enumerate(row_block_scores(q, gq_ref[tokens[i], :], i, keys, masks)):
             aqk_ref[tokens[i], rows[j]] = scores
@@ -202,11 +229,11 @@ def intra_kernel(q_ref, gq_ref, x_ref, g_ref, *refs, block_tokens, per_token, ha
         return
     w_ref, u_ref = erase_outs
     load = lambda ref, i: ref[rows[i], :].astype(jnp.float32)  # noqa: E731
-    t = inverse_blocks(keys, y_ref, seg, block)
+    t = inverse_blocks(keys, y_ref, seg, seg_t, block)
     for i in range(n):
         w = sum(dot(t[i, j], load(y_ref, j) * jnp.exp(keys.g[j])) for j in range(i + 1))
         if has_segments:
-            w = jnp.where(seg[i] == jnp.sum(prev_ref[...]), w, 0.0)
+            w = jnp.where(seg[i] == segment_number(prev_ref), w, 0.0)
         w_ref[rows[i], :] = w
         u_ref[rows[i], :] = sum(dot(t[i, j], load(z_ref, j)) for j in range(i + 1))
 
@@ -217,7 +244,7 @@ def output_kernel(q_ref, gq_ref, aqk_ref, u_ref, s_ref, *refs, has_segments):
     seg_q_ref, prev_ref, o_ref = refs if has_segments else (None, None, *refs)
     q_decayed = q_ref[...].astype(jnp.float32) * jnp.exp(gq_ref[...])
     if has_segments:  # tokens of a segment that began inside the chunk do not see the incoming state
-        q_decayed = in_segment(q_decayed, seg_q_ref[...].reshape(-1, 1), jnp.sum(prev_ref[...]))
+        q_decayed = in_segment(q_decayed, segment_column(seg_q_ref), segment_number(prev_ref))
     o = dot(q_decayed, s_ref[...].astype(jnp.float32)) + dot(aqk_ref[...], u_ref[...].astype(jnp.float32))
     o_ref[...] = o.astype(o_ref.dtype)
 
@@ -247,8 +274,8 @@ def chunk_grad_kernel(*refs, block_tokens, per_token, block_v, has_erase, has_se
     only with an erase address: without one, U = Z and dZ = dU).
 
     Refs: q [C, K], gq [C, D], x, y [L, K], g [L, D], u, du [L, V], do [C, V], s, ds [K, V] (f32), then seg_q
-    [C], seg [L], seg_prev [1] with segments; outputs dq [C, K], dgq [C, D], dx, dy [L, K], dz [L, V] (with an
-    erase address), dg [L, D].
+    [C], seg [L], seg_prev [1] with segments ([1, C], [1, L], [1, 1] on the TPU); outputs dq [C, K], dgq [C, D],
+    dx, dy [L, K], dz [L, V] (with an erase address), dg [L, D].
     """
     refs = list(refs)
     take = lambda present=True: refs.pop(0) if present else None  # noqa: E731
@@ -267,12 +294,12 @@ def chunk_grad_kernel(*refs, block_tokens, per_token, block_v, has_erase, has_se
     g_last = row(g[-1], block - 1)
     a_local, q_local = iota(block) > iota(block, 1), causal_query_mask(block_tokens, per_token)
     if has_segments:
-        seg = [seg_ref[r].reshape(block, 1) for r in rows]
-        seg_q = [seg_q_ref[t].reshape(block_tokens, 1) for t in tokens]
-        seg_prev, seg_last = jnp.sum(prev_ref[...]), jnp.sum(seg_ref[pl.ds(length - 1, 1)])
+        seg, seg_t = [segment_column(seg_ref, r) for r in rows], [segment_row(seg_ref, r) for r in rows]
+        seg_q = [segment_column(seg_q_ref, t) for t in tokens]
+        seg_prev, seg_last = segment_number(prev_ref), segment_number(seg_ref, pl.ds(length - 1, 1))
     else:
-        seg, seg_q, seg_prev, seg_last = [None] * n, [None] * n, None, None
-    t = inverse_blocks(key_blocks(x_ref, g_ref, block), y_ref, seg, block) if has_erase else None
+        seg, seg_t, seg_q, seg_prev, seg_last = [None] * n, [None] * n, [None] * n, None, None
+    t = inverse_blocks(key_blocks(x_ref, g_ref, block), y_ref, seg, seg_t, block) if has_erase else None
 
     # Products over V, accumulated over V blocks.
     d_qd, d_xe, d_ye = [0.0] * n, [0.0] * n, [0.0] * n
@@ -302,7 +329,7 @@ def chunk_grad_kernel(*refs, block_tokens, per_token, block_v, has_erase, has_se
         q, gq = q_ref[tokens[i], :].astype(f32), gq_ref[tokens[i], :].astype(f32)
         dq = in_segment(d_qd[i], seg_q[i], seg_prev) * jnp.exp(gq)
         for j in range(i + 1):
-            mask = pair_mask(q_local, i, j, seg_q[i], seg[j])
+            mask = pair_mask(q_local, i, j, seg_q[i], seg_t[j])
             dq_ij, dx_ij = block_scores_grad(q, gq, x[j], g[j], d_p[i, j], mask, diagonal=i == j)
             dq, dx[j] = dq + dq_ij, dx[j] + dx_ij
         dq_ref[tokens[i], :] = dq
@@ -315,7 +342,7 @@ def chunk_grad_kernel(*refs, block_tokens, per_token, block_v, has_erase, has_se
         if has_erase:
             dy[i] = in_segment(d_ye[i], seg[i], seg_prev) * jnp.exp(g[i])
             for j in range(i + 1):
-                mask = pair_mask(a_local, i, j, seg[i], seg[j])
+                mask = pair_mask(a_local, i, j, seg[i], seg_t[j])
                 dy_ij, dx_ij = block_scores_grad(y[i], g[i], x[j], g[j], d_a[i, j], mask, diagonal=i == j)
                 dy[i], dx[j] = dy[i] + dy_ij, dx[j] + dx_ij
     d_last = decay_width(d_last + in_segment(jnp.exp(g_last), seg_last, seg_prev) * d_decay, width)
