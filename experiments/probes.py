@@ -37,7 +37,7 @@ def state_trace(mixer: model.RecurrentMixer, x: jax.Array) -> dict[str, jax.Arra
     """The state of `mixer` on x [B, T, d] after every token: {"states" [B, T, H, K, V], "outputs" [B, T, H, V],
     "log_decay" (g, [B, T, H] or [B, T, H, K]; absent without decay)} and, for EDA, "decayed" and "erased"
     [B, T, H] (see the module docstring)."""
-    inputs, gates = mixer.inputs(x, None), mixer.gate_values(x)
+    (inputs, _), gates = mixer.inputs(x, None), mixer.gate_values(x)  # (values, conv tails)
     arguments = {**inputs, **gates}
     step = getattr(rules, f"{mixer.rule}_step")
     batch, _, heads, key = inputs["k"].shape
