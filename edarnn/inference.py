@@ -46,12 +46,12 @@ class Prepared:
     """An LM split once for jitted inference (nnx.split takes tens of milliseconds and an nnx.State pytree about
     a millisecond to flatten: too slow per decoded token).
 
-    static: (graph definition, parameter tree structure), hashable, a static argument of jit;
+    static: the graph definition and parameter tree structure, a static argument of jit (ModelStructure);
     params: the parameter arrays, a flat list; those of edarnn.model.COMPUTE_DTYPE_PARAMS in the compute dtype
         (the model casts them to it anyway: the same results, less memory and traffic per decoded token);
     vocab_size, windows: the model's vocabulary and its attention layers' windows (None: full attention)."""
 
-    static: tuple
+    static: "ModelStructure"
     params: list
     vocab_size: int
     windows: tuple[int | None, ...]
@@ -69,7 +69,27 @@ def prepare(lm: model_lib.LM) -> Prepared:
     leaves, treedef = jax.tree_util.tree_flatten_with_path(state)
     params = [x.astype(lm.dtype) if _name(path) in model_lib.COMPUTE_DTYPE_PARAMS else x for path, x in leaves]
     windows = tuple(b.mixer.window for b in lm.blocks if isinstance(b.mixer, model_lib.AttentionMixer))
-    return Prepared((graphdef, treedef), params, lm.embed.shape[0], windows)
+    return Prepared(ModelStructure(graphdef, treedef), params, lm.embed.shape[0], windows)
+
+
+class ModelStructure:
+    """An LM's graph definition and parameter tree structure as one static argument of jit, its hash computed once:
+    hashing an nnx GraphDef walks the whole graph (about 5 ms for a 12-layer model), and jit hashes its static
+    arguments at every call, which made decoding host-bound."""
+
+    def __init__(self, graphdef, treedef):
+        self.graphdef, self.treedef = graphdef, treedef
+        self._hash = hash((graphdef, treedef))
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other) -> bool:
+        return self is other or (
+            isinstance(other, ModelStructure)
+            and self._hash == other._hash
+            and (self.graphdef, self.treedef) == (other.graphdef, other.treedef)
+        )
 
 
 def _name(path) -> str:
@@ -77,9 +97,8 @@ def _name(path) -> str:
     return [key.key for key in path if isinstance(key, jax.tree_util.DictKey)][-1]
 
 
-def _merge(static: tuple, params: list) -> model_lib.LM:
-    graphdef, treedef = static
-    return nnx.merge(graphdef, jax.tree.unflatten(treedef, params))
+def _merge(static: ModelStructure, params: list) -> model_lib.LM:
+    return nnx.merge(static.graphdef, jax.tree.unflatten(static.treedef, params))
 
 
 @functools.partial(jax.jit, static_argnames=("static", "max_len"))

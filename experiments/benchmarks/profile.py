@@ -38,6 +38,7 @@ def record(rule: str, impl: str, backward: bool, shape: tuple[int, ...], dtype: 
         with jax.profiler.trace(trace_dir):
             jax.block_until_ready(fn(*inputs))
         (found,) = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
+        os.makedirs(out_dir, exist_ok=True)
         target = os.path.join(out_dir, f"{rule}-{impl}-{'fwd_bwd' if backward else 'fwd'}.xplane.pb")
         shutil.copy(found, target)
     return target
