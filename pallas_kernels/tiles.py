@@ -62,7 +62,10 @@ def block_reference(gb, diagonal):
     diagonal, the last row below it. diagonal: a Python bool, or a traced bool (a block pair picked by a grid
     axis)."""
     middle, last = gb.shape[0] // 2, gb.shape[0] - 1
-    return row(gb, (middle if diagonal else last) if isinstance(diagonal, bool) else jnp.where(diagonal, middle, last))
+    if isinstance(diagonal, bool):
+        return row(gb, middle if diagonal else last)
+    # a select of two static rows: the Triton lowering (jax 0.11) mis-types a row index selected by a traced bool
+    return jnp.where(diagonal, row(gb, middle), row(gb, last))
 
 
 def block_scores_grad(a, ga, b, gb, d_scores, mask, diagonal):
@@ -214,15 +217,16 @@ def inverse_of_blocks(a_row, n):
     return t
 
 
-def write_w_u(t, y_ref, z_ref, g_ref, w_ref, u_ref, block, seg=None, prev_ref=None):
+def write_w_u(t, y_ref, z_ref, g_ref, w_ref, u_ref, block, seg=None, prev_ref=None, g=None):
     """W = T (Y exp G) and U~ = T Z of one chunk, block row by block row, from the blocks of T (`inverse_of_blocks`);
     rows of W in a segment that began inside the chunk are zero (they do not see the incoming state). y_ref, g_ref,
-    z_ref [L, .] are read per use (short live ranges); seg: per block its segment numbers [c, 1], or None."""
+    z_ref [L, .] are read per use (short live ranges), g's blocks too unless given (g: a list of [c, D]); seg: per
+    block its segment numbers [c, 1], or None."""
     n = y_ref.shape[0] // block
     rows = [pl.ds(i * block, block) for i in range(n)]
     load = lambda ref, j: ref[rows[j], :].astype(jnp.float32)  # noqa: E731
     for i in range(n):
-        w = sum(dot(t[i, j], load(y_ref, j) * jnp.exp(load(g_ref, j))) for j in range(i + 1))
+        w = sum(dot(t[i, j], load(y_ref, j) * jnp.exp(load(g_ref, j) if g is None else g[j])) for j in range(i + 1))
         if seg is not None:
             w = jnp.where(seg[i] == segment_number(prev_ref), w, 0.0)
         w_ref[rows[i], :] = w.astype(w_ref.dtype)
@@ -260,7 +264,7 @@ def intra_kernel(q_ref, gq_ref, x_ref, g_ref, *refs, block_tokens, per_token, ha
     if not has_erase:
         return
     t = inverse_blocks(keys, y_ref, seg, seg_t, block)
-    write_w_u(t, y_ref, z_ref, g_ref, *erase_outs, block, seg if has_segments else None, prev_ref)
+    write_w_u(t, y_ref, z_ref, g_ref, *erase_outs, block, seg if has_segments else None, prev_ref, g=keys.g)
 
 
 def pair_scores_kernel(q_ref, gq_ref, x_ref, g_ref, *refs, i, j, per_token, has_erase, has_segments):
