@@ -63,16 +63,25 @@ def run_fresh(rule, inputs, initial_state=None, segment_ids=None, *, chunk_size)
     return jax.jit(fn)(inputs, initial_state, segment_ids)
 
 
+CONFIGS = {  # chunk_fwd.Config variants besides the default
+    "fused": gpu_chunk_fwd.Config(split=False),
+    "solve16-rowloads": gpu_chunk_fwd.Config(solve_block_rows=16, solve_row_loads=True),
+    "rowloads": gpu_chunk_fwd.Config(solve_row_loads=True),
+}
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
 @pytest.mark.parametrize("variant", ["gated_delta_rule", "kda", "eda-bw"])
-def test_pallas_fused_intra_kernel_matches_recurrent(variant, rng, monkeypatch):
-    """The fused intra kernel (chunk_fwd.Config(split=False), the layout before the pair-scores and solve kernels)
-    still agrees, with segments."""
-    monkeypatch.setattr(gpu_chunk_fwd, "DEFAULT_CONFIG", gpu_chunk_fwd.Config(split=False))
+def test_pallas_config_variants_match_recurrent(variant, config, rng, monkeypatch):
+    """The fused intra kernel (Config(split=False), the layout before the pair-scores and solve kernels) and the
+    solve kernel's options (16-row blocks whatever P, rows loaded per substitution step) agree too, with
+    segments."""
+    monkeypatch.setattr(gpu_chunk_fwd, "DEFAULT_CONFIG", CONFIGS[config])
     rule = rule_of(variant)
     inputs, state = make_inputs(variant, rng, T=T), make_state(rng)
     segment_ids = make_segment_ids(rng, SEGMENTS)
     actual = run_fresh(rule, inputs, state, segment_ids, chunk_size=16)
-    assert_close(actual, reference(rule, inputs, state, segment_ids), KERNEL_RTOL, f"{variant} pallas fused")
+    assert_close(actual, reference(rule, inputs, state, segment_ids), KERNEL_RTOL, f"{variant} pallas {config}")
 
 
 @pytest.mark.parametrize("split", [True, False], ids=["split", "fused"])
@@ -210,11 +219,12 @@ def _forward_kernel_count(case, split):
     return (1 + LOWERING_CASES[case][2] if split else 1) + 2
 
 
-@pytest.mark.parametrize("split", [True, False], ids=["split", "fused"])
+@pytest.mark.parametrize("config", ["default", *CONFIGS])
 @pytest.mark.parametrize("case", list(LOWERING_CASES))
-def test_chunk_kernels_lower_to_triton(case, split, monkeypatch):
-    """Both intra layouts (chunk_fwd.Config.split), the split one with 16-bit storage of the intermediates."""
-    monkeypatch.setattr(gpu_chunk_fwd, "DEFAULT_CONFIG", gpu_chunk_fwd.Config(split=split))
+def test_chunk_kernels_lower_to_triton(case, config, monkeypatch):
+    """Every Config variant (CONFIGS), the split layouts with 16-bit storage of the intermediates."""
+    monkeypatch.setattr(gpu_chunk_fwd, "DEFAULT_CONFIG", CONFIGS.get(config, gpu_chunk_fwd.Config()))
+    split = gpu_chunk_fwd.DEFAULT_CONFIG.split
     storage = jnp.bfloat16 if split else None
     forward = jax.jit(lambda q, sub, s0, seg: forms.chunkwise(q, sub, s0, seg, 64, False, "gpu", storage))
     lowered = forward.trace(*_lowering_inputs(case, 128)).lower(lowering_platforms=("cuda",))

@@ -44,7 +44,9 @@ class Config(NamedTuple):
     split: bool = True  # the pair-scores and solve kernels in place of the fused intra kernel
     intra_warps: tuple[int, int] = (2, 8)  # by sub-steps per token: 1, 2 (fused intra kernel)
     pair_warps: tuple[int, int] = (4, 4)  # pair-scores kernel, by sub-steps per token
-    solve_warps: tuple[int, int] = (4, 8)  # solve kernel, by sub-steps per token
+    solve_warps: tuple[int, int] = (4, 4)  # solve kernel, by sub-steps per token
+    solve_block_rows: int = 0  # rows per block of the solve kernel's inverse; 0: the pair kernel's (16 P)
+    solve_row_loads: bool = False  # diagonal substitution reads A's rows from memory (tiles.unit_lower_inverse_rows)
     state_warps: int = 4
     state_stages: int = 1  # software pipelining of the state kernel's loop over chunks
     output_warps: int = 4
@@ -192,7 +194,12 @@ def chunk_states(
         scores, w, u_tilde = pair_outs[0], None, z
         if has_erase:
             w, u_tilde = triton_call(
-                functools.partial(solve_kernel, block=rows // n_blocks, has_segments=has_segments),
+                functools.partial(
+                    solve_kernel,
+                    block=min(config.solve_block_rows, rows) or rows // n_blocks,
+                    has_segments=has_segments,
+                    row_loads=config.solve_row_loads,
+                ),
                 config.solve_warps[per_token - 1],
                 interpret,
                 grid=(batch, heads, n_chunks),
