@@ -201,13 +201,23 @@ LOWERING_CASES = {  # name: (sub-steps per token, decay width: "1" or "K", erase
 }
 
 
+@pytest.fixture
+def no_x64():
+    """Lower as the library runs, with 64-bit types off (the suite enables them; the Triton lowering of a select
+    between two int32 constants differed with them on, hiding a failure on the GPU)."""
+    previous = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", False)
+    yield
+    jax.config.update("jax_enable_x64", previous)
+
+
 def _lowering_inputs(case, t):
     per_token, decay, erase, segments = LOWERING_CASES[case]
     return kernel_input_specs(t=t, per_token=per_token, decay=decay, erase=erase, segments=segments)
 
 
 @pytest.mark.parametrize("case", list(LOWERING_CASES))
-def test_recurrent_kernel_lowers_to_triton(case):
+def test_recurrent_kernel_lowers_to_triton(case, no_x64):
     forward = jax.jit(lambda q, sub, s0, seg: forms.recurrent(q, sub, s0, seg, False))
     lowered = forward.trace(*_lowering_inputs(case, 3)).lower(lowering_platforms=("cuda",))
     assert lowered.as_text().count("xla.gpu.triton") == 1
@@ -221,7 +231,7 @@ def _forward_kernel_count(case, split):
 
 @pytest.mark.parametrize("config", ["default", *CONFIGS])
 @pytest.mark.parametrize("case", list(LOWERING_CASES))
-def test_chunk_kernels_lower_to_triton(case, config, monkeypatch):
+def test_chunk_kernels_lower_to_triton(case, config, monkeypatch, no_x64):
     """Every Config variant (CONFIGS), the split layouts with 16-bit storage of the intermediates."""
     monkeypatch.setattr(gpu_chunk_fwd, "DEFAULT_CONFIG", CONFIGS.get(config, gpu_chunk_fwd.Config()))
     split = gpu_chunk_fwd.DEFAULT_CONFIG.split
@@ -232,7 +242,7 @@ def test_chunk_kernels_lower_to_triton(case, config, monkeypatch):
 
 
 @pytest.mark.parametrize("case", list(LOWERING_CASES))
-def test_chunk_backward_kernels_lower_to_triton(case, backward_kernels):
+def test_chunk_backward_kernels_lower_to_triton(case, backward_kernels, no_x64):
     """A training step's forward and backward: the forward kernels, those before the output kernel again (the
     backward recomputes the chunk states), and the three backward kernels."""
 

@@ -1,16 +1,20 @@
 """Forward of the chunkwise sub-step form as Pallas GPU kernels (Triton lowering).
 
 Reference: `edarnn.core.chunkwise`; these kernels take the same prepared inputs and must give the same result
-to float32 rounding. Three kernels, specialised by static flags (scalar or channel-wise decay, with or without an
-erase address y, with or without segments):
+to float32 rounding (in float32; 16-bit inputs are read and their intermediates stored in 16 bits, see Config).
+Specialised by static flags (scalar or channel-wise decay, with or without an erase address y, with or without
+segments; P sub-steps per token):
 
-1. `intra`  (grid B x H x N, parallel; body in pallas_kernels.tiles): per chunk, the query scores Aqk and,
-   with an erase address, A, T = (I + A)^-1, W = T (Y exp G) and U~ = T Z.
-2. `state`  (grid B x H x V/BV, sequential over chunks inside): U = U~ - W S, the chunk's start state S, and
+1. `pair`   (grid B x H x N x n^2, parallel; body tiles.pair_scores_kernel): one program per block pair (i, j)
+   of 16-token blocks: the query scores Aqk_ij and, with an erase address, the pair scores A_ij (zeros for j > i).
+2. `solve`  (grid B x H x N, only with an erase address; body tiles.solve_kernel): T = (I + A)^-1 from A by block
+   substitution, W = T (Y exp G) and U~ = T Z.
+   (Config(split=False): one fused `intra` kernel per chunk does 1 and 2, the layout before; measured slower.)
+3. `state`  (grid B x H x V/BV, sequential over chunks inside): U = U~ - W S, the chunk's start state S, and
    S <- Diag(exp G_last) S + (X exp(G_last - G))^T U, with S in registers.
-3. `output` (grid B x H x N x V/BV, parallel; body in pallas_kernels.tiles): O = (Q exp Gq) S + Aqk U.
+4. `output` (grid B x H x N x V/BV, parallel; body in pallas_kernels.tiles): O = (Q exp Gq) S + Aqk U.
 
-`chunk_states` (kernels 1 and 2) is also the backward's recompute (chunk_bwd.py).
+`chunk_states` (kernels 1 to 3) is also the backward's recompute (chunk_bwd.py).
 
 Arrays keep the public [B, T, H, D] layout: a chunk of one head is a strided [rows, D] tile.
 """
@@ -35,11 +39,14 @@ from pallas_kernels.tiles import (
 
 
 class Config(NamedTuple):
-    """Launch parameters and layout choices. Measured on an H100 at B=4, T=4096, H=16, K=V=128, bf16
-    (docs/performance.md). The fused intra kernel (split=False) wants few warps with one sub-step per token
-    (forward of gated_delta_rule / kda: 3.1 / 4.6 ms with 2 warps, 3.8 / 4.9 with 4, 5.3 / 5.2 with 8) and more
-    with EDA's two (11.1 ms with 8 warps, 20.8 with 4, 24.7 with 2: its blocks of 2 x 16 rows need more
-    registers)."""
+    """Launch parameters and layout choices, by measurement at B=4, T=4096, H=16, K=V=128, bf16
+    (docs/performance.md, H200, 2026-12-01, forward medians): split, the pair-scores and solve kernels, took kda
+    from 4.43 to 2.74 ms and eda from 23.9 to 7.7 (gated_delta_rule 2.46 -> 1.76, another run); 16-bit storage
+    (low_*) 2.99 -> 2.74 (kda), 8.45 -> 7.71 (eda); solve with 4 warps for either P (kda 2.98 with 2; eda 7.10
+    against 7.71 with 8); pair kernel 4 warps (8: kda 3.71, eda 8.64; 2: same as 4 for gated_delta_rule); state
+    kernel blocks of 64 values (32: gated_delta_rule 2.00 against 1.76) and num_stages 1 (2: no change).
+    solve_block_rows and solve_row_loads are untimed options (off). The fused intra kernel (split=False) wanted
+    2 warps with one sub-step per token and 8 with EDA's two (H100, earlier)."""
 
     split: bool = True  # the pair-scores and solve kernels in place of the fused intra kernel
     intra_warps: tuple[int, int] = (2, 8)  # by sub-steps per token: 1, 2 (fused intra kernel)
