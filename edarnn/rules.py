@@ -42,7 +42,7 @@ IMPLS = ("auto", "recurrent", "scan", "chunk", "pallas")
 _FORMS = {"recurrent": core.recurrent, "scan": core.associative_scan}
 
 
-def _pallas(q, steps, state, segment_ids, chunk_size):
+def _pallas(q, steps, state, segment_ids, chunk_size, storage=None):
     """The Pallas kernels of the default backend (GPU or TPU): the token-by-token kernel for sequences shorter than
     one chunk (decoding, short prefills), the chunkwise kernels otherwise; on the CPU the GPU kernels in interpret
     mode (for checking)."""
@@ -61,7 +61,7 @@ def _pallas(q, steps, state, segment_ids, chunk_size):
     platform, interpret = ("tpu", False) if backend == "tpu" else ("gpu", backend == "cpu")
     if q.shape[1] < chunk_size:
         return forms.recurrent(q, steps, state, segment_ids, interpret, platform)
-    return forms.chunkwise(q, steps, state, segment_ids, chunk_size, interpret, platform)
+    return forms.chunkwise(q, steps, state, segment_ids, chunk_size, interpret, platform, storage)
 
 
 def resolve_impl(impl: str) -> str:
@@ -178,7 +178,7 @@ def _run(shapes, q, steps, *, scale, initial_state, segment_ids, impl, chunk_siz
         state = jnp.asarray(initial_state).astype(compute)
     impl = resolve_impl(impl)
     if impl == "pallas":
-        o, final_state = _pallas(q, steps, state, segment_ids, chunk_size)
+        o, final_state = _pallas(q, steps, state, segment_ids, chunk_size, storage=out_dtype)
     elif impl == "chunk":
         o, final_state = core.chunkwise(q, steps, state, segment_ids, chunk_size)
     else:

@@ -50,21 +50,23 @@ def prepare(q, sub: core.Substeps, segment_ids, chunk_size):
     return q, gq, x, y, z, gcum, seg, seg_q, seg_prev
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(10, 11, 12))
-def _chunk_kernels(q, gq, x, y, z, gcum, initial_state, seg, seg_q, seg_prev, chunk_size, interpret, platform):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(10, 11, 12, 13))
+def _chunk_kernels(q, gq, x, y, z, gcum, initial_state, seg, seg_q, seg_prev, chunk_size, interpret, platform, storage):
     """The chunkwise forward kernels of `platform` on prepared inputs (`prepare`), with that platform's backward
-    kernels as their VJP. Returns (o [B, T, H, V] f32, final_state [B, H, K, V] f32), T padded."""
-    forward = tpu_chunk_fwd.chunk_forward if platform == "tpu" else gpu_chunk_fwd.chunk_forward
-    return forward(
-        q, gq, x, y, z, gcum, initial_state, seg, seg_q, seg_prev, chunk_size=chunk_size, interpret=interpret
-    )
+    kernels as their VJP. storage (GPU): the dtype name the kernels read q, x, y, z in and store their
+    intermediates in (the caller's input dtype), or None for float32. Returns (o [B, T, H, V] f32, final_state
+    [B, H, K, V] f32), T padded."""
+    args = (q, gq, x, y, z, gcum, initial_state, seg, seg_q, seg_prev)
+    if platform == "tpu":
+        return tpu_chunk_fwd.chunk_forward(*args, chunk_size=chunk_size, interpret=interpret)
+    return gpu_chunk_fwd.chunk_forward(*args, chunk_size=chunk_size, interpret=interpret, storage=storage)
 
 
 def _chunk_kernels_forward(*args):
     return _chunk_kernels(*args), args[:10]
 
 
-def _chunk_kernels_backward(chunk_size, interpret, platform, inputs, cotangents):
+def _chunk_kernels_backward(chunk_size, interpret, platform, storage, inputs, cotangents):
     backward = tpu_chunk_bwd.chunk_backward if platform == "tpu" else gpu_chunk_bwd.chunk_backward
     grads = backward(*inputs, *cotangents, chunk_size=chunk_size, interpret=interpret)
     grads = tuple(None if d is None else d.astype(t.dtype) for d, t in zip(grads, inputs[:7], strict=True))
@@ -87,7 +89,7 @@ def _recurrent_kernels(q, sub, initial_state, segment_ids, interpret, platform):
 def _with_recomputed_backward(kernels, reference, n_static):
     """kernels(q, sub, initial_state, segment_ids, *static) with a custom VJP whose backward is the VJP of the
     plain-JAX reference(q, sub, initial_state, segment_ids, *static), recomputed. The static arguments are the
-    last n_static; the last one is the platform."""
+    last n_static (the platform, then for the chunk form the storage dtype)."""
     static_argnums = tuple(range(4, 4 + n_static))
 
     form = jax.custom_vjp(kernels, nondiff_argnums=static_argnums)
@@ -109,16 +111,16 @@ _recurrent = _with_recomputed_backward(
 )
 
 
-def _chunk_forward(q, sub, initial_state, segment_ids, chunk_size, interpret, platform):
+def _chunk_forward(q, sub, initial_state, segment_ids, chunk_size, interpret, platform, storage):
     """The chunkwise kernels on unprepared inputs; differentiated by the backward kernels (`_chunk_kernels`)."""
     q_, gq, x, y, z, gcum, *segments = prepare(q, sub, segment_ids, chunk_size)
     state = initial_state.astype(jnp.float32)
-    o, final_state = _chunk_kernels(q_, gq, x, y, z, gcum, state, *segments, chunk_size, interpret, platform)
+    o, final_state = _chunk_kernels(q_, gq, x, y, z, gcum, state, *segments, chunk_size, interpret, platform, storage)
     return o[:, : q.shape[1]].astype(q.dtype), final_state.astype(initial_state.dtype)
 
 
 _chunk_recomputed = _with_recomputed_backward(
-    _chunk_forward, lambda q, sub, s0, seg, chunk_size, *_: core.chunkwise(q, sub, s0, seg, chunk_size), 3
+    _chunk_forward, lambda q, sub, s0, seg, chunk_size, *_: core.chunkwise(q, sub, s0, seg, chunk_size), 4
 )
 
 # The backward of the chunkwise kernels, per platform: True, the backward kernels (gpu/chunk_bwd.py,
@@ -129,12 +131,15 @@ _chunk_recomputed = _with_recomputed_backward(
 BACKWARD_KERNELS = {"gpu": False, "tpu": True}
 
 
-def chunkwise(q, sub, initial_state, segment_ids, chunk_size, interpret, platform="gpu"):
+def chunkwise(q, sub, initial_state, segment_ids, chunk_size, interpret, platform="gpu", storage=None):
     """`edarnn.core.chunkwise` through the Pallas kernels of `platform` ("gpu": Triton, "tpu": Mosaic TPU);
     interpret=True runs them in Pallas interpret mode on any backend (for checking). The backward is the
-    platform's choice in BACKWARD_KERNELS."""
+    platform's choice in BACKWARD_KERNELS. storage: the caller's 16-bit input dtype (e.g. jnp.bfloat16), in
+    which the GPU kernels read q, x, y, z and store their intermediates; None (or a 32/64-bit dtype): float32.
+    The backward always sees the float32 inputs."""
+    storage = jnp.dtype(storage).name if storage is not None and jnp.dtype(storage).itemsize == 2 else None
     form = _chunk_forward if BACKWARD_KERNELS[platform] else _chunk_recomputed
-    return form(q, sub, initial_state, segment_ids, chunk_size, interpret, platform)
+    return form(q, sub, initial_state, segment_ids, chunk_size, interpret, platform, storage)
 
 
 def recurrent(q, sub, initial_state, segment_ids, interpret, platform="gpu"):

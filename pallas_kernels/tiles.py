@@ -52,9 +52,20 @@ def block_scores(a, ga, b, gb, mask, diagonal):
     if gb.shape[1] == 1:
         expo = jnp.where(mask, ga - gb.reshape(1, -1), -jnp.inf)
         return jnp.where(mask, dot(a, b, trans_b=True) * jnp.exp(expo), 0.0)
-    ref = row(gb, gb.shape[0] // 2 if diagonal else gb.shape[0] - 1)
+    ref = block_reference(gb, diagonal)
     scores = dot(a * jnp.exp(ga - ref), b * jnp.exp(ref - gb), trans_b=True)
     return jnp.where(mask, scores, 0.0)
+
+
+def block_reference(gb, diagonal):
+    """[1, D]: the row of key block gb [c, D] that a block pair's decays are referenced to: the middle row on the
+    diagonal, the last row below it. diagonal: a Python bool, or a traced bool (a block pair picked by a grid
+    axis)."""
+    middle, last = gb.shape[0] // 2, gb.shape[0] - 1
+    if isinstance(diagonal, bool):
+        return row(gb, middle if diagonal else last)
+    # a select of two static rows: the Triton lowering (jax 0.11) mis-types a row index selected by a traced bool
+    return jnp.where(diagonal, row(gb, middle), row(gb, last))
 
 
 def block_scores_grad(a, ga, b, gb, d_scores, mask, diagonal):
@@ -66,7 +77,7 @@ def block_scores_grad(a, ga, b, gb, d_scores, mask, diagonal):
         expo = jnp.where(mask, ga - gb.reshape(1, -1), -jnp.inf)
         d = jnp.where(mask, d_scores * jnp.exp(expo), 0.0)
         return dot(d, b), dot(d, a, trans_a=True)
-    ref = row(gb, gb.shape[0] // 2 if diagonal else gb.shape[0] - 1)
+    ref = block_reference(gb, diagonal)
     a_decay, b_decay = jnp.exp(ga - ref), jnp.exp(ref - gb)
     d = jnp.where(mask, d_scores, 0.0)
     return a_decay * dot(d, b * b_decay), b_decay * dot(d, a * a_decay, trans_a=True)
@@ -184,17 +195,43 @@ def inverse_blocks(keys, y_ref, seg, seg_t, block):
     A_ij = block_scores(Y_i, X_j) (strictly lower on the diagonal, within one segment), then
     T_ii = (I + A_ii)^-1 and T_ij = -T_ii sum_m A_im T_mj. keys: `key_blocks` of x and g; seg, seg_t: per block,
     its segment numbers as a column [c, 1] and as a row [1, c], or None."""
-    n = len(keys.x)
     local = iota(block) > iota(block, 1)
-    t = {}
-    for i in range(n):
+
+    def a_row(i):
         masks = [pair_mask(local, i, j, seg[i], seg_t[j]) for j in range(i + 1)]
         y_i = y_ref[pl.ds(i * block, block), :].astype(jnp.float32)
-        a = row_block_scores(y_i, keys.g[i], i, keys, masks)
-        t[i, i] = unit_lower_inverse_tile(a[i])
+        return row_block_scores(y_i, keys.g[i], i, keys, masks)
+
+    return inverse_of_blocks(a_row, len(keys.x))
+
+
+def inverse_of_blocks(a_row, n, inverted_diagonal=False):
+    """T = (I + A)^-1 as blocks {(i, j): [c, c]} for j <= i, from a_row(i) = [A_i0, ..., A_ii] (A_ii strictly
+    lower; with inverted_diagonal, its last entry is already (I + A_ii)^-1): T_ii = (I + A_ii)^-1 and
+    T_ij = -T_ii sum_m A_im T_mj."""
+    t = {}
+    for i in range(n):
+        a = a_row(i)
+        t[i, i] = a[i] if inverted_diagonal else unit_lower_inverse_tile(a[i])
         for j in range(i):
             t[i, j] = -dot(t[i, i], sum(dot(a[m], t[m, j]) for m in range(j, i)))
     return t
+
+
+def write_w_u(t, y_ref, z_ref, g_ref, w_ref, u_ref, block, seg=None, prev_ref=None, g=None):
+    """W = T (Y exp G) and U~ = T Z of one chunk, block row by block row, from the blocks of T (`inverse_of_blocks`);
+    rows of W in a segment that began inside the chunk are zero (they do not see the incoming state). y_ref, g_ref,
+    z_ref [L, .] are read per use (short live ranges), g's blocks too unless given (g: a list of [c, D]); seg: per
+    block its segment numbers [c, 1], or None."""
+    n = y_ref.shape[0] // block
+    rows = [pl.ds(i * block, block) for i in range(n)]
+    load = lambda ref, j: ref[rows[j], :].astype(jnp.float32)  # noqa: E731
+    for i in range(n):
+        w = sum(dot(t[i, j], load(y_ref, j) * jnp.exp(load(g_ref, j) if g is None else g[j])) for j in range(i + 1))
+        if seg is not None:
+            w = jnp.where(seg[i] == segment_number(prev_ref), w, 0.0)
+        w_ref[rows[i], :] = w.astype(w_ref.dtype)
+        u_ref[rows[i], :] = sum(dot(t[i, j], load(z_ref, j)) for j in range(i + 1)).astype(u_ref.dtype)
 
 
 def intra_kernel(q_ref, gq_ref, x_ref, g_ref, *refs, block_tokens, per_token, has_erase, has_segments):
@@ -222,20 +259,95 @@ def intra_kernel(q_ref, gq_ref, x_ref, g_ref, *refs, block_tokens, per_token, ha
         masks = [pair_mask(query_local, i, j, seg_q, seg_t[j]) for j in range(i + 1)]
         q = q_ref[tokens[i], :].astype(jnp.float32)
         for j, scores in enumerate(row_block_scores(q, gq_ref[tokens[i], :], i, keys, masks)):
-            aqk_ref[tokens[i], rows[j]] = scores
+            aqk_ref[tokens[i], rows[j]] = scores.astype(aqk_ref.dtype)
         for j in range(i + 1, n):
-            aqk_ref[tokens[i], rows[j]] = jnp.zeros((block_tokens, block), jnp.float32)
+            aqk_ref[tokens[i], rows[j]] = jnp.zeros((block_tokens, block), aqk_ref.dtype)
     if not has_erase:
         return
-    w_ref, u_ref = erase_outs
-    load = lambda ref, i: ref[rows[i], :].astype(jnp.float32)  # noqa: E731
     t = inverse_blocks(keys, y_ref, seg, seg_t, block)
-    for i in range(n):
-        w = sum(dot(t[i, j], load(y_ref, j) * jnp.exp(keys.g[j])) for j in range(i + 1))
-        if has_segments:
-            w = jnp.where(seg[i] == segment_number(prev_ref), w, 0.0)
-        w_ref[rows[i], :] = w
-        u_ref[rows[i], :] = sum(dot(t[i, j], load(z_ref, j)) for j in range(i + 1))
+    write_w_u(t, y_ref, z_ref, g_ref, *erase_outs, block, seg if has_segments else None, prev_ref, g=keys.g)
+
+
+def pair_scores_kernel(q_ref, gq_ref, x_ref, g_ref, *refs, i, j, per_token, has_erase, has_segments):
+    """One block pair (i, j) of one chunk: the query scores Aqk_ij (query block i against key block j) and, with an
+    erase address, A_ij (rows of block i against key block j); zeros above the diagonal (j > i). i, j: the block
+    indices, traced (a grid axis picks the pair). Same references as `block_scores`.
+
+    Refs are blocks: q [c_q, K], gq [c_q, D] (query block i), x [c, K], g [c, D] (key block j); with an erase
+    address y [c, K], gy [c, D] (rows of block i); with segments seg_q [c_q] (block i's tokens), seg_y [c] (block
+    i's rows), seg_x [c] (block j's rows); then the outputs aqk [c_q, c] and, with an erase address, a [c, c]
+    (float32: it is inverted next)."""
+    refs = list(refs)
+    take = lambda present=True: refs.pop(0) if present else None  # noqa: E731
+    y_ref, gy_ref = take(has_erase), take(has_erase)
+    seg_q_ref, seg_y_ref, seg_x_ref = take(has_segments), take(has_segments), take(has_segments)
+    aqk_ref, a_ref = take(), take(has_erase)
+    outs = [r for r in (aqk_ref, a_ref) if r is not None]
+
+    @pl.when(j > i)
+    def _():
+        for ref in outs:
+            ref[...] = jnp.zeros(ref.shape, ref.dtype)
+
+    @pl.when(j <= i)
+    def _():
+        block_tokens, block = q_ref.shape[0], x_ref.shape[0]
+        x, g = x_ref[...].astype(jnp.float32), g_ref[...]
+        diagonal = i == j
+        seg_x = segment_row(seg_x_ref) if has_segments else None
+
+        def mask(local, seg_rows):
+            m = jnp.logical_or(local, jnp.logical_not(diagonal))
+            return m if seg_rows is None else m & (seg_rows == seg_x)
+
+        q_mask = mask(causal_query_mask(block_tokens, per_token), segment_column(seg_q_ref) if has_segments else None)
+        sides = [(q_ref, gq_ref, q_mask, aqk_ref)]
+        if has_erase:
+            a_mask = mask(iota(block) > iota(block, 1), segment_column(seg_y_ref) if has_segments else None)
+            sides.append((y_ref, gy_ref, a_mask, a_ref))
+        if g.shape[1] == 1:
+            for a_side, ga_ref, m, out in sides:
+                out[...] = block_scores(a_side[...].astype(jnp.float32), ga_ref[...], x, g, m, diagonal).astype(
+                    out.dtype
+                )
+            return
+        ref = block_reference(g, diagonal)
+        x_decayed = x * jnp.exp(ref - g)
+        for a_side, ga_ref, m, out in sides:
+            scores = dot(a_side[...].astype(jnp.float32) * jnp.exp(ga_ref[...] - ref), x_decayed, trans_b=True)
+            out[...] = jnp.where(m, scores, 0.0).astype(out.dtype)
+
+
+def unit_lower_inverse_rows(a_ref, start, size):
+    """(I + a)^-1 of the strictly lower diagonal block a = a_ref[start:start + size, start:start + size], by forward
+    substitution with each step's row of a loaded from the ref (no masked reduction to extract it)."""
+    rows = jax.lax.broadcasted_iota(jnp.int32, (size, size), 0)
+    cols = jax.lax.broadcasted_iota(jnp.int32, (size, size), 1)
+
+    def substitute(i, t):
+        a_row = a_ref[pl.ds(start + i, 1), pl.ds(start, size)].astype(jnp.float32)
+        new_row = jnp.where(iota(size, 1) == i, 1.0, 0.0) - jnp.sum(a_row.T * t, axis=0, keepdims=True)
+        return jnp.where(rows == i, new_row, t)
+
+    return jax.lax.fori_loop(jnp.int32(1), jnp.int32(size), substitute, (rows == cols).astype(jnp.float32))
+
+
+def solve_kernel(a_ref, y_ref, z_ref, g_ref, *refs, block, has_segments, row_loads=False):
+    """T = (I + A)^-1 from the pair scores A [L, L] of one chunk (`pair_scores_kernel`; only blocks j <= i are
+    read), in blocks of `block` rows (any divisor of L, not necessarily the pair kernel's), then W = T (Y exp G) and
+    U~ = T Z (`write_w_u`). row_loads: the diagonal blocks' substitution reads its rows from a_ref
+    (`unit_lower_inverse_rows`). refs: (seg_ref [L], prev_ref if has_segments), then the outputs w [L, K], u [L, V]."""
+    seg_ref, prev_ref, w_ref, u_ref = refs if has_segments else (None, None, *refs)
+    n = a_ref.shape[0] // block
+    rows = [pl.ds(i * block, block) for i in range(n)]
+
+    def a_row(i):
+        blocks = [a_ref[rows[i], rows[j]].astype(jnp.float32) for j in range(i + 1)]
+        return blocks[:-1] + [unit_lower_inverse_rows(a_ref, i * block, block) if row_loads else blocks[-1]]
+
+    t = inverse_of_blocks(a_row, n, inverted_diagonal=row_loads)
+    seg = [segment_column(seg_ref, r) for r in rows] if has_segments else None
+    write_w_u(t, y_ref, z_ref, g_ref, w_ref, u_ref, block, seg, prev_ref)
 
 
 def output_kernel(q_ref, gq_ref, aqk_ref, u_ref, s_ref, *refs, has_segments):
@@ -245,7 +357,8 @@ def output_kernel(q_ref, gq_ref, aqk_ref, u_ref, s_ref, *refs, has_segments):
     q_decayed = q_ref[...].astype(jnp.float32) * jnp.exp(gq_ref[...])
     if has_segments:  # tokens of a segment that began inside the chunk do not see the incoming state
         q_decayed = in_segment(q_decayed, segment_column(seg_q_ref), segment_number(prev_ref))
-    o = dot(q_decayed, s_ref[...].astype(jnp.float32)) + dot(aqk_ref[...], u_ref[...].astype(jnp.float32))
+    o = dot(q_decayed, s_ref[...].astype(jnp.float32))
+    o = o + dot(aqk_ref[...].astype(jnp.float32), u_ref[...].astype(jnp.float32))
     o_ref[...] = o.astype(o_ref.dtype)
 
 

@@ -1,16 +1,20 @@
 """Forward of the chunkwise sub-step form as Pallas GPU kernels (Triton lowering).
 
 Reference: `edarnn.core.chunkwise`; these kernels take the same prepared inputs and must give the same result
-to float32 rounding. Three kernels, specialised by static flags (scalar or channel-wise decay, with or without an
-erase address y, with or without segments):
+to float32 rounding (in float32; 16-bit inputs are read and their intermediates stored in 16 bits, see Config).
+Specialised by static flags (scalar or channel-wise decay, with or without an erase address y, with or without
+segments; P sub-steps per token):
 
-1. `intra`  (grid B x H x N, parallel; body in pallas_kernels.tiles): per chunk, the query scores Aqk and,
-   with an erase address, A, T = (I + A)^-1, W = T (Y exp G) and U~ = T Z.
-2. `state`  (grid B x H x V/BV, sequential over chunks inside): U = U~ - W S, the chunk's start state S, and
+1. `pair`   (grid B x H x N x n^2, parallel; body tiles.pair_scores_kernel): one program per block pair (i, j)
+   of 16-token blocks: the query scores Aqk_ij and, with an erase address, the pair scores A_ij (zeros for j > i).
+2. `solve`  (grid B x H x N, only with an erase address; body tiles.solve_kernel): T = (I + A)^-1 from A by block
+   substitution, W = T (Y exp G) and U~ = T Z.
+   (Config(split=False): one fused `intra` kernel per chunk does 1 and 2, the layout before; measured slower.)
+3. `state`  (grid B x H x V/BV, sequential over chunks inside): U = U~ - W S, the chunk's start state S, and
    S <- Diag(exp G_last) S + (X exp(G_last - G))^T U, with S in registers.
-3. `output` (grid B x H x N x V/BV, parallel; body in pallas_kernels.tiles): O = (Q exp Gq) S + Aqk U.
+4. `output` (grid B x H x N x V/BV, parallel; body in pallas_kernels.tiles): O = (Q exp Gq) S + Aqk U.
 
-`chunk_states` (kernels 1 and 2) is also the backward's recompute (chunk_bwd.py).
+`chunk_states` (kernels 1 to 3) is also the backward's recompute (chunk_bwd.py).
 
 Arrays keep the public [B, T, H, D] layout: a chunk of one head is a strided [rows, D] tile.
 """
@@ -23,23 +27,49 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from pallas_kernels.tiles import BLOCK_TOKENS, dot, end_decays, intra_kernel, output_kernel
+from pallas_kernels.tiles import (
+    BLOCK_TOKENS,
+    dot,
+    end_decays,
+    intra_kernel,
+    output_kernel,
+    pair_scores_kernel,
+    solve_kernel,
+)
 
 
 class Config(NamedTuple):
-    """Launch parameters. Measured on an H100 at B=4, T=4096, H=16, K=V=128, bf16 (docs/performance.md): the
-    intra kernel wants few warps with one sub-step per token (forward of gated_delta_rule / kda: 3.1 / 4.6 ms
-    with 2 warps, 3.8 / 4.9 with 4, 5.3 / 5.2 with 8) and more with EDA's two (11.1 ms with 8 warps, 20.8 with
-    4, 24.7 with 2: its blocks of 2 x 16 rows need more registers)."""
+    """Launch parameters and layout choices, by measurement at B=4, T=4096, H=16, K=V=128, bf16
+    (docs/performance.md, H200, 2026-12-01, forward medians): split, the pair-scores and solve kernels, took kda
+    from 4.43 to 2.74 ms and eda from 23.9 to 7.7 (gated_delta_rule 2.46 -> 1.76, another run); 16-bit storage
+    (low_*) 2.99 -> 2.74 (kda), 8.45 -> 7.71 (eda); solve with 4 warps for either P (kda 2.98 with 2; eda 7.10
+    against 7.71 with 8); pair kernel 4 warps (8: kda 3.71, eda 8.64; 2: same as 4 for gated_delta_rule); state
+    kernel blocks of 64 values (32: gated_delta_rule 2.00 against 1.76) and num_stages 1 (2: no change).
+    solve_block_rows and solve_row_loads are untimed options (off). The fused intra kernel (split=False) wanted
+    2 warps with one sub-step per token and 8 with EDA's two (H100, earlier)."""
 
-    intra_warps: tuple[int, int] = (2, 8)  # by sub-steps per token: 1, 2
+    split: bool = True  # the pair-scores and solve kernels in place of the fused intra kernel
+    intra_warps: tuple[int, int] = (2, 8)  # by sub-steps per token: 1, 2 (fused intra kernel)
+    pair_warps: tuple[int, int] = (4, 4)  # pair-scores kernel, by sub-steps per token
+    solve_warps: tuple[int, int] = (4, 4)  # solve kernel, by sub-steps per token
+    solve_block_rows: int = 0  # rows per block of the solve kernel's inverse; 0: the pair kernel's (16 P)
+    solve_row_loads: bool = False  # diagonal substitution reads A's rows from memory (tiles.unit_lower_inverse_rows)
     state_warps: int = 4
+    state_stages: int = 1  # software pipelining of the state kernel's loop over chunks
     output_warps: int = 4
     state_block_v: int = 64
     output_block_v: int = 64
+    low_inputs: bool = True  # q, x, y, z read in the storage dtype (cast where XLA makes them)
+    low_intermediates: bool = True  # Aqk, W, U~ in the inputs' storage dtype (bf16 inputs: bf16); A stays f32
+    low_states: bool = True  # U and the chunks' start states likewise
 
 
 DEFAULT_CONFIG = Config()
+
+
+def default_config():
+    """DEFAULT_CONFIG, read at call time (benchmarks swap it to compare variants in one process)."""
+    return DEFAULT_CONFIG
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -63,14 +93,14 @@ def _state_kernel(*refs, rows, n_chunks, has_erase, has_segments):
         x, g = x_ref[b, ts, h, :].astype(jnp.float32), g_ref[b, ts, h, :]
         u = u_tilde_ref[b, ts, h, vs].astype(jnp.float32)
         if has_erase:
-            u = u - dot(w_ref[b, ts, h, :], state)
+            u = u - dot(w_ref[b, ts, h, :].astype(jnp.float32), state)
         g_last = g_ref[b, n * rows + rows - 1, h, :].reshape(1, -1)
         segs = (
             (seg_ref[b, ts].reshape(rows, 1), seg_ref[b, n * rows + rows - 1], prev_ref[b, n]) if has_segments else ()
         )
         decay_to_end, state_decay = end_decays(g, g_last, *segs)
-        u_ref[b, ts, h, vs] = u
-        states_ref[b, h, n, :, vs] = state
+        u_ref[b, ts, h, vs] = u.astype(u_ref.dtype)
+        states_ref[b, h, n, :, vs] = state.astype(states_ref.dtype)
         return state_decay * state + dot((x * decay_to_end).T, u)
 
     final_ref[b, h, :, vs] = jax.lax.fori_loop(0, n_chunks, chunk, s0_ref[b, h, :, vs].astype(jnp.float32))
@@ -89,9 +119,9 @@ def tile_spec(rows, width, grid_rank=3, v_block=False):
     return pl.BlockSpec((None, rows, None, width), lambda b, h, n, j: (b, n, h, j if v_block else 0))
 
 
-def triton_call(kernel, warps, interpret, **kwargs):
-    """pl.pallas_call with the Triton compiler parameters."""
-    params = plt.CompilerParams(num_warps=warps, num_stages=1)
+def triton_call(kernel, warps, interpret, stages=1, **kwargs):
+    """pl.pallas_call with the Triton compiler parameters (stages: software-pipelining depth of loops)."""
+    params = plt.CompilerParams(num_warps=warps, num_stages=stages)
     return pl.pallas_call(kernel, interpret=interpret, compiler_params=params, **kwargs)
 
 
@@ -102,40 +132,115 @@ def segment_specs(grid_rank, *widths):
     return [pl.BlockSpec((None, r), lambda b, h, n, j: (b, n)) for r in widths]
 
 
+def pair_specs(chunk_size, rows, n_blocks, key, dim, has_erase, has_segments):
+    """BlockSpecs of the pair-scores kernel on the grid (B, H, N, n_blocks^2): pair p is row block i = p // n,
+    key block j = p % n. Inputs q, gq (query block i), x, g (key block j), then y, g (row block i), then the
+    segment numbers of block i's tokens and rows and of block j's rows; outputs Aqk, then A."""
+    block_tokens, block = chunk_size // n_blocks, rows // n_blocks
+
+    def spec(height, width, which):
+        pick = (lambda p: p // n_blocks) if which == "i" else (lambda p: p % n_blocks)
+        return pl.BlockSpec((None, height, None, width), lambda b, h, n, p: (b, n * n_blocks + pick(p), h, 0))
+
+    def seg_spec(width, which):
+        pick = (lambda p: p // n_blocks) if which == "i" else (lambda p: p % n_blocks)
+        return pl.BlockSpec((None, width), lambda b, h, n, p: (b, n * n_blocks + pick(p)))
+
+    ins = [spec(block_tokens, key, "i"), spec(block_tokens, dim, "i"), spec(block, key, "j"), spec(block, dim, "j")]
+    ins += [spec(block, key, "i"), spec(block, dim, "i")] if has_erase else []
+    ins += [seg_spec(block_tokens, "i"), seg_spec(block, "i"), seg_spec(block, "j")] if has_segments else []
+    outs = [
+        pl.BlockSpec((None, height, None, block), lambda b, h, n, p: (b, n * n_blocks + p // n_blocks, h, p % n_blocks))
+        for height in ((block_tokens, block) if has_erase else (block_tokens,))
+    ]
+    return ins, outs
+
+
 def chunk_states(
-    q, gq, x, y, z, gcum, initial_state, seg, seg_q, seg_prev, *, chunk_size, interpret, config=DEFAULT_CONFIG
+    q, gq, x, y, z, gcum, initial_state, seg, seg_q, seg_prev, *, chunk_size, interpret, config=None, storage=None
 ):
-    """The intra and state kernels on prepared inputs (see chunk_forward).
-    Returns (scores [B, T, H, C P] f32, each token's query scores against its chunk's sub-steps; w [B, T P, H, K]
-    f32, None without an erase address; u [B, T P, H, V] f32; states [B, H, N, K, V] f32, each chunk's start
-    state; final_state [B, H, K, V] f32)."""
+    """The intra (or pair-scores and solve) and state kernels on prepared inputs (see chunk_forward).
+    Returns (scores [B, T, H, C P], each token's query scores against its chunk's sub-steps; w [B, T P, H, K],
+    None without an erase address; u [B, T P, H, V]; states [B, H, N, K, V], each chunk's start state;
+    final_state [B, H, K, V] f32). The scores, w and u~ are in `storage` (default float32) when
+    config.low_intermediates, u and the states when config.low_states, else float32."""
+    config = config or default_config()
     batch, length, heads, key = q.shape
     per_token = x.shape[1] // length
     rows, value, dim = per_token * chunk_size, z.shape[-1], gcum.shape[-1]
     n_chunks = length // chunk_size
     block_tokens = min(BLOCK_TOKENS, chunk_size)
+    n_blocks = chunk_size // block_tokens
     has_erase, has_segments = y is not None, seg is not None
     f32 = jnp.float32
+    storage = jnp.dtype(storage or f32)
+    low = storage if config.low_intermediates else f32
+    state_dtype = storage if config.low_states else f32
+    segments = (seg_q, seg, seg_prev) if has_segments else ()
 
-    intra_outs = triton_call(
-        functools.partial(
-            intra_kernel,
-            block_tokens=block_tokens,
-            per_token=per_token,
-            has_erase=has_erase,
-            has_segments=has_segments,
-        ),
-        config.intra_warps[per_token - 1],
-        interpret,
-        grid=(batch, heads, n_chunks),
-        in_specs=[tile_spec(chunk_size, key), tile_spec(chunk_size, dim), tile_spec(rows, key), tile_spec(rows, dim)]
-        + ([tile_spec(rows, key), tile_spec(rows, value)] if has_erase else [])
-        + (segment_specs(3, chunk_size, rows, 1) if has_segments else []),
-        out_specs=[tile_spec(chunk_size, rows)] + ([tile_spec(rows, key), tile_spec(rows, value)] if has_erase else []),
-        out_shape=[jax.ShapeDtypeStruct((batch, length, heads, rows), f32)]
-        + ([jax.ShapeDtypeStruct(x.shape, f32), jax.ShapeDtypeStruct(z.shape, f32)] if has_erase else []),
-    )(q, gq, x, gcum, *((y, z) if has_erase else ()), *((seg_q, seg, seg_prev) if has_segments else ()))
-    scores, w, u_tilde = intra_outs if has_erase else (intra_outs[0], None, z)
+    if config.split:
+        ins, outs = pair_specs(chunk_size, rows, n_blocks, key, dim, has_erase, has_segments)
+
+        def pair_kernel(*refs):
+            p = pl.program_id(3)
+            kernel = functools.partial(
+                pair_scores_kernel, per_token=per_token, has_erase=has_erase, has_segments=has_segments
+            )
+            kernel(*refs, i=p // n_blocks, j=p % n_blocks)
+
+        pair_outs = triton_call(
+            pair_kernel,
+            config.pair_warps[per_token - 1],
+            interpret,
+            grid=(batch, heads, n_chunks, n_blocks * n_blocks),
+            in_specs=ins,
+            out_specs=outs,
+            out_shape=[jax.ShapeDtypeStruct((batch, length, heads, rows), low)]
+            + ([jax.ShapeDtypeStruct((batch, length * per_token, heads, rows), f32)] if has_erase else []),
+        )(q, gq, x, gcum, *((y, gcum) if has_erase else ()), *((seg_q, seg, seg) if has_segments else ()))
+        scores, w, u_tilde = pair_outs[0], None, z
+        if has_erase:
+            w, u_tilde = triton_call(
+                functools.partial(
+                    solve_kernel,
+                    block=min(config.solve_block_rows, rows) or rows // n_blocks,
+                    has_segments=has_segments,
+                    row_loads=config.solve_row_loads,
+                ),
+                config.solve_warps[per_token - 1],
+                interpret,
+                grid=(batch, heads, n_chunks),
+                in_specs=[tile_spec(rows, rows), tile_spec(rows, key), tile_spec(rows, value), tile_spec(rows, dim)]
+                + (segment_specs(3, rows, 1) if has_segments else []),
+                out_specs=[tile_spec(rows, key), tile_spec(rows, value)],
+                out_shape=[jax.ShapeDtypeStruct(x.shape, low), jax.ShapeDtypeStruct(z.shape, low)],
+            )(pair_outs[1], y, z, gcum, *((seg, seg_prev) if has_segments else ()))
+    else:
+        intra_outs = triton_call(
+            functools.partial(
+                intra_kernel,
+                block_tokens=block_tokens,
+                per_token=per_token,
+                has_erase=has_erase,
+                has_segments=has_segments,
+            ),
+            config.intra_warps[per_token - 1],
+            interpret,
+            grid=(batch, heads, n_chunks),
+            in_specs=[
+                tile_spec(chunk_size, key),
+                tile_spec(chunk_size, dim),
+                tile_spec(rows, key),
+                tile_spec(rows, dim),
+            ]
+            + ([tile_spec(rows, key), tile_spec(rows, value)] if has_erase else [])
+            + (segment_specs(3, chunk_size, rows, 1) if has_segments else []),
+            out_specs=[tile_spec(chunk_size, rows)]
+            + ([tile_spec(rows, key), tile_spec(rows, value)] if has_erase else []),
+            out_shape=[jax.ShapeDtypeStruct((batch, length, heads, rows), low)]
+            + ([jax.ShapeDtypeStruct(x.shape, low), jax.ShapeDtypeStruct(z.shape, low)] if has_erase else []),
+        )(q, gq, x, gcum, *((y, z) if has_erase else ()), *segments)
+        scores, w, u_tilde = intra_outs if has_erase else (intra_outs[0], None, z)
 
     state_block_v = min(config.state_block_v, value)
     u, states, final_state = triton_call(
@@ -144,10 +249,11 @@ def chunk_states(
         ),
         config.state_warps,
         interpret,
+        stages=config.state_stages,
         grid=(batch, heads, value // state_block_v),
         out_shape=[
-            jax.ShapeDtypeStruct(z.shape, f32),
-            jax.ShapeDtypeStruct((batch, heads, n_chunks, key, value), f32),
+            jax.ShapeDtypeStruct(z.shape, state_dtype),
+            jax.ShapeDtypeStruct((batch, heads, n_chunks, key, value), state_dtype),
             jax.ShapeDtypeStruct((batch, heads, key, value), f32),
         ],
     )(*(t for t in (u_tilde, w, x, gcum, initial_state) if t is not None), *((seg, seg_prev) if has_segments else ()))
@@ -155,7 +261,7 @@ def chunk_states(
 
 
 def chunk_forward(
-    q, gq, x, y, z, gcum, initial_state, seg, seg_q, seg_prev, *, chunk_size, interpret, config=DEFAULT_CONFIG
+    q, gq, x, y, z, gcum, initial_state, seg, seg_q, seg_prev, *, chunk_size, interpret, config=None, storage=None
 ):
     """Chunkwise forward on prepared, padded inputs (see pallas_kernels.forms.prepare).
 
@@ -163,9 +269,13 @@ def chunk_forward(
     [B, T P, H, K] (y may be None), z [B, T P, H, V], gcum [B, T P, H, D] (chunk-local cumulative log-decay),
     initial_state [B, H, K, V] f32; seg [B, T P] int32 running segment numbers of the sub-steps, seg_q [B, T]
     those of the tokens and seg_prev [B, N] the number before each chunk, or all three None. T is a multiple
-    of chunk_size.
+    of chunk_size. storage: the dtype q, x, y, z are read in (config.low_inputs) and the intermediates are stored
+    in (config.low_intermediates, low_states), e.g. bfloat16 for bf16 inputs; None: float32.
     Returns (o [B, T, H, V] f32, final_state [B, H, K, V] f32).
     """
+    config = config or default_config()
+    if storage is not None and config.low_inputs:
+        q, x, y, z = (None if t is None else t.astype(storage) for t in (q, x, y, z))
     batch, length, heads, key = q.shape
     rows, value, dim = x.shape[1] // length * chunk_size, z.shape[-1], gcum.shape[-1]
     n_chunks = length // chunk_size
@@ -184,6 +294,7 @@ def chunk_forward(
         chunk_size=chunk_size,
         interpret=interpret,
         config=config,
+        storage=storage,
     )
     output_block_v = min(config.output_block_v, value)
     o = triton_call(
