@@ -67,8 +67,12 @@ def _chunk_kernels_forward(*args):
 
 
 def _chunk_kernels_backward(chunk_size, interpret, platform, storage, inputs, cotangents):
-    backward = tpu_chunk_bwd.chunk_backward if platform == "tpu" else gpu_chunk_bwd.chunk_backward
-    grads = backward(*inputs, *cotangents, chunk_size=chunk_size, interpret=interpret)
+    if platform == "tpu":
+        grads = tpu_chunk_bwd.chunk_backward(*inputs, *cotangents, chunk_size=chunk_size, interpret=interpret)
+    else:
+        grads = gpu_chunk_bwd.chunk_backward(
+            *inputs, *cotangents, chunk_size=chunk_size, interpret=interpret, storage=storage
+        )
     grads = tuple(None if d is None else d.astype(t.dtype) for d, t in zip(grads, inputs[:7], strict=True))
     return (*grads, None, None, None)  # the segment numbers (integers) have no cotangent
 
