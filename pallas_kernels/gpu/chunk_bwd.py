@@ -22,7 +22,8 @@ per-token decay's gradient, a reverse cumulative sum inside each chunk, is JAX's
 
 No program holds more than a few [16 P, 64] or [L, 64] float32 tiles (docs/performance.md has the work and bytes).
 With 16-bit inputs (`storage`), the recompute stores as the forward does (chunk_fwd.Config), dO is read in 16 bits
-and dU, P^T dO and the dS_{n+1} are stored in 16 bits (Config.low_grads); dP, dA, dZ and every gradient are float32.
+and dU, P^T dO, the dS_{n+1}, dZ and the gradients of q, x, y are stored in 16 bits (Config.low_grads: they are
+cast to the inputs' 16-bit dtype anyway); dP, dA, the log-decays' gradients and dS_0 are float32.
 Segment masks are the forward's. Arrays keep the public [B, T, H, D] layout, as in chunk_fwd.
 """
 
@@ -64,7 +65,7 @@ class Config(NamedTuple):
     state_grad_block_v: int = 64
     block_v: int = 64  # V blocks of the loops inside score_grad and key_grad
     block_k: int = 64  # K blocks of key_grad's grid
-    low_grads: bool = True  # with 16-bit inputs: P^T dO, dU and the dS_{n+1} stored in 16 bits
+    low_grads: bool = True  # with 16-bit inputs: P^T dO, dU, the dS_{n+1} and dq, dx, dy, dz in 16 bits
 
 
 DEFAULT_CONFIG = Config()
@@ -121,7 +122,8 @@ def _score_grad_kernel(*refs, block_v, has_erase):
     dP_i = dO_i U^T [c_q, L]; with an erase address also dZ_i = T[:, i]^T dU [c, V] and dA_i = -dZ_i U^T [c, L].
 
     Refs (blocks): do [c_q, V] (block i's tokens), u [L, V]; with an erase address t [L, c] (block i's columns of
-    T, zero above the diagonal blocks), du [L, V]; outputs dp [c_q, L], then dz [c, V], da [c, L] (float32)."""
+    T, zero above the diagonal blocks), du [L, V]; outputs dp [c_q, L], then dz [c, V], da [c, L] (dp, da
+    float32)."""
     if has_erase:
         do_ref, u_ref, t_ref, du_ref, dp_ref, dz_ref, da_ref = refs
     else:
@@ -155,7 +157,7 @@ def _key_grad_kernel(*refs, block_tokens, per_token, block_v, has_erase, has_seg
     Refs (blocks): q [C, BK], gq [C, D'], x [L, BK], y [L, BK] (erase), g [L, D'] (D' = BK, or 1 for a scalar
     decay), u [L, V], dz [L, V] (erase), do [C, V], s, ds [BK, V] (the chunk's start state and end-state gradient),
     dp [C, L], da [L, L] (erase), then seg_q [C], seg [L], seg_prev [1] with segments; outputs dq [C, BK], dgq
-    [C, D'], dx [L, BK], dy [L, BK] (erase), dg [L, D'] (float32)."""
+    [C, D'], dx [L, BK], dy [L, BK] (erase), dg [L, D'] (dgq, dg float32)."""
     refs = list(refs)
     take = lambda present=True: refs.pop(0) if present else None  # noqa: E731
     q_ref, gq_ref, x_ref, y_ref, g_ref = take(), take(), take(), take(has_erase), take()
@@ -209,7 +211,7 @@ def _key_grad_kernel(*refs, block_tokens, per_token, block_v, has_erase, has_seg
         dq = in_segment(times_state(do_ref, tokens[k], s_ref), seg_q[k], seg_prev) * jnp.exp(gq)
         for j in range(k + 1):
             dq = dq + pair(q_ref, gq_ref, k, j, dp_ref, q_local, seg_q, "a")
-        dq_ref[tokens[k], :] = dq
+        dq_ref[tokens[k], :] = dq.astype(dq_ref.dtype)
         dgq_ref[tokens[k], :] = decay_width(q * dq, width)
 
         x, g = load(x_ref, rows[k]), g_ref[rows[k], :]
@@ -220,13 +222,13 @@ def _key_grad_kernel(*refs, block_tokens, per_token, block_v, has_erase, has_seg
             dx = dx + pair(q_ref, gq_ref, i, k, dp_ref, q_local, seg_q, "b")
             if has_erase:
                 dx = dx + pair(y_ref, g_ref, i, k, da_ref, a_local, seg, "b")
-        dx_ref[rows[k], :] = dx
+        dx_ref[rows[k], :] = dx.astype(dx_ref.dtype)
         dg = -x * dx
         if has_erase:
             dy = -in_segment(times_state(dz_ref, rows[k], s_ref), seg[k], seg_prev) * jnp.exp(g)
             for j in range(k + 1):
                 dy = dy + pair(y_ref, g_ref, k, j, da_ref, a_local, seg, "a")
-            dy_ref[rows[k], :] = dy
+            dy_ref[rows[k], :] = dy.astype(dy_ref.dtype)
             dg = dg + load(y_ref, rows[k]) * dy
         dg = decay_width(dg, width)
         if k == n - 1:
@@ -247,8 +249,9 @@ def chunk_backward(
     [B, H, K, V], the cotangents of its output and final state. config: this module's Config (default
     DEFAULT_CONFIG); forward_config: the recompute's chunk_fwd.Config (default chunk_fwd's, split layout).
 
-    Returns (dq, dgq, dx, dy, dz, dgcum, d_initial_state), float32, each shaped like its input (dy None when y
-    is None)."""
+    Returns (dq, dgq, dx, dy, dz, dgcum, d_initial_state), each shaped like its input (dy None when y is None):
+    float32, but dq, dx, dy, dz in the storage dtype with 16-bit storage and config.low_grads (the caller casts
+    them to the inputs' dtype, that same dtype)."""
     config = config or default_config()
     forward_config = (forward_config or chunk_fwd.default_config())._replace(split=True)
     if storage is not None and forward_config.low_inputs:
@@ -334,7 +337,7 @@ def chunk_backward(
         out_specs=[block_spec(block_tokens, rows, n_blocks)]
         + ([block_spec(block, value, n_blocks), block_spec(block, rows, n_blocks)] if has_erase else []),
         out_shape=[shape((batch, length, heads, rows), f32)]
-        + ([shape(z.shape, f32), shape((batch, length * per_token, heads, rows), f32)] if has_erase else []),
+        + ([shape(z.shape, grad_dtype), shape((batch, length * per_token, heads, rows), f32)] if has_erase else []),
     )(*(a for a in (d_o, u, t, du if has_erase else None) if a is not None))
     d_p, dz, d_a = d_scores if has_erase else (d_scores[0], None, None)
 
@@ -373,8 +376,9 @@ def chunk_backward(
         out_specs=[k_spec(chunk_size), k_spec(chunk_size, width), k_spec(rows)]
         + ([k_spec(rows)] if has_erase else [])
         + [k_spec(rows, width)],
-        out_shape=[shape(q.shape, f32), shape((batch, length, heads, n_k * width), f32), shape(x.shape, f32)]
-        + ([shape(x.shape, f32)] if has_erase else [])
+        out_shape=[shape(q.shape, grad_dtype), shape((batch, length, heads, n_k * width), f32)]
+        + [shape(x.shape, grad_dtype)]
+        + ([shape(x.shape, grad_dtype)] if has_erase else [])
         + [shape((*gcum.shape[:-1], n_k * width), f32)],
     )(
         *(a for a in (q, gq, x, y, gcum, u, dz, d_o, states, d_ends, d_p, d_a) if a is not None),
@@ -383,7 +387,7 @@ def chunk_backward(
     if has_erase:
         dq, dgq, dx, dy, dgcum = grads
     else:  # U = Z: the values' gradient is dU
-        (dq, dgq, dx, dgcum), dy, dz = grads, None, du.astype(f32)
+        (dq, dgq, dx, dgcum), dy, dz = grads, None, du
     if not channel:
         dgq, dgcum = (jnp.sum(d, axis=-1, keepdims=True) for d in (dgq, dgcum))
     return dq, dgq, dx, dy, dz, dgcum, d_initial
