@@ -22,8 +22,9 @@ per-token decay's gradient, a reverse cumulative sum inside each chunk, is JAX's
 
 No program holds more than a few [16 P, 64] or [L, 64] float32 tiles (docs/performance.md has the work and bytes).
 With 16-bit inputs (`storage`), the recompute stores as the forward does (chunk_fwd.Config), dO is read in 16 bits
-and dU, P^T dO, the dS_{n+1}, dZ and the gradients of q, x, y are stored in 16 bits (Config.low_grads: they are
-cast to the inputs' 16-bit dtype anyway); dP, dA, the log-decays' gradients and dS_0 are float32.
+and dU, P^T dO, the dS_{n+1}, dZ and the gradients of q, x, y are stored in 16 bits (Config.low_grads: the rule's
+input gradients end in that dtype anyway, so this adds one rounding before the preparation's VJP); dP, dA, the
+log-decays' gradients and dS_0 are float32.
 Segment masks are the forward's. Arrays keep the public [B, T, H, D] layout, as in chunk_fwd.
 """
 
@@ -250,8 +251,7 @@ def chunk_backward(
     DEFAULT_CONFIG); forward_config: the recompute's chunk_fwd.Config (default chunk_fwd's, split layout).
 
     Returns (dq, dgq, dx, dy, dz, dgcum, d_initial_state), each shaped like its input (dy None when y is None):
-    float32, but dq, dx, dy, dz in the storage dtype with 16-bit storage and config.low_grads (the caller casts
-    them to the inputs' dtype, that same dtype)."""
+    float32, but dq, dx, dy, dz in the storage dtype with 16-bit storage and config.low_grads."""
     config = config or default_config()
     forward_config = (forward_config or chunk_fwd.default_config())._replace(split=True)
     if storage is not None and forward_config.low_inputs:
