@@ -352,7 +352,7 @@ def chunk_backward(
     def full(height, w):
         return pl.BlockSpec((None, height, None, w), lambda b, h, n, j: (b, n, h, 0))
 
-    decay_spec = k_spec if channel else full
+    decay_spec = lambda height: k_spec(height) if channel else full(height, 1)  # noqa: E731
     state_spec = pl.BlockSpec((None, None, None, block_k, value), lambda b, h, n, j: (b, h, n, j, 0))
     grads = triton_call(
         functools.partial(
@@ -366,9 +366,9 @@ def chunk_backward(
         config.key_grad_warps,
         interpret,
         grid=(batch, heads, n_chunks, n_k),
-        in_specs=[k_spec(chunk_size), decay_spec(chunk_size, dim), k_spec(rows)]
+        in_specs=[k_spec(chunk_size), decay_spec(chunk_size), k_spec(rows)]
         + ([k_spec(rows)] if has_erase else [])
-        + [decay_spec(rows, dim), full(rows, value)]
+        + [decay_spec(rows), full(rows, value)]
         + ([full(rows, value)] if has_erase else [])
         + [full(chunk_size, value), state_spec, state_spec, full(chunk_size, rows)]
         + ([full(rows, rows)] if has_erase else [])
