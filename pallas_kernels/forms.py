@@ -67,8 +67,12 @@ def _chunk_kernels_forward(*args):
 
 
 def _chunk_kernels_backward(chunk_size, interpret, platform, storage, inputs, cotangents):
-    backward = tpu_chunk_bwd.chunk_backward if platform == "tpu" else gpu_chunk_bwd.chunk_backward
-    grads = backward(*inputs, *cotangents, chunk_size=chunk_size, interpret=interpret)
+    if platform == "tpu":
+        grads = tpu_chunk_bwd.chunk_backward(*inputs, *cotangents, chunk_size=chunk_size, interpret=interpret)
+    else:
+        grads = gpu_chunk_bwd.chunk_backward(
+            *inputs, *cotangents, chunk_size=chunk_size, interpret=interpret, storage=storage
+        )
     grads = tuple(None if d is None else d.astype(t.dtype) for d, t in zip(grads, inputs[:7], strict=True))
     return (*grads, None, None, None)  # the segment numbers (integers) have no cotangent
 
@@ -127,6 +131,8 @@ _chunk_recomputed = _with_recomputed_backward(
 # tpu/chunk_bwd.py); False, the VJP of the plain-JAX chunk form, recomputed. Chosen by measurement where there is
 # one: on an H100 (B=4, T=4096, H=16, K=V=128, bf16; docs/performance.md) forward + backward took 31.2 / 44.2 ms
 # (gated_delta_rule / kda) with the backward kernels as first written, 10.4 / 15.3 ms with the plain-JAX VJP.
+# Restructured since (session 4: split recompute, score_grad + key_grad, bf16 storage) and not yet measured:
+# `python -m experiments.benchmarks.pallas_variants --backward xla kernels` times both.
 # The TPU kernels are unmeasured (no TPU here).
 BACKWARD_KERNELS = {"gpu": False, "tpu": True}
 
@@ -136,7 +142,7 @@ def chunkwise(q, sub, initial_state, segment_ids, chunk_size, interpret, platfor
     interpret=True runs them in Pallas interpret mode on any backend (for checking). The backward is the
     platform's choice in BACKWARD_KERNELS. storage: the caller's 16-bit input dtype (e.g. jnp.bfloat16), in
     which the GPU kernels read q, x, y, z and store their intermediates; None (or a 32/64-bit dtype): float32.
-    The backward always sees the float32 inputs."""
+    The GPU backward kernels recompute with the same storage (gpu/chunk_bwd.py)."""
     storage = jnp.dtype(storage).name if storage is not None and jnp.dtype(storage).itemsize == 2 else None
     form = _chunk_forward if BACKWARD_KERNELS[platform] else _chunk_recomputed
     return form(q, sub, initial_state, segment_ids, chunk_size, interpret, platform, storage)

@@ -68,19 +68,24 @@ def block_reference(gb, diagonal):
     return jnp.where(diagonal, row(gb, middle), row(gb, last))
 
 
-def block_scores_grad(a, ga, b, gb, d_scores, mask, diagonal):
-    """(da, db): the gradients of sum(d_scores * block_scores(a, ga, b, gb, mask, diagonal)) w.r.t. a and b.
+def block_scores_grad(a, ga, b, gb, d_scores, mask, diagonal, side=None):
+    """(da, db): the gradients of sum(d_scores * block_scores(a, ga, b, gb, mask, diagonal)) w.r.t. a and b;
+    side "a" or "b": only that one (one product instead of two).
 
     With M_rs = sum_k a_rk b_sk exp(ga_rk - gb_sk), the log-decays' gradients are d ga = a da and d gb = -b db
     (summed over channels by `decay_width` for D = 1); the exponents are block_scores', so bounded the same way."""
     if gb.shape[1] == 1:
         expo = jnp.where(mask, ga - gb.reshape(1, -1), -jnp.inf)
         d = jnp.where(mask, d_scores * jnp.exp(expo), 0.0)
-        return dot(d, b), dot(d, a, trans_a=True)
-    ref = block_reference(gb, diagonal)
-    a_decay, b_decay = jnp.exp(ga - ref), jnp.exp(ref - gb)
-    d = jnp.where(mask, d_scores, 0.0)
-    return a_decay * dot(d, b * b_decay), b_decay * dot(d, a * a_decay, trans_a=True)
+        da = lambda: dot(d, b)  # noqa: E731
+        db = lambda: dot(d, a, trans_a=True)  # noqa: E731
+    else:
+        ref = block_reference(gb, diagonal)
+        a_decay, b_decay = jnp.exp(ga - ref), jnp.exp(ref - gb)
+        d = jnp.where(mask, d_scores, 0.0)
+        da = lambda: a_decay * dot(d, b * b_decay)  # noqa: E731
+        db = lambda: b_decay * dot(d, a * a_decay, trans_a=True)  # noqa: E731
+    return {"a": da, "b": db}[side]() if side else (da(), db())
 
 
 def decay_width(t, width):
@@ -332,12 +337,15 @@ def unit_lower_inverse_rows(a_ref, start, size):
     return jax.lax.fori_loop(jnp.int32(1), jnp.int32(size), substitute, (rows == cols).astype(jnp.float32))
 
 
-def solve_kernel(a_ref, y_ref, z_ref, g_ref, *refs, block, has_segments, row_loads=False):
+def solve_kernel(a_ref, y_ref, z_ref, g_ref, *refs, block, has_segments, row_loads=False, write_inverse=False):
     """T = (I + A)^-1 from the pair scores A [L, L] of one chunk (`pair_scores_kernel`; only blocks j <= i are
     read), in blocks of `block` rows (any divisor of L, not necessarily the pair kernel's), then W = T (Y exp G) and
     U~ = T Z (`write_w_u`). row_loads: the diagonal blocks' substitution reads its rows from a_ref
-    (`unit_lower_inverse_rows`). refs: (seg_ref [L], prev_ref if has_segments), then the outputs w [L, K], u [L, V]."""
-    seg_ref, prev_ref, w_ref, u_ref = refs if has_segments else (None, None, *refs)
+    (`unit_lower_inverse_rows`). refs: (seg_ref [L], prev_ref if has_segments), then the outputs w [L, K], u [L, V]
+    and, with write_inverse (the backward's recompute), t [L, L] (zeros above the diagonal blocks)."""
+    refs = list(refs)
+    seg_ref, prev_ref = (refs.pop(0), refs.pop(0)) if has_segments else (None, None)
+    w_ref, u_ref, *t_ref = refs
     n = a_ref.shape[0] // block
     rows = [pl.ds(i * block, block) for i in range(n)]
 
@@ -348,6 +356,12 @@ def solve_kernel(a_ref, y_ref, z_ref, g_ref, *refs, block, has_segments, row_loa
     t = inverse_of_blocks(a_row, n, inverted_diagonal=row_loads)
     seg = [segment_column(seg_ref, r) for r in rows] if has_segments else None
     write_w_u(t, y_ref, z_ref, g_ref, w_ref, u_ref, block, seg, prev_ref)
+    if write_inverse:
+        (t_ref,) = t_ref
+        for i in range(n):
+            for j in range(n):
+                tile = t[i, j] if j <= i else jnp.zeros((block, block), jnp.float32)
+                t_ref[rows[i], rows[j]] = tile.astype(t_ref.dtype)
 
 
 def output_kernel(q_ref, gq_ref, aqk_ref, u_ref, s_ref, *refs, has_segments):
@@ -368,8 +382,10 @@ def output_kernel(q_ref, gq_ref, aqk_ref, u_ref, s_ref, *refs, has_segments):
 
 
 def value_grad_kernel(aqk_ref, do_ref, du_ref):
-    """Aqk^T dO for one chunk and V block, [L, C] [C, BV]: the values' gradient through the chunk's own queries."""
-    du_ref[...] = dot(aqk_ref[...], do_ref[...].astype(jnp.float32), trans_a=True)
+    """Aqk^T dO for one chunk and V block, [L, C] [C, BV]: the values' gradient through the chunk's own queries
+    (either operand may be stored in 16 bits; the product is float32)."""
+    f32 = jnp.float32
+    du_ref[...] = dot(aqk_ref[...].astype(f32), do_ref[...].astype(f32), trans_a=True).astype(du_ref.dtype)
 
 
 def chunk_grad_kernel(*refs, block_tokens, per_token, block_v, has_erase, has_segments):

@@ -15,6 +15,7 @@ from conftest import (
     assert_close,
     grad_runner,
     kernel_input_specs,
+    loss_fn,
     make_inputs,
     make_segment_ids,
     make_state,
@@ -28,6 +29,7 @@ from conftest import (
 
 from edarnn import rules
 from pallas_kernels import forms
+from pallas_kernels.gpu import chunk_bwd
 from pallas_kernels.gpu import chunk_fwd as gpu_chunk_fwd
 
 KERNEL_RTOL = 2e-5  # the kernels compute in float32, the reference in float64
@@ -139,6 +141,49 @@ def test_pallas_grads_match_chunk(variant, with_segments, rng, backward_kernels)
     assert_close(actual, expected, KERNEL_RTOL, f"{variant} pallas grad")
 
 
+@pytest.mark.parametrize("variant", ["gated_delta_rule", "kda", "eda-bw"])
+def test_pallas_grads_in_key_and_value_blocks(variant, rng, backward_kernels, monkeypatch):
+    """The backward kernels with K and V cut in two blocks each (key_grad's grid over K blocks, a scalar decay's
+    partial sums added by XLA; the V loops of score_grad and key_grad, state_grad's V grid), with segments: the
+    chunk form's gradients."""
+    config = chunk_bwd.Config(value_grad_block_v=16, state_grad_block_v=16, block_v=16, block_k=16)
+    monkeypatch.setattr(chunk_bwd, "DEFAULT_CONFIG", config)
+    rule, shape = rule_of(variant), {"K": 32, "V": 32}
+    inputs, state = make_inputs(variant, rng, T=T, **shape), make_state(rng, **shape)
+    segment_ids = make_segment_ids(rng, SEGMENTS)
+    cotangents = random_cotangents(rng, inputs)
+
+    def grads(impl):
+        loss = loss_fn(rule, cotangents, impl=impl, chunk_size=16)
+        return jax.jit(jax.grad(loss, argnums=(0, 1)))(inputs, state, segment_ids)
+
+    assert_close(grads("pallas"), grads("chunk"), KERNEL_RTOL, f"{variant} pallas grad in K and V blocks")
+
+
+@pytest.mark.parametrize("low_grads", [True, False], ids=["bf16-grads", "f32-grads"])
+@pytest.mark.parametrize("variant", ["gated_delta_rule", "kda", "eda"])
+def test_pallas_bf16_grads_interpret(variant, low_grads, rng, backward_kernels, monkeypatch):
+    """bf16 q, k, v (e): the backward kernels recompute with the forward's 16-bit storage, read dO in bf16 and
+    (low_grads) store dU, P^T dO and the end-state gradients in bf16; every gradient within 2e-2 (max-abs over
+    max) of the float64 recurrent form's on the same inputs, heads of 32, chunks of 32 (≈7e-3 seen at 64)."""
+    monkeypatch.setattr(chunk_bwd, "DEFAULT_CONFIG", chunk_bwd.Config(low_grads=low_grads))
+    rule, shape = rule_of(variant), {"B": 1, "H": 2, "K": 32, "V": 32}
+    inputs = make_inputs(variant, rng, T=70, **shape)
+    low = {n: None if x is None else x.astype(jnp.bfloat16 if n in "qkve" else jnp.float32) for n, x in inputs.items()}
+    state = make_state(rng, **shape, dtype=jnp.float32)
+    co, cs = random_cotangents(rng, low)
+
+    def grads(impl, args, initial_state):
+        def loss(args, initial_state):
+            o, final_state = rules.RULES[rule](**args, initial_state=initial_state, impl=impl, chunk_size=32)
+            return jnp.sum(o.astype(jnp.float64) * co) + jnp.sum(final_state * cs)
+
+        return jax.jit(jax.grad(loss, argnums=(0, 1)))(args, initial_state)
+
+    actual = grads("pallas", low, state)
+    assert_close(actual, grads("recurrent", to_float64(low), to_float64(state)), 2e-2, f"{variant} pallas bf16 grad")
+
+
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_pallas_short_sequence_matches_recurrent(variant, rng):
     """T below one chunk runs the token-by-token kernel: with a state, and with segments."""
@@ -211,9 +256,9 @@ def no_x64():
     jax.config.update("jax_enable_x64", previous)
 
 
-def _lowering_inputs(case, t):
+def _lowering_inputs(case, t, **dims):
     per_token, decay, erase, segments = LOWERING_CASES[case]
-    return kernel_input_specs(t=t, per_token=per_token, decay=decay, erase=erase, segments=segments)
+    return kernel_input_specs(t=t, per_token=per_token, decay=decay, erase=erase, segments=segments, **dims)
 
 
 @pytest.mark.parametrize("case", list(LOWERING_CASES))
@@ -241,22 +286,26 @@ def test_chunk_kernels_lower_to_triton(case, config, monkeypatch, no_x64):
     assert lowered.as_text().count("xla.gpu.triton") == _forward_kernel_count(case, split)
 
 
+BACKWARD_KERNELS = ("value_grad_kernel", "_state_grad_kernel", "_score_grad_kernel", "_key_grad_kernel")
+
+
+@pytest.mark.parametrize("storage", [None, jnp.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("case", list(LOWERING_CASES))
-def test_chunk_backward_kernels_lower_to_triton(case, backward_kernels, no_x64):
-    """A training step's forward and backward: the forward kernels, those before the output kernel again (the
-    backward recomputes the chunk states), and the three backward kernels."""
+def test_chunk_backward_kernels_lower_to_triton(case, storage, backward_kernels, no_x64):
+    """A training step's forward and backward at K = V = 128 (two K blocks in key_grad, two V blocks elsewhere),
+    float32 and 16-bit storage: the forward kernels, those before the output kernel again (the backward recomputes
+    the chunk states: pair, solve, state), and the four backward kernels (value_grad, state_grad, score_grad,
+    key_grad)."""
 
     def loss(q, sub, s0, seg):
-        o, state = forms.chunkwise(q, sub, s0, seg, 64, False)
+        o, state = forms.chunkwise(q, sub, s0, seg, 64, False, "gpu", storage)
         return jnp.sum(o * o) + jnp.sum(state)
 
     step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
-    text = step.trace(*_lowering_inputs(case, 128)).lower(lowering_platforms=("cuda",)).as_text()
+    text = step.trace(*_lowering_inputs(case, 128, k=128, v=128)).lower(lowering_platforms=("cuda",)).as_text()
     forward = _forward_kernel_count(case, split=True)
-    assert text.count("xla.gpu.triton") == 2 * forward - 1 + 3
-    assert all(
-        f'name = "{kernel}"' in text for kernel in ("value_grad_kernel", "_state_grad_kernel", "chunk_grad_kernel")
-    )
+    assert text.count("xla.gpu.triton") == 2 * forward - 1 + len(BACKWARD_KERNELS)
+    assert all(f'name = "{kernel}"' in text for kernel in BACKWARD_KERNELS)
 
 
 @pytest.mark.gpu

@@ -1,11 +1,17 @@
-"""Launch-parameter and layout variants of the Pallas GPU chunkwise forward, timed in one process (one machine),
-with flash-linear-attention's chunk ops in the same run for the ratio.
+"""Launch-parameter and layout variants of the Pallas GPU chunkwise forward and backward, timed in one process (one
+machine), with flash-linear-attention's chunk ops in the same run for the ratio.
 
     python -m experiments.benchmarks.pallas_variants --variants fused_f32 split_bf16 --rules kda eda \\
         --fla --profile kda:split_bf16 --out $OUT/variants.json
+    python -m experiments.benchmarks.pallas_variants --variants split_bf16 --backward fwd xla kernels \\
+        --fla --profile kda:split_bf16/kernels --out $OUT/bwd.json
 
 A variant is a set of `pallas_kernels.gpu.chunk_fwd.Config` fields (VARIANTS below); the script swaps
-chunk_fwd.DEFAULT_CONFIG and compiles a fresh jit per variant. Inputs are `experiments.benchmarks.rules
+chunk_fwd.DEFAULT_CONFIG and compiles a fresh jit per variant. --backward times each variant per backward
+(BACKWARDS below): "fwd" the forward only, else forward and backward (gradients of sum(o * do) w.r.t. q, k, v and
+the gates, do random, as `kernels.py`'s fwd+bwd) with the plain-JAX chunk form's VJP ("xla") or the backward kernels
+(`forms.BACKWARD_KERNELS["gpu"]` swapped, and `chunk_bwd.Config` fields); such cases are named VARIANT/BACKWARD,
+and fla's case is then its fwd+bwd. Inputs are `experiments.benchmarks.rules
 .make_inputs` (q, k, v in --dtype, gates float32), --input-sets sets cycled; times are medians of --repeats
 synchronised calls after --warmup calls, host clock (as `kernels.py`). --profile RULE:VARIANT also records a JAX
 profiler trace of one call to --out's folder (summarise with `python -m experiments.benchmarks.profile
@@ -30,7 +36,8 @@ import jax.numpy as jnp  # noqa: E402
 
 from edarnn import rules  # noqa: E402
 from experiments.benchmarks import rules as rb  # noqa: E402
-from pallas_kernels.gpu import chunk_fwd  # noqa: E402
+from pallas_kernels import forms  # noqa: E402
+from pallas_kernels.gpu import chunk_bwd, chunk_fwd  # noqa: E402
 
 F32 = {"low_inputs": False, "low_intermediates": False, "low_states": False}
 VARIANTS = {
@@ -53,6 +60,41 @@ VARIANTS = {
     "split_bf16_stages3": {"split": True, "state_stages": 3},
 }
 
+BACKWARDS = {  # name: None (forward only), or (forms.BACKWARD_KERNELS["gpu"], chunk_bwd.Config fields)
+    "fwd": None,
+    "xla": (False, {}),
+    "kernels": (True, {}),
+    "kernels_f32grads": (True, {"low_grads": False}),
+    "kernels_score8": (True, {"score_grad_warps": 8}),
+    "kernels_key8": (True, {"key_grad_warps": 8}),
+    "kernels_key2": (True, {"key_grad_warps": 2}),
+    "kernels_state8": (True, {"state_grad_warps": 8}),
+}
+
+
+def case_fn(rule, backward):
+    """A fresh jit of the case: (q, k, v, *gates) -> (o, final_state) for "fwd", else (q, k, v, *gates, do) ->
+    the gradients of sum(o * do) w.r.t. q, k, v and the gates, under `backward`'s choice of backward."""
+    forward = functools.partial(rules.RULES[rule], impl="pallas")
+    if BACKWARDS[backward] is None:
+        return jax.jit(forward)
+    kernels, fields = BACKWARDS[backward]
+    forms.BACKWARD_KERNELS["gpu"] = kernels
+    chunk_bwd.DEFAULT_CONFIG = chunk_bwd.Config(**fields)
+
+    def fwd_bwd(*args):
+        inputs, do = args[:-1], args[-1]
+        loss = lambda xs: jnp.sum(forward(*xs)[0].astype(jnp.float32) * do.astype(jnp.float32))  # noqa: E731
+        return jax.grad(loss)(inputs)
+
+    return jax.jit(fwd_bwd)
+
+
+def with_cotangents(sets, seed=7):
+    """Each input set with a random do [B, T, H, V] in v's dtype appended."""
+    v = sets[0][2]
+    return [(*xs, jax.random.normal(jax.random.key(seed + i), v.shape, v.dtype)) for i, xs in enumerate(sets)]
+
 
 def timed(fn, input_sets, warmup, repeats):
     for i in range(warmup):
@@ -73,16 +115,19 @@ def profile(fn, inputs, path):
         shutil.copy(found, path)
 
 
-def fla_times(rule, input_sets, args):
+def fla_times(rule, input_sets, args, phase_name="fwd"):
+    """fla's chunk op on input_sets (with do appended for phase_name "fwd_bwd"): the median ms, or None."""
     from experiments.benchmarks import kernels  # noqa: PLC0415  (imports torch)
 
     ops, _ = kernels.load_fla()
     if isinstance(ops, str) or isinstance(ops.get(rule), str) or rule not in ops:
         return None
     fwd = kernels.fla_fn(ops[rule]["fla_chunk"], rule, False)
-    sets = kernels.to_torch([(xs, jnp.zeros((), xs[0].dtype)) for xs in input_sets])
+    if phase_name == "fwd":
+        input_sets = [(*xs, jnp.zeros((), xs[0].dtype)) for xs in input_sets]
+    sets = kernels.to_torch([(xs[:-1], xs[-1]) for xs in input_sets])
     ns = argparse.Namespace(warmup=args.warmup, repeats=args.repeats, case_budget=1e9)
-    phase = kernels.torch_phases(fwd)["fwd"]
+    phase = kernels.torch_phases(fwd)[phase_name]
     return kernels.measure_torch(lambda xs, do: phase(xs, do), sets, ns)["median_ms"]
 
 
@@ -97,11 +142,13 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--input-sets", type=int, default=2)
+    parser.add_argument("--backward", nargs="+", default=["fwd"], choices=list(BACKWARDS))
     parser.add_argument("--fla", action="store_true", help="time fla's chunk op too (gated_delta_rule, kda, gdn2)")
     parser.add_argument("--profile", nargs="*", default=[], metavar="RULE:VARIANT")
     parser.add_argument("--out", default="variants.json")
     args = parser.parse_args(argv)
     report = {"device": str(jax.devices()[0]), "shape": args.shape, "dtype": args.dtype, "cases": []}
+    default_backward = forms.BACKWARD_KERNELS["gpu"]
     out_dir = os.path.dirname(os.path.abspath(args.out))
 
     def save():
@@ -113,14 +160,17 @@ def main(argv=None):
             rb.make_inputs(rule, seed, tuple(args.shape), jnp.dtype(args.dtype))[0] for seed in range(args.input_sets)
         ]
         base = None
-        for name in args.variants:
-            chunk_fwd.DEFAULT_CONFIG = chunk_fwd.Config(**VARIANTS[name])
-            fn = jax.jit(functools.partial(rules.RULES[rule], impl="pallas"))
+        grad_sets = with_cotangents(sets) if any(b != "fwd" for b in args.backward) else None
+        for variant, backward in ((v, b) for v in args.variants for b in args.backward):
+            name = variant if backward == "fwd" else f"{variant}/{backward}"
+            chunk_fwd.DEFAULT_CONFIG = chunk_fwd.Config(**VARIANTS[variant])
+            fn = case_fn(rule, backward)
+            case_sets = sets if backward == "fwd" else grad_sets
             start = time.perf_counter()
             try:
-                jax.block_until_ready(fn(*sets[0]))
+                jax.block_until_ready(fn(*case_sets[0]))
                 compile_s = time.perf_counter() - start
-                median, best = timed(fn, sets, args.warmup, args.repeats)
+                median, best = timed(fn, case_sets, args.warmup, args.repeats)
             except Exception as exc:  # noqa: BLE001
                 report["cases"].append({"rule": rule, "variant": name, "error": f"{type(exc).__name__}: {exc}"[:400]})
                 print(rule, name, "ERROR", str(exc)[:300], flush=True)
@@ -129,26 +179,30 @@ def main(argv=None):
             base = base or median
             case = {"rule": rule, "variant": name, "median_ms": median, "min_ms": best, "compile_s": compile_s}
             report["cases"].append(case)
-            print(f"{rule:18s} {name:24s} {median:8.3f} ms (min {best:.3f}, x{median / base:.2f} of first)", flush=True)
+            print(f"{rule:18s} {name:32s} {median:8.3f} ms (min {best:.3f}, x{median / base:.2f} of first)", flush=True)
             if f"{rule}:{name}" in args.profile:
-                profile(fn, sets[0], os.path.join(out_dir, f"{rule}-{name}.xplane.pb"))
+                profile(fn, case_sets[0], os.path.join(out_dir, f"{rule}-{name.replace('/', '-')}.xplane.pb"))
             save()
-        chunk_fwd.DEFAULT_CONFIG = chunk_fwd.Config()
-        if args.fla:
+        chunk_fwd.DEFAULT_CONFIG, chunk_bwd.DEFAULT_CONFIG = chunk_fwd.Config(), chunk_bwd.Config()
+        forms.BACKWARD_KERNELS["gpu"] = default_backward
+        phases = [("fwd", sets, "fla_chunk")] if "fwd" in args.backward else []
+        phases += [("fwd_bwd", grad_sets, "fla_chunk/fwd_bwd")] if grad_sets else []
+        for phase, fla_sets, name in phases if args.fla else []:
             try:
-                median = fla_times(rule, sets, args)
+                median = fla_times(rule, fla_sets, args, phase)
             except Exception as exc:  # noqa: BLE001
-                median, report["fla_error_" + rule] = None, f"{type(exc).__name__}: {exc}"[:400]
+                median, report[f"fla_error_{rule}_{phase}"] = None, f"{type(exc).__name__}: {exc}"[:400]
             if median is not None:
-                report["cases"].append({"rule": rule, "variant": "fla_chunk", "median_ms": median})
-                print(f"{rule:18s} {'fla_chunk':24s} {median:8.3f} ms", flush=True)
+                report["cases"].append({"rule": rule, "variant": name, "median_ms": median})
+                print(f"{rule:18s} {name:32s} {median:8.3f} ms", flush=True)
             save()
-    print("\nrule               variant                  median ms   x fla")
-    fla = {c["rule"]: c["median_ms"] for c in report["cases"] if c["variant"] == "fla_chunk"}
+    print(f"\n{'rule':18s} {'variant':32s} median ms   x fla (fwd, or fwd+bwd for VARIANT/BACKWARD)")
+    fla = {(c["rule"], "/" in c["variant"]): c["median_ms"] for c in report["cases"] if "fla_chunk" in c["variant"]}
     for c in report["cases"]:
         if "median_ms" in c:
-            ratio = f"{c['median_ms'] / fla[c['rule']]:.2f}" if c["rule"] in fla else "-"
-            print(f"{c['rule']:18s} {c['variant']:24s} {c['median_ms']:9.3f}   {ratio}")
+            key = (c["rule"], "/" in c["variant"])
+            ratio = f"{c['median_ms'] / fla[key]:.2f}" if key in fla else "-"
+            print(f"{c['rule']:18s} {c['variant']:32s} {c['median_ms']:9.3f}   {ratio}")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ segments; P sub-steps per token):
    S <- Diag(exp G_last) S + (X exp(G_last - G))^T U, with S in registers.
 4. `output` (grid B x H x N x V/BV, parallel; body in pallas_kernels.tiles): O = (Q exp Gq) S + Aqk U.
 
-`chunk_states` (kernels 1 to 3) is also the backward's recompute (chunk_bwd.py).
+`chunk_states` (kernels 1 to 3) is also the backward's recompute (chunk_bwd.py), which has the solve kernel write
+T = (I + A)^-1 as well.
 
 Arrays keep the public [B, T, H, D] layout: a chunk of one head is a strided [rows, D] tile.
 """
@@ -157,13 +158,30 @@ def pair_specs(chunk_size, rows, n_blocks, key, dim, has_erase, has_segments):
 
 
 def chunk_states(
-    q, gq, x, y, z, gcum, initial_state, seg, seg_q, seg_prev, *, chunk_size, interpret, config=None, storage=None
+    q,
+    gq,
+    x,
+    y,
+    z,
+    gcum,
+    initial_state,
+    seg,
+    seg_q,
+    seg_prev,
+    *,
+    chunk_size,
+    interpret,
+    config=None,
+    storage=None,
+    inverse=False,
 ):
     """The intra (or pair-scores and solve) and state kernels on prepared inputs (see chunk_forward).
     Returns (scores [B, T, H, C P], each token's query scores against its chunk's sub-steps; w [B, T P, H, K],
     None without an erase address; u [B, T P, H, V]; states [B, H, N, K, V], each chunk's start state;
-    final_state [B, H, K, V] f32). The scores, w and u~ are in `storage` (default float32) when
-    config.low_intermediates, u and the states when config.low_states, else float32."""
+    final_state [B, H, K, V] f32; t [B, T P, H, C P], each chunk's T = (I + A)^-1 (zeros above its diagonal
+    blocks) when `inverse` (the backward's recompute; split layout only) and there is an erase address, else
+    None). The scores, w, u~ and t are in `storage` (default float32) when config.low_intermediates, u and the
+    states when config.low_states, else float32."""
     config = config or default_config()
     batch, length, heads, key = q.shape
     per_token = x.shape[1] // length
@@ -177,6 +195,9 @@ def chunk_states(
     low = storage if config.low_intermediates else f32
     state_dtype = storage if config.low_states else f32
     segments = (seg_q, seg, seg_prev) if has_segments else ()
+    if inverse and not config.split:
+        raise ValueError("chunk_states(inverse=True) needs the split layout (Config(split=True))")
+    t = None
 
     if config.split:
         ins, outs = pair_specs(chunk_size, rows, n_blocks, key, dim, has_erase, has_segments)
@@ -200,21 +221,24 @@ def chunk_states(
         )(q, gq, x, gcum, *((y, gcum) if has_erase else ()), *((seg_q, seg, seg) if has_segments else ()))
         scores, w, u_tilde = pair_outs[0], None, z
         if has_erase:
-            w, u_tilde = triton_call(
+            w, u_tilde, *t = triton_call(
                 functools.partial(
                     solve_kernel,
                     block=min(config.solve_block_rows, rows) or rows // n_blocks,
                     has_segments=has_segments,
                     row_loads=config.solve_row_loads,
+                    write_inverse=inverse,
                 ),
                 config.solve_warps[per_token - 1],
                 interpret,
                 grid=(batch, heads, n_chunks),
                 in_specs=[tile_spec(rows, rows), tile_spec(rows, key), tile_spec(rows, value), tile_spec(rows, dim)]
                 + (segment_specs(3, rows, 1) if has_segments else []),
-                out_specs=[tile_spec(rows, key), tile_spec(rows, value)],
-                out_shape=[jax.ShapeDtypeStruct(x.shape, low), jax.ShapeDtypeStruct(z.shape, low)],
+                out_specs=[tile_spec(rows, key), tile_spec(rows, value)] + ([tile_spec(rows, rows)] if inverse else []),
+                out_shape=[jax.ShapeDtypeStruct(x.shape, low), jax.ShapeDtypeStruct(z.shape, low)]
+                + ([jax.ShapeDtypeStruct((batch, length * per_token, heads, rows), low)] if inverse else []),
             )(pair_outs[1], y, z, gcum, *((seg, seg_prev) if has_segments else ()))
+            t = t[0] if inverse else None
     else:
         intra_outs = triton_call(
             functools.partial(
@@ -257,7 +281,7 @@ def chunk_states(
             jax.ShapeDtypeStruct((batch, heads, key, value), f32),
         ],
     )(*(t for t in (u_tilde, w, x, gcum, initial_state) if t is not None), *((seg, seg_prev) if has_segments else ()))
-    return scores, w, u, states, final_state
+    return scores, w, u, states, final_state, t
 
 
 def chunk_forward(
@@ -280,7 +304,7 @@ def chunk_forward(
     rows, value, dim = x.shape[1] // length * chunk_size, z.shape[-1], gcum.shape[-1]
     n_chunks = length // chunk_size
     has_segments = seg is not None
-    scores, _, u, states, final_state = chunk_states(
+    scores, _, u, states, final_state, _ = chunk_states(
         q,
         gq,
         x,
