@@ -9,7 +9,8 @@ The model is configs/default.py's (2 layers, d_model 64, 2 heads of a 32 x 32 st
 the same for every rule (gates and erase projections add their few parameters); --task picks the task and
 --values the setting swept: "mqar" the number of key-value pairs, "edit_rebind" / "edit_retract" the number of
 keys, "edit_records" the number of records. Each run's work dir is <workdir>/<task>-<rule>-<value>-seed<seed>;
-an existing result there is reused, so an interrupted sweep resumes.
+an existing result there is reused, so an interrupted sweep resumes (SIGTERM or Ctrl-C stops the sweep after
+the current run's checkpoint, the run unrecorded).
 """
 
 import argparse
@@ -77,6 +78,8 @@ def run(task: str, rules, values, seeds, *, steps: int, workdir: str, **setting)
                     results.append(json.loads(done.read_text()))
                     continue
                 metrics = train.train(sweep_config(rule, task, value, seed, steps=steps, **setting), str(run_dir))
+                if not metrics:  # stopped by SIGTERM / Ctrl-C before its evaluation at the last step
+                    raise SystemExit(f"{run_dir}: stopped before step {steps}; the same command resumes the sweep")
                 record = {"task": task, "rule": rule, "field": SWEPT[task][0], "value": value, "seed": seed}
                 results.append({**record, "steps": steps, **metrics})
                 done.write_text(json.dumps(results[-1]) + "\n")
