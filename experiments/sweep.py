@@ -5,7 +5,8 @@ scratch with edarnn.train, its last evaluation collected into one JSON file and 
         --out docs/results/mqar_sweep.json [--plot docs/results/mqar_sweep.png]
     python -m experiments.sweep --bars a.json b.json --plot bars.png      # a bar chart of finished sweeps
 
-The model is configs/default.py's (2 layers, d_model 64, 2 heads of a 32 x 32 state, rows of 64 tokens),
+The model is configs/default.py's (2 layers, d_model 64, 2 heads of a 32 x 32 state, rows of 64 tokens; --head-dim
+sets the state's K = V, with a --workdir of its own per state size),
 the same for every rule (gates and erase projections add their few parameters); --task picks the task and
 --values the setting swept: "mqar" the number of key-value pairs, "edit_rebind" / "edit_retract" the number of
 keys, "edit_records" the number of records. Each run's work dir is <workdir>/<task>-<rule>-<value>-seed<seed>;
@@ -35,17 +36,33 @@ SWEPT = {  # task -> (the field swept, the task's other settings for rows of 64 
 
 
 def sweep_config(
-    rule: str, task: str, value: int, seed: int, *, steps: int, seq_len: int = 64, batch_size: int = 32
+    rule: str,
+    task: str,
+    value: int,
+    seed: int,
+    *,
+    steps: int,
+    seq_len: int = 64,
+    batch_size: int = 32,
+    head_dim: int = 32,
 ) -> ml_collections.ConfigDict:
-    """The config of one run: configs/default.py's model with `rule` in every layer, `task` with its swept field at
-    `value`, `steps` updates (warmup a tenth), evaluation only at the end, one checkpoint at the end."""
+    """The config of one run: configs/default.py's model with `rule` in every layer and a head_dim x head_dim state
+    per head (2 heads), `task` with its swept field at `value`, `steps` updates (warmup a tenth), evaluation only at
+    the end, one checkpoint at the end."""
     if task not in SWEPT:
         raise ValueError(f"task must be one of {tuple(SWEPT)}; got {task!r}")
     field, settings = SWEPT[task]
     config = config_lib.defaults()
     config.seed = seed
     config.model.update(
-        d_model=64, n_layers=2, layers=(rule,), n_heads=2, head_dim_k=32, head_dim_v=32, d_ff=128, chunk_size=32
+        d_model=64,
+        n_layers=2,
+        layers=(rule,),
+        n_heads=2,
+        head_dim_k=head_dim,
+        head_dim_v=head_dim,
+        d_ff=128,
+        chunk_size=32,
     )
     config.data.update(source=task, seq_len=seq_len, batch_size=batch_size)
     config.data[task].update({**settings, field: value})
@@ -66,8 +83,9 @@ def sweep_config(
 
 
 def run(task: str, rules, values, seeds, *, steps: int, workdir: str, **setting) -> list[dict]:
-    """Trains every (rule, value, seed) (sweep_config; `setting`: its seq_len, batch_size) under `workdir`;
-    returns one record per run: {"task", "rule", "field", "value", "seed", "steps", <the last evaluation>}."""
+    """Trains every (rule, value, seed) (sweep_config; `setting`: its seq_len, batch_size, head_dim) under `workdir`;
+    returns one record per run: {"task", "rule", "field", "value", "seed", "steps", "head_dim", <the last
+    evaluation>}."""
     results = []
     for rule in rules:
         for value in values:
@@ -77,11 +95,12 @@ def run(task: str, rules, values, seeds, *, steps: int, workdir: str, **setting)
                 if done.exists():
                     results.append(json.loads(done.read_text()))
                     continue
-                metrics = train.train(sweep_config(rule, task, value, seed, steps=steps, **setting), str(run_dir))
+                config = sweep_config(rule, task, value, seed, steps=steps, **setting)
+                metrics = train.train(config, str(run_dir))
                 if not metrics:  # stopped by SIGTERM / Ctrl-C before its evaluation at the last step
                     raise SystemExit(f"{run_dir}: stopped before step {steps}; the same command resumes the sweep")
                 record = {"task": task, "rule": rule, "field": SWEPT[task][0], "value": value, "seed": seed}
-                results.append({**record, "steps": steps, **metrics})
+                results.append({**record, "steps": steps, "head_dim": config.model.head_dim_k, **metrics})
                 done.write_text(json.dumps(results[-1]) + "\n")
     return results
 
@@ -166,6 +185,7 @@ def main():
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--head-dim", type=int, default=32, help="K = V of each head's state (2 heads per layer)")
     parser.add_argument("--workdir", default="runs/sweep", help="the runs' work dirs go under it")
     parser.add_argument("--out", help="JSON file of the results")
     parser.add_argument("--plot", help="PNG file of the accuracy curves")
@@ -186,6 +206,7 @@ def main():
         workdir=args.workdir,
         seq_len=args.seq_len,
         batch_size=args.batch_size,
+        head_dim=args.head_dim,
     )
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1) + "\n")

@@ -294,3 +294,12 @@ def kernel_input_specs(*, t, per_token, decay, erase, segments=False, b=1, h=2, 
         spec(b, rows, h, v),
     )
     return spec(b, t, h, k), sub, spec(b, h, k, v), spec(b, t, dtype=jnp.int32) if segments else None
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drop JAX's compiled programs after each test module: every CPU executable keeps memory mappings of its own,
+    and the whole suite in one process otherwise nears the kernel's limit on mappings per process
+    (vm.max_map_count, 65530 by default), where XLA crashed (a segmentation fault while compiling)."""
+    yield
+    jax.clear_caches()

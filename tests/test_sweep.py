@@ -30,6 +30,7 @@ def test_sweep_records_each_run_reuses_finished_ones_and_stops_at_an_interrupted
         "value": 4,
         "seed": 0,
         "steps": 3,
+        "head_dim": 32,
         "eval_loss": 1.0,
         "eval_query_accuracy": 0.5,
     }
