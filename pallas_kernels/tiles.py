@@ -115,6 +115,21 @@ def segment_number(ref, s=slice(None)):
     return jnp.max(segment_row(ref, s))
 
 
+def chunk_segments(seg_q_ref, seg_ref, prev_ref, rows, tokens):
+    """One chunk's segment numbers as the gradient kernels use them, for its row blocks `rows` and token blocks
+    `tokens` (lists of slices): (columns of each row block, rows of each row block, columns of each token block, the
+    number before the chunk, the number of its last row). Without segments (seg_ref None): Nones."""
+    if seg_ref is None:
+        return [None] * len(rows), [None] * len(rows), [None] * len(tokens), None, None
+    return (
+        [segment_column(seg_ref, r) for r in rows],
+        [segment_row(seg_ref, r) for r in rows],
+        [segment_column(seg_q_ref, t) for t in tokens],
+        segment_number(prev_ref),
+        segment_number(seg_ref, pl.ds(seg_ref.shape[-1] - 1, 1)),
+    )
+
+
 def in_segment(t, seg, number):
     """t where seg == number (seg [m, 1] per row, or a scalar), else 0; t itself when there are no segments
     (seg None)."""
@@ -422,12 +437,7 @@ def chunk_grad_kernel(*refs, block_tokens, per_token, block_v, has_erase, has_se
     g = [g_ref[r, :].astype(f32) for r in rows]
     g_last = row(g[-1], block - 1)
     a_local, q_local = iota(block) > iota(block, 1), causal_query_mask(block_tokens, per_token)
-    if has_segments:
-        seg, seg_t = [segment_column(seg_ref, r) for r in rows], [segment_row(seg_ref, r) for r in rows]
-        seg_q = [segment_column(seg_q_ref, t) for t in tokens]
-        seg_prev, seg_last = segment_number(prev_ref), segment_number(seg_ref, pl.ds(length - 1, 1))
-    else:
-        seg, seg_t, seg_q, seg_prev, seg_last = [None] * n, [None] * n, [None] * n, None, None
+    seg, seg_t, seg_q, seg_prev, seg_last = chunk_segments(seg_q_ref, seg_ref, prev_ref, rows, tokens)
     t = inverse_blocks(key_blocks(x_ref, g_ref, block), y_ref, seg, seg_t, block) if has_erase else None
 
     # Products over V, accumulated over V blocks.

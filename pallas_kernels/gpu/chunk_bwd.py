@@ -41,15 +41,13 @@ from pallas_kernels.tiles import (
     BLOCK_TOKENS,
     block_scores_grad,
     causal_query_mask,
+    chunk_segments,
     decay_width,
     dot,
     end_decays,
     in_segment,
     iota,
     pair_mask,
-    segment_column,
-    segment_number,
-    segment_row,
     value_grad_kernel,
 )
 
@@ -182,12 +180,7 @@ def _key_grad_kernel(*refs, block_tokens, per_token, block_v, has_erase, has_seg
     load = lambda ref, s: ref[s, :].astype(f32)  # noqa: E731
     g_last = g_ref[pl.ds(length - 1, 1), :]  # [1, D']
     a_local, q_local = iota(block) > iota(block, 1), causal_query_mask(block_tokens, per_token)
-    if has_segments:
-        seg, seg_t = [segment_column(seg_ref, r) for r in rows], [segment_row(seg_ref, r) for r in rows]
-        seg_q = [segment_column(seg_q_ref, t) for t in tokens]
-        seg_prev, seg_last = segment_number(prev_ref), segment_number(seg_ref, pl.ds(length - 1, 1))
-    else:
-        seg, seg_t, seg_q, seg_prev, seg_last = [None] * n, [None] * n, [None] * n, None, None
+    seg, seg_t, seg_q, seg_prev, seg_last = chunk_segments(seg_q_ref, seg_ref, prev_ref, rows, tokens)
 
     def times_state(a_ref, s, state_ref):
         """a[s] state^T over V blocks: [m, V] [BK, V]^T -> [m, BK]."""
