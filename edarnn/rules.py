@@ -22,8 +22,8 @@ Each rule maps its inputs onto the sub-steps of `edarnn.core` (DESIGN.md §1):
 
 impl: "recurrent" (token by token, the definition), "scan" (associative scan), "chunk" (chunkwise WY form),
 "pallas" (Pallas kernels for GPU and TPU: chunkwise, or token by token below one chunk; on the CPU the GPU
-kernels in interpret mode, for checking), "auto" (the fastest measured on the default backend: "chunk" until the
-Pallas kernels beat it).
+kernels in interpret mode, for checking), "auto" (the fastest measured on the default backend: "pallas" on a GPU
+where its kernels take the shapes, "chunk" otherwise; see `resolve_impl`).
 
 The step functions `<rule>_step(state, ...)` take one token ([B, H, D] inputs, [B, H] scalar gates) and return
 (o [B, H, V], new_state); they equal `recurrent`.
@@ -64,11 +64,18 @@ def _pallas(q, steps, state, segment_ids, chunk_size, storage=None):
     return forms.chunkwise(q, steps, state, segment_ids, chunk_size, interpret, platform, storage)
 
 
-def resolve_impl(impl: str) -> str:
-    """The concrete form for `impl` on the default backend ("auto" -> "chunk", the fastest measured so far)."""
+def resolve_impl(impl: str, key: int = 0, value: int = 0, chunk_size: int = 64, compute=jnp.float32) -> str:
+    """The concrete form for `impl` on the default backend. "auto": "pallas" on a GPU when its kernels take the
+    head sizes `key` and `value` and `chunk_size` (powers of two >= 16) in float32 `compute` (on an H200 its
+    forward + backward is 1.3x-1.6x faster than the chunk form's, docs/performance.md); "chunk" otherwise (the
+    TPU kernels are unmeasured)."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}; got {impl!r}")
-    return "chunk" if impl == "auto" else impl
+    if impl != "auto":
+        return impl
+    sizes_fit = all(n >= 16 and n & (n - 1) == 0 for n in (key, value, chunk_size))
+    on_gpu = jax.default_backend() == "gpu" and jnp.dtype(compute) == jnp.float32
+    return "pallas" if on_gpu and sizes_fit else "chunk"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -176,7 +183,7 @@ def _run(shapes, q, steps, *, scale, initial_state, segment_ids, impl, chunk_siz
         state = jnp.zeros((d["B"], d["H"], d["K"], d["V"]), compute)
     else:
         state = jnp.asarray(initial_state).astype(compute)
-    impl = resolve_impl(impl)
+    impl = resolve_impl(impl, d["K"], d["V"], chunk_size, compute)
     if impl == "pallas":
         o, final_state = _pallas(q, steps, state, segment_ids, chunk_size, storage=out_dtype)
     elif impl == "chunk":

@@ -128,13 +128,11 @@ _chunk_recomputed = _with_recomputed_backward(
 )
 
 # The backward of the chunkwise kernels, per platform: True, the backward kernels (gpu/chunk_bwd.py,
-# tpu/chunk_bwd.py); False, the VJP of the plain-JAX chunk form, recomputed. Chosen by measurement where there is
-# one: on an H100 (B=4, T=4096, H=16, K=V=128, bf16; docs/performance.md) forward + backward took 31.2 / 44.2 ms
-# (gated_delta_rule / kda) with the backward kernels as first written, 10.4 / 15.3 ms with the plain-JAX VJP.
-# Restructured since (session 4: split recompute, score_grad + key_grad, bf16 storage) and not yet measured:
-# `python -m experiments.benchmarks.pallas_variants --backward xla kernels` times both.
-# The TPU kernels are unmeasured (no TPU here).
-BACKWARD_KERNELS = {"gpu": False, "tpu": True}
+# tpu/chunk_bwd.py); False, the VJP of the plain-JAX chunk form, recomputed. Chosen by measurement: on an H200
+# (B=4, T=4096, H=16, K=V=128, bf16; docs/performance.md, session 5) forward + backward took 6.37 / 9.98 ms
+# (gated_delta_rule / kda) with the backward kernels against 8.58 / 12.90 ms with the plain-JAX VJP
+# (`python -m experiments.benchmarks.pallas_variants --backward xla kernels`). The TPU kernels are unmeasured.
+BACKWARD_KERNELS = {"gpu": True, "tpu": True}
 
 
 def chunkwise(q, sub, initial_state, segment_ids, chunk_size, interpret, platform="gpu", storage=None):

@@ -15,6 +15,8 @@ from conftest import (
     run,
 )
 
+from edarnn import rules
+
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_recurrent_is_the_definition(variant, rng):
@@ -69,3 +71,17 @@ def test_bfloat16_inputs(variant, rng):
     assert final_state.dtype == jnp.float32
     expected = reference(rule, inputs)
     assert_close((o, final_state), expected, rtol=2e-2, what=variant)
+
+
+def test_auto_picks_pallas_only_on_a_gpu_for_shapes_its_kernels_take(monkeypatch):
+    """impl="auto" is "chunk" on this CPU; on a GPU "pallas" for power-of-two heads >= 16 in float32, else "chunk"."""
+    assert rules.resolve_impl("auto", 128, 128, 64) == "chunk"
+    assert rules.resolve_impl("pallas", 128, 128, 64) == "pallas"
+    monkeypatch.setattr(rules.jax, "default_backend", lambda: "gpu")
+    assert rules.resolve_impl("auto", 128, 128, 64) == "pallas"
+    assert rules.resolve_impl("auto", 128, 64, 16, jnp.float32) == "pallas"
+    assert rules.resolve_impl("auto", 96, 128, 64) == "chunk"
+    assert rules.resolve_impl("auto", 128, 8, 64) == "chunk"
+    assert rules.resolve_impl("auto", 128, 128, 8) == "chunk"
+    assert rules.resolve_impl("auto", 128, 128, 64, jnp.float64) == "chunk"
+    assert rules.resolve_impl("recurrent", 96, 128, 64) == "recurrent"
