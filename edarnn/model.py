@@ -52,6 +52,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from edarnn import core, rules
 from edarnn.sharding import constrain
@@ -62,6 +63,10 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 GATE_RANK = 16  # rank of the per-channel gate projections d -> GATE_RANK -> H x D
 CHANNEL_LOG_DECAY_MIN = -10.0  # floor of channel-wise log-decays: the rules' chunk form needs g >= -10 per token
 ROPE_THETA = 10_000.0
+# config.remat: each block is recomputed in the backward pass but for the mixers' outputs (named MIXER_OUTPUT), so
+# the rule's kernels or attention do not run twice
+MIXER_OUTPUT = "mixer_output"
+SAVE_MIXER_OUTPUT = jax.checkpoint_policies.save_only_these_names(MIXER_OUTPUT)
 # Parameters the model reads only cast to the compute dtype: inference may store them in it (same results, half
 # the memory and traffic in bfloat16). The others (norm scales, decay parameters) enter float32 arithmetic.
 COMPUTE_DTYPE_PARAMS = ("kernel", "conv", "embed", "head")
@@ -366,7 +371,8 @@ class RecurrentMixer(nnx.Module):
             normalize_qk=True,
         )
         state = constrain(state.astype(jnp.float32), "batch", "heads", None, "kv")
-        return self.readout(constrain(o, "batch", "length", "heads", "kv"), x), RecurrentCache(state, tails)
+        o = checkpoint_name(constrain(o, "batch", "length", "heads", "kv"), MIXER_OUTPUT)
+        return self.readout(o, x), RecurrentCache(state, tails)
 
     def prefill(self, x: Array, segment_ids: Array | None, max_len: int | None) -> tuple[Array, RecurrentCache]:
         """x [B, T, d] -> (y [B, T, d], the cache after x); max_len is unused (the cache has a fixed size)."""
@@ -426,7 +432,7 @@ class AttentionMixer(nnx.Module):
         length = x.shape[1]
         positions = segment_positions(segment_ids, length)
         q, k, v = self._qkv(x, positions)
-        y = self.out(attention(q, k, v, segment_ids, self.window))
+        y = self.out(checkpoint_name(attention(q, k, v, segment_ids, self.window), MIXER_OUTPUT))
         if max_len is None:
             return y, None
         size = self.cache_size(max_len)
@@ -552,7 +558,8 @@ class LM(nnx.Module):
 
     config: the model config (config.model): vocab_size, d_model, n_layers, layers, n_heads, head_dim_k,
     head_dim_v, conv_size, window, d_ff, tie_embeddings, norm_eps, rule_impl, chunk_size, dtype, remat
-    (nnx.remat around each block: activations inside a block are recomputed in the backward pass)."""
+    (nnx.remat around each block: activations inside a block are recomputed in the backward pass, except the
+    mixer's output [B, T, H, V], which is kept so that the rule's or attention's forward does not run again)."""
 
     def __init__(self, config, *, rngs: nnx.Rngs):
         check_config(config)
@@ -583,7 +590,7 @@ class LM(nnx.Module):
     def __call__(self, tokens: Array, segment_ids: Array | None = None) -> Array:
         """tokens [B, T] int; segment_ids [B, T] int or None -> logits [B, T, vocab_size] float32."""
         x = self._embed(tokens, segment_ids)
-        block_fn = nnx.remat(Block.__call__) if self.remat else Block.__call__
+        block_fn = nnx.remat(Block.__call__, policy=SAVE_MIXER_OUTPUT) if self.remat else Block.__call__
         for block in self.blocks:
             x = block_fn(block, x, segment_ids)
         return self._logits(x)

@@ -68,6 +68,7 @@ BACKWARDS = {  # name: None (forward only), or (forms.BACKWARD_KERNELS["gpu"], c
     "kernels_score8": (True, {"score_grad_warps": 8}),
     "kernels_key8": (True, {"key_grad_warps": 8}),
     "kernels_key2": (True, {"key_grad_warps": 2}),
+    "kernels_bk32": (True, {"block_k": 32}),
     "kernels_state8": (True, {"state_grad_warps": 8}),
 }
 
