@@ -141,6 +141,19 @@ def test_pallas_grads_match_chunk(variant, with_segments, rng, backward_kernels)
     assert_close(actual, expected, KERNEL_RTOL, f"{variant} pallas grad")
 
 
+@pytest.mark.parametrize("variant", [*SEGMENT_VARIANTS, "kda"])
+def test_pallas_grads_across_the_blocks_of_a_chunk(variant, rng, backward_kernels):
+    """Chunks of 32 tokens (two 16-token blocks: the block pairs below the diagonal, factorised for channel-wise
+    decays), segments that cross blocks and chunks, an initial state: the chunk form's gradients."""
+    rule = rule_of(variant)
+    inputs, state = make_inputs(variant, rng, T=T), make_state(rng)
+    segment_ids = make_segment_ids(rng, SEGMENTS)
+    cotangents = random_cotangents(rng, inputs)
+    actual = grad_runner(rule, "pallas", 32)(cotangents, inputs, state, segment_ids)
+    expected = grad_runner(rule, "chunk", 32)(cotangents, inputs, state, segment_ids)
+    assert_close(actual, expected, KERNEL_RTOL, f"{variant} pallas grad, chunks of 32")
+
+
 @pytest.mark.parametrize("variant", ["gated_delta_rule", "kda", "eda-bw"])
 def test_pallas_grads_in_key_and_value_blocks(variant, rng, backward_kernels, monkeypatch):
     """The backward kernels with K and V cut in two blocks each (key_grad's grid over K blocks, a scalar decay's
