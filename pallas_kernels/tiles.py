@@ -188,66 +188,6 @@ def row_block_scores(a, ga, i, keys, masks):
     return scores + [block_scores(a, ga, keys.x[i], keys.g[i], masks[i], diagonal=True)]
 
 
-class RowBlocks(NamedTuple):
-    """The row side of one chunk's block pairs (queries, or erase addresses), loaded once: a [m, K], ga [m, D] per
-    block i and, for channel-wise decays, a_off = a exp(ga - last_{i-1}) (None for block 0), the factorisation of
-    `row_block_scores` (every factor <= 1)."""
-
-    a: list
-    ga: list
-    a_off: list | None
-
-
-def row_blocks(a_ref, ga_ref, slices, keys):
-    """RowBlocks of a_ref [., K], ga_ref [., D] at the row blocks `slices` (static slices), against `keys`."""
-    a = [a_ref[s, :].astype(jnp.float32) for s in slices]
-    ga = [ga_ref[s, :] for s in slices]
-    if keys.last is None:
-        return RowBlocks(a, ga, None)
-    a_off = [None] + [a[i] * jnp.exp(ga[i] - keys.last[i - 1]) for i in range(1, len(a))]
-    return RowBlocks(a, ga, a_off)
-
-
-def row_grad(rows, i, keys, pairs):
-    """d/d rows.a[i] [m, K] of sum_{j <= i} sum(d_j * S_ij), with S_ij = block_scores of row block i against key
-    block j (masked) and pairs[j] = (d_j [m, c], mask_j [m, c]). Channel-wise decays: `row_block_scores`'
-    factorisation, so a block pair costs one product and a [1, K] exponential."""
-    a, ga = rows.a[i], rows.ga[i]
-    if keys.x_off is None:
-        return sum(
-            block_scores_grad(a, ga, keys.x[j], keys.g[j], d, mask, j == i, "a") for j, (d, mask) in enumerate(pairs)
-        )
-    d, mask = pairs[i]
-    grad = block_scores_grad(a, ga, keys.x[i], keys.g[i], d, mask, True, "a")
-    if i > 0:
-        below = sum(
-            dot(jnp.where(mask, d, 0.0), keys.x_off[j]) * jnp.exp(keys.last[i - 1] - keys.last[j])
-            for j, (d, mask) in enumerate(pairs[:i])
-        )
-        grad = grad + below * jnp.exp(ga - keys.last[i - 1])
-    return grad
-
-
-def key_grad(rows, j, keys, pairs):
-    """d/d keys.x[j] [c, K] of sum_{i >= j} sum(d_i * S_ij), as `row_grad`, with pairs {i: (d_i [m, c], mask_i
-    [m, c])} for the row blocks i >= j."""
-    x, g = keys.x[j], keys.g[j]
-    if keys.x_off is None:
-        return sum(
-            block_scores_grad(rows.a[i], rows.ga[i], x, g, d, mask, i == j, "b") for i, (d, mask) in pairs.items()
-        )
-    d, mask = pairs[j]
-    grad = block_scores_grad(rows.a[j], rows.ga[j], x, g, d, mask, True, "b")
-    later = [(i, d, mask) for i, (d, mask) in pairs.items() if i > j]
-    if later:
-        above = sum(
-            dot(jnp.where(mask, d, 0.0), rows.a_off[i] * jnp.exp(keys.last[i - 1] - keys.last[j]), trans_a=True)
-            for i, d, mask in later
-        )
-        grad = grad + above * jnp.exp(keys.last[j] - g)
-    return grad
-
-
 def unit_lower_inverse_tile(a):
     """(I + a)^-1 for strictly lower-triangular a [c, c], by forward substitution, one row per step."""
     size = a.shape[0]

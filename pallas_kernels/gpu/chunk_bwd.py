@@ -39,6 +39,7 @@ from pallas_kernels.gpu import chunk_fwd
 from pallas_kernels.gpu.chunk_fwd import segment_specs, tile_spec, triton_call
 from pallas_kernels.tiles import (
     BLOCK_TOKENS,
+    block_scores_grad,
     causal_query_mask,
     chunk_segments,
     decay_width,
@@ -46,11 +47,7 @@ from pallas_kernels.tiles import (
     end_decays,
     in_segment,
     iota,
-    key_blocks,
-    key_grad,
     pair_mask,
-    row_blocks,
-    row_grad,
     value_grad_kernel,
 )
 
@@ -155,9 +152,8 @@ def _key_grad_kernel(*refs, block_tokens, per_token, block_v, has_erase, has_seg
         dx_k = (U_k dS'^T) exp(G_last - G_k) (rows that reach S') + sum_{i >= k} d_x(P_ik) + d_x(A_ik)
         dgq_k = q_k dq_k,   dg_k = y_k dy_k - x_k dx_k (+ on the chunk's last row: the G_last terms)
 
-    with the pair terms by `tiles.row_grad` and `tiles.key_grad` (the forward's factorisation of channel-wise
-    decays: a block pair costs one product), the products over V in blocks of block_v. Scalar decays (D = 1):
-    dgq and dg are this K block's channel sums, [rows, 1].
+    with the pair terms by `block_scores_grad` (one side per call, the forward's references), the products over V
+    in blocks of block_v. Scalar decays (D = 1): dgq and dg are this K block's channel sums, [rows, 1].
 
     Refs (blocks): q [C, BK], gq [C, D'], x [L, BK], y [L, BK] (erase), g [L, D'] (D' = BK, or 1 for a scalar
     decay), u [L, V], dz [L, V] (erase), do [C, V], s, ds [BK, V] (the chunk's start state and end-state gradient),
@@ -183,49 +179,53 @@ def _key_grad_kernel(*refs, block_tokens, per_token, block_v, has_erase, has_seg
     rows = [pl.ds(i * block, block) for i in range(n)]
     tokens = [pl.ds(i * block_tokens, block_tokens) for i in range(n)]
     v_blocks = [pl.ds(v * block_v, block_v) for v in range(u_ref.shape[1] // block_v)]
+    load = lambda ref, s: ref[s, :].astype(f32)  # noqa: E731
     g_last = g_ref[pl.ds(length - 1, 1), :]  # [1, D']
     a_local, q_local = iota(block) > iota(block, 1), causal_query_mask(block_tokens, per_token)
     seg, seg_t, seg_q, seg_prev, seg_last = chunk_segments(seg_q_ref, seg_ref, prev_ref, rows, tokens)
-    keys = key_blocks(x_ref, g_ref, block)
-    queries = row_blocks(q_ref, gq_ref, tokens, keys)
-    erasers = row_blocks(y_ref, g_ref, rows, keys) if has_erase else None
 
     def times_state(a_ref, s, state_ref):
         """a[s] state^T over V blocks: [m, V] [BK, V]^T -> [m, BK]."""
         return sum(dot(a_ref[s, v].astype(f32), state_ref[:, v].astype(f32), trans_b=True) for v in v_blocks)
 
-    def pair(d_ref, row_slices, local, seg_a, i, j):
-        """(d, mask) of block pair (i, j): rows i of the score gradient d_ref against key block j."""
-        return d_ref[row_slices[i], rows[j]].astype(f32), pair_mask(local, i, j, seg_a[i], seg_t[j])
+    def pair(a_ref, ga_ref, i, j, d_ref, local, seg_a, side):
+        """One side of block pair (i, j)'s gradient: rows i of a (queries: tokens; else sub-step rows) against
+        key block j."""
+        a_rows = tokens[i] if a_ref is q_ref else rows[i]
+        d = d_ref[a_rows, rows[j]].astype(f32)
+        mask = pair_mask(local, i, j, seg_a[i], seg_t[j])
+        return block_scores_grad(
+            load(a_ref, a_rows), ga_ref[a_rows, :], load(x_ref, rows[j]), g_ref[rows[j], :], d, mask, i == j, side
+        )
 
-    d_scores = [(dp_ref, tokens, q_local, seg_q, queries)]
-    if has_erase:
-        d_scores.append((da_ref, rows, a_local, seg, erasers))
     d_decay = sum(
         jnp.sum((s_ref[:, v].astype(f32) * ds_ref[:, v].astype(f32)).T, axis=0, keepdims=True) for v in v_blocks
     )
     d_last = in_segment(jnp.exp(g_last), seg_last, seg_prev) * d_decay  # d G_last, [1, BK]
     for k in range(n):
-        q, gq = queries.a[k], queries.ga[k]
+        q, gq = load(q_ref, tokens[k]), gq_ref[tokens[k], :]
         dq = in_segment(times_state(do_ref, tokens[k], s_ref), seg_q[k], seg_prev) * jnp.exp(gq)
-        dq = dq + row_grad(queries, k, keys, [pair(dp_ref, tokens, q_local, seg_q, k, j) for j in range(k + 1)])
+        for j in range(k + 1):
+            dq = dq + pair(q_ref, gq_ref, k, j, dp_ref, q_local, seg_q, "a")
         dq_ref[tokens[k], :] = dq.astype(dq_ref.dtype)
         dgq_ref[tokens[k], :] = decay_width(q * dq, width)
 
-        x, g = keys.x[k], keys.g[k]
+        x, g = load(x_ref, rows[k]), g_ref[rows[k], :]
         dx_end = times_state(u_ref, rows[k], ds_ref) * in_segment(jnp.exp(g_last - g), seg[k], seg_last)
         d_last = d_last + jnp.sum(x * dx_end, axis=0, keepdims=True)
         dx = dx_end
-        for d_ref, row_slices, local, seg_a, side in d_scores:
-            pairs = {i: pair(d_ref, row_slices, local, seg_a, i, k) for i in range(k, n)}
-            dx = dx + key_grad(side, k, keys, pairs)
+        for i in range(k, n):
+            dx = dx + pair(q_ref, gq_ref, i, k, dp_ref, q_local, seg_q, "b")
+            if has_erase:
+                dx = dx + pair(y_ref, g_ref, i, k, da_ref, a_local, seg, "b")
         dx_ref[rows[k], :] = dx.astype(dx_ref.dtype)
         dg = -x * dx
         if has_erase:
             dy = -in_segment(times_state(dz_ref, rows[k], s_ref), seg[k], seg_prev) * jnp.exp(g)
-            dy = dy + row_grad(erasers, k, keys, [pair(da_ref, rows, a_local, seg, k, j) for j in range(k + 1)])
+            for j in range(k + 1):
+                dy = dy + pair(y_ref, g_ref, k, j, da_ref, a_local, seg, "a")
             dy_ref[rows[k], :] = dy.astype(dy_ref.dtype)
-            dg = dg + erasers.a[k] * dy
+            dg = dg + load(y_ref, rows[k]) * dy
         dg = decay_width(dg, width)
         if k == n - 1:
             dg = dg + jnp.where(iota(block) == block - 1, decay_width(d_last, width), 0.0)
