@@ -225,14 +225,13 @@ def inverse_blocks(keys, y_ref, seg, seg_t, block):
     return inverse_of_blocks(a_row, len(keys.x))
 
 
-def inverse_of_blocks(a_row, n, inverted_diagonal=False):
+def inverse_of_blocks(a_row, n):
     """T = (I + A)^-1 as blocks {(i, j): [c, c]} for j <= i, from a_row(i) = [A_i0, ..., A_ii] (A_ii strictly
-    lower; with inverted_diagonal, its last entry is already (I + A_ii)^-1): T_ii = (I + A_ii)^-1 and
-    T_ij = -T_ii sum_m A_im T_mj."""
+    lower): T_ii = (I + A_ii)^-1 and T_ij = -T_ii sum_m A_im T_mj."""
     t = {}
     for i in range(n):
         a = a_row(i)
-        t[i, i] = a[i] if inverted_diagonal else unit_lower_inverse_tile(a[i])
+        t[i, i] = unit_lower_inverse_tile(a[i])
         for j in range(i):
             t[i, j] = -dot(t[i, i], sum(dot(a[m], t[m, j]) for m in range(j, i)))
     return t
@@ -338,25 +337,10 @@ def pair_scores_kernel(q_ref, gq_ref, x_ref, g_ref, *refs, i, j, per_token, has_
             out[...] = jnp.where(m, scores, 0.0).astype(out.dtype)
 
 
-def unit_lower_inverse_rows(a_ref, start, size):
-    """(I + a)^-1 of the strictly lower diagonal block a = a_ref[start:start + size, start:start + size], by forward
-    substitution with each step's row of a loaded from the ref (no masked reduction to extract it)."""
-    rows = jax.lax.broadcasted_iota(jnp.int32, (size, size), 0)
-    cols = jax.lax.broadcasted_iota(jnp.int32, (size, size), 1)
-
-    def substitute(i, t):
-        a_row = a_ref[pl.ds(start + i, 1), pl.ds(start, size)].astype(jnp.float32)
-        new_row = jnp.where(iota(size, 1) == i, 1.0, 0.0) - jnp.sum(a_row.T * t, axis=0, keepdims=True)
-        return jnp.where(rows == i, new_row, t)
-
-    return jax.lax.fori_loop(jnp.int32(1), jnp.int32(size), substitute, (rows == cols).astype(jnp.float32))
-
-
-def solve_kernel(a_ref, y_ref, z_ref, g_ref, *refs, block, has_segments, row_loads=False, write_inverse=False):
+def solve_kernel(a_ref, y_ref, z_ref, g_ref, *refs, block, has_segments, write_inverse=False):
     """T = (I + A)^-1 from the pair scores A [L, L] of one chunk (`pair_scores_kernel`; only blocks j <= i are
     read), in blocks of `block` rows (any divisor of L, not necessarily the pair kernel's), then W = T (Y exp G) and
-    U~ = T Z (`write_w_u`). row_loads: the diagonal blocks' substitution reads its rows from a_ref
-    (`unit_lower_inverse_rows`). refs: (seg_ref [L], prev_ref if has_segments), then the outputs w [L, K], u [L, V]
+    U~ = T Z (`write_w_u`). refs: (seg_ref [L], prev_ref if has_segments), then the outputs w [L, K], u [L, V]
     and, with write_inverse (the backward's recompute), t [L, L] (zeros above the diagonal blocks)."""
     refs = list(refs)
     seg_ref, prev_ref = (refs.pop(0), refs.pop(0)) if has_segments else (None, None)
@@ -365,10 +349,9 @@ def solve_kernel(a_ref, y_ref, z_ref, g_ref, *refs, block, has_segments, row_loa
     rows = [pl.ds(i * block, block) for i in range(n)]
 
     def a_row(i):
-        blocks = [a_ref[rows[i], rows[j]].astype(jnp.float32) for j in range(i + 1)]
-        return blocks[:-1] + [unit_lower_inverse_rows(a_ref, i * block, block) if row_loads else blocks[-1]]
+        return [a_ref[rows[i], rows[j]].astype(jnp.float32) for j in range(i + 1)]
 
-    t = inverse_of_blocks(a_row, n, inverted_diagonal=row_loads)
+    t = inverse_of_blocks(a_row, n)
     seg = [segment_column(seg_ref, r) for r in rows] if has_segments else None
     write_w_u(t, y_ref, z_ref, g_ref, w_ref, u_ref, block, seg, prev_ref)
     if write_inverse:

@@ -30,7 +30,6 @@ from conftest import (
 from edarnn import rules
 from pallas_kernels import forms
 from pallas_kernels.gpu import chunk_bwd
-from pallas_kernels.gpu import chunk_fwd as gpu_chunk_fwd
 
 KERNEL_RTOL = 2e-5  # the kernels compute in float32, the reference in float64
 
@@ -56,51 +55,19 @@ def test_pallas_segments_match_recurrent(variant, rng):
     assert_close(actual, reference(rule, inputs, state, segment_ids), KERNEL_RTOL, f"{variant} pallas segments")
 
 
-def run_fresh(rule, inputs, initial_state=None, segment_ids=None, *, chunk_size):
-    """impl="pallas" under a fresh jit (conftest's `run` is cached, so it would miss a swapped chunk_fwd config)."""
-
-    def fn(i, s, seg):
-        return rules.RULES[rule](**i, initial_state=s, segment_ids=seg, impl="pallas", chunk_size=chunk_size)
-
-    return jax.jit(fn)(inputs, initial_state, segment_ids)
-
-
-CONFIGS = {  # chunk_fwd.Config variants besides the default
-    "fused": gpu_chunk_fwd.Config(split=False),
-    "solve16-rowloads": gpu_chunk_fwd.Config(solve_block_rows=16, solve_row_loads=True),
-    "rowloads": gpu_chunk_fwd.Config(solve_row_loads=True),
-}
-
-
-@pytest.mark.parametrize("config", list(CONFIGS))
-@pytest.mark.parametrize("variant", ["gated_delta_rule", "kda", "eda-bw"])
-def test_pallas_config_variants_match_recurrent(variant, config, rng, monkeypatch):
-    """The fused intra kernel (Config(split=False), the layout before the pair-scores and solve kernels) and the
-    solve kernel's options (16-row blocks whatever P, rows loaded per substitution step) agree too, with
-    segments."""
-    monkeypatch.setattr(gpu_chunk_fwd, "DEFAULT_CONFIG", CONFIGS[config])
-    rule = rule_of(variant)
-    inputs, state = make_inputs(variant, rng, T=T), make_state(rng)
-    segment_ids = make_segment_ids(rng, SEGMENTS)
-    actual = run_fresh(rule, inputs, state, segment_ids, chunk_size=16)
-    assert_close(actual, reference(rule, inputs, state, segment_ids), KERNEL_RTOL, f"{variant} pallas {config}")
-
-
-@pytest.mark.parametrize("split", [True, False], ids=["split", "fused"])
 @pytest.mark.parametrize("variant", ["gated_delta_rule", "kda", "eda"])
-def test_pallas_bf16_storage_interpret(variant, split, rng, monkeypatch):
+def test_pallas_bf16_storage_interpret(variant, rng):
     """bf16 inputs: the kernels read q, x, y, z and store Aqk, W, U~, U and the states in bf16; output and state
     within 2e-2 (max-abs over max) of the float64 recurrent form on the same bf16 inputs, chunks of 32. The test's
     heads are narrow (few terms per output), so rounding to bf16 alone moves single elements by up to ~6e-3 here;
     the full-width GPU test holds 1e-2."""
-    monkeypatch.setattr(gpu_chunk_fwd, "DEFAULT_CONFIG", gpu_chunk_fwd.Config(split=split))
     rule = rule_of(variant)
     inputs = make_inputs(variant, rng, T=70)
     low = {
         name: None if x is None else x.astype(jnp.bfloat16 if name in "qkve" else jnp.float32)
         for name, x in inputs.items()
     }
-    o, state = run_fresh(rule, low, chunk_size=32)
+    o, state = run(rule, low, impl="pallas", chunk_size=32)
     expected_o, expected_state = reference(rule, low)
     assert o.dtype == jnp.bfloat16
     assert relative_error(o, expected_o) < 2e-2 and relative_error(state, expected_state) < 2e-2
@@ -281,22 +248,19 @@ def test_recurrent_kernel_lowers_to_triton(case, no_x64):
     assert lowered.as_text().count("xla.gpu.triton") == 1
 
 
-def _forward_kernel_count(case, split):
+def _forward_kernel_count(case):
     """Kernels of one chunkwise forward: pair scores, solve (with an erase address: it inverts I + A), state and
-    output; with the fused intra kernel (split=False) intra, state and output."""
-    return (1 + LOWERING_CASES[case][2] if split else 1) + 2
+    output."""
+    return 1 + LOWERING_CASES[case][2] + 2
 
 
-@pytest.mark.parametrize("config", ["default", *CONFIGS])
+@pytest.mark.parametrize("storage", [None, jnp.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("case", list(LOWERING_CASES))
-def test_chunk_kernels_lower_to_triton(case, config, monkeypatch, no_x64):
-    """Every Config variant (CONFIGS), the split layouts with 16-bit storage of the intermediates."""
-    monkeypatch.setattr(gpu_chunk_fwd, "DEFAULT_CONFIG", CONFIGS.get(config, gpu_chunk_fwd.Config()))
-    split = gpu_chunk_fwd.DEFAULT_CONFIG.split
-    storage = jnp.bfloat16 if split else None
+def test_chunk_kernels_lower_to_triton(case, storage, no_x64):
+    """The forward kernels, float32 and 16-bit storage of the intermediates."""
     forward = jax.jit(lambda q, sub, s0, seg: forms.chunkwise(q, sub, s0, seg, 64, False, "gpu", storage))
     lowered = forward.trace(*_lowering_inputs(case, 128)).lower(lowering_platforms=("cuda",))
-    assert lowered.as_text().count("xla.gpu.triton") == _forward_kernel_count(case, split)
+    assert lowered.as_text().count("xla.gpu.triton") == _forward_kernel_count(case)
 
 
 BACKWARD_KERNELS = ("value_grad_kernel", "_state_grad_kernel", "_score_grad_kernel", "_key_grad_kernel")
@@ -305,7 +269,7 @@ BACKWARD_KERNELS = ("value_grad_kernel", "_state_grad_kernel", "_score_grad_kern
 @pytest.mark.parametrize("storage", [None, jnp.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("case", list(LOWERING_CASES))
 def test_chunk_backward_kernels_lower_to_triton(case, storage, backward_kernels, no_x64):
-    """A training step's forward and backward at K = V = 128 (two K blocks in key_grad, two V blocks elsewhere),
+    """A training step's forward and backward at K = V = 128 (four K blocks in key_grad, two V blocks elsewhere),
     float32 and 16-bit storage: the forward kernels, those before the output kernel again (the backward recomputes
     the chunk states: pair, solve, state), and the four backward kernels (value_grad, state_grad, score_grad,
     key_grad)."""
@@ -316,7 +280,7 @@ def test_chunk_backward_kernels_lower_to_triton(case, storage, backward_kernels,
 
     step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
     text = step.trace(*_lowering_inputs(case, 128, k=128, v=128)).lower(lowering_platforms=("cuda",)).as_text()
-    forward = _forward_kernel_count(case, split=True)
+    forward = _forward_kernel_count(case)
     assert text.count("xla.gpu.triton") == 2 * forward - 1 + len(BACKWARD_KERNELS)
     assert all(f'name = "{kernel}"' in text for kernel in BACKWARD_KERNELS)
 

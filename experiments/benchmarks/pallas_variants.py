@@ -1,10 +1,10 @@
 """Launch-parameter and layout variants of the Pallas GPU chunkwise forward and backward, timed in one process (one
 machine), with flash-linear-attention's chunk ops in the same run for the ratio.
 
-    python -m experiments.benchmarks.pallas_variants --variants fused_f32 split_bf16 --rules kda eda \\
-        --fla --profile kda:split_bf16 --out $OUT/variants.json
-    python -m experiments.benchmarks.pallas_variants --variants split_bf16 --backward fwd xla kernels \\
-        --fla --profile kda:split_bf16/kernels --out $OUT/bwd.json
+    python -m experiments.benchmarks.pallas_variants --variants f32 bf16 state8 --rules kda eda \\
+        --fla --profile kda:bf16 --out $OUT/variants.json
+    python -m experiments.benchmarks.pallas_variants --variants bf16 --backward fwd xla kernels kernels_key2 \\
+        --fla --profile kda:bf16/kernels --out $OUT/bwd.json
 
 A variant is a set of `pallas_kernels.gpu.chunk_fwd.Config` fields (VARIANTS below); the script swaps
 chunk_fwd.DEFAULT_CONFIG and compiles a fresh jit per variant. --backward times each variant per backward
@@ -39,25 +39,17 @@ from experiments.benchmarks import rules as rb  # noqa: E402
 from pallas_kernels import forms  # noqa: E402
 from pallas_kernels.gpu import chunk_bwd, chunk_fwd  # noqa: E402
 
-F32 = {"low_inputs": False, "low_intermediates": False, "low_states": False}
-VARIANTS = {
-    "fused_f32": {"split": False, **F32},  # the layout before the split, float32 everywhere
-    "fused_bf16": {"split": False},
-    "split_f32": {"split": True, **F32},
-    "split_bf16": {"split": True},
-    "split_bf16_f32states": {"split": True, "low_states": False},
-    "split_bf16_pair2": {"split": True, "pair_warps": (2, 2)},
-    "split_bf16_pair8": {"split": True, "pair_warps": (8, 8)},
-    "split_bf16_solve2": {"split": True, "solve_warps": (2, 4)},
-    "split_bf16_solve8": {"split": True, "solve_warps": (8, 8)},
-    "split_bf16_rowloads": {"split": True, "solve_row_loads": True},
-    "split_bf16_solve16": {"split": True, "solve_block_rows": 16},
-    "split_bf16_solve16_rowloads": {"split": True, "solve_block_rows": 16, "solve_row_loads": True},
-    "split_bf16_state8": {"split": True, "state_warps": 8},
-    "split_bf16_out32": {"split": True, "output_block_v": 32},
-    "split_bf16_state32": {"split": True, "state_block_v": 32},
-    "split_bf16_stages2": {"split": True, "state_stages": 2},
-    "split_bf16_stages3": {"split": True, "state_stages": 3},
+VARIANTS = {  # name: chunk_fwd.Config fields ("bf16": the default, 16-bit storage with 16-bit inputs)
+    "bf16": {},
+    "f32": {"low_inputs": False, "low_intermediates": False, "low_states": False},  # float32 everywhere
+    "f32states": {"low_states": False},
+    "pair2": {"pair_warps": (2, 2)},
+    "pair8": {"pair_warps": (8, 8)},
+    "solve2": {"solve_warps": (2, 4)},
+    "solve8": {"solve_warps": (8, 8)},
+    "state8": {"state_warps": 8},
+    "out32": {"output_block_v": 32},
+    "state32": {"state_block_v": 32},
 }
 
 BACKWARDS = {  # name: None (forward only), or (forms.BACKWARD_KERNELS["gpu"], chunk_bwd.Config fields)
@@ -68,7 +60,7 @@ BACKWARDS = {  # name: None (forward only), or (forms.BACKWARD_KERNELS["gpu"], c
     "kernels_score8": (True, {"score_grad_warps": 8}),
     "kernels_key8": (True, {"key_grad_warps": 8}),
     "kernels_key2": (True, {"key_grad_warps": 2}),
-    "kernels_bk32": (True, {"block_k": 32}),
+    "kernels_bk64": (True, {"block_k": 64}),
     "kernels_state8": (True, {"state_grad_warps": 8}),
 }
 
@@ -135,7 +127,7 @@ def fla_times(rule, input_sets, args, phase_name="fwd"):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rules", nargs="+", default=["gated_delta_rule", "kda", "eda"])
-    parser.add_argument("--variants", nargs="+", default=["fused_f32", "split_bf16"], choices=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", default=["bf16"], choices=list(VARIANTS))
     parser.add_argument(
         "--shape", type=int, nargs=5, default=(4, 4096, 16, 128, 128), metavar=("B", "T", "H", "K", "V")
     )

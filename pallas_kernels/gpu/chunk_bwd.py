@@ -5,7 +5,7 @@ per-token decay's gradient, a reverse cumulative sum inside each chunk, is JAX's
 `pallas_kernels.forms.prepare`). Given the cotangents dO of the output and dS_N of the final state:
 
 0. recompute: Aqk, W, U, T = (I + A)^-1 and each chunk's start state S_n by the forward's pair, solve and state
-   kernels (`chunk_fwd.chunk_states`, split layout; the solve kernel also writes T); the forward keeps nothing but
+   kernels (`chunk_fwd.chunk_states`; the solve kernel also writes T); the forward keeps nothing but
    its inputs.
 1. `value_grad` (grid B x H x N x V/BV, parallel; body tiles.value_grad_kernel): P_n^T dO_n, the values'
    gradient through the chunk's own queries (P = Aqk).
@@ -56,7 +56,7 @@ class Config(NamedTuple):
     """Launch parameters and storage of the backward kernels (docs/performance.md). Measured on an H200 (kda,
     B=4, T=4096, H=16, K=V=128, bf16, forward + backward): key_grad over K blocks of 32 9.17 ms against 9.93 with
     64; key_grad with 2 / 8 warps 9.67 / 9.98 against 9.93 with 4 (blocks of 64). The others are untimed.
-    The recompute runs the forward's kernels with chunk_fwd's Config, in the split layout."""
+    The recompute runs the forward's kernels with chunk_fwd's Config."""
 
     value_grad_warps: int = 4
     state_grad_warps: int = 4
@@ -243,12 +243,12 @@ def chunk_backward(
 ):  # fmt: skip
     """Gradients of `chunk_fwd.chunk_forward` (same prepared inputs and storage) given d_o [B, T, H, V] and d_final
     [B, H, K, V], the cotangents of its output and final state. config: this module's Config (default
-    DEFAULT_CONFIG); forward_config: the recompute's chunk_fwd.Config (default chunk_fwd's, split layout).
+    DEFAULT_CONFIG); forward_config: the recompute's chunk_fwd.Config (default chunk_fwd's).
 
     Returns (dq, dgq, dx, dy, dz, dgcum, d_initial_state), each shaped like its input (dy None when y is None):
     float32, but dq, dx, dy, dz in the storage dtype with 16-bit storage and config.low_grads."""
     config = config or default_config()
-    forward_config = (forward_config or chunk_fwd.default_config())._replace(split=True)
+    forward_config = forward_config or chunk_fwd.default_config()
     if storage is not None and forward_config.low_inputs:
         q, x, y, z, d_o = (None if t is None else t.astype(storage) for t in (q, x, y, z, d_o))
     batch, length, heads, key = q.shape

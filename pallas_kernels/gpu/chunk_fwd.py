@@ -9,7 +9,7 @@ segments; P sub-steps per token):
    of 16-token blocks: the query scores Aqk_ij and, with an erase address, the pair scores A_ij (zeros for j > i).
 2. `solve`  (grid B x H x N, only with an erase address; body tiles.solve_kernel): T = (I + A)^-1 from A by block
    substitution, W = T (Y exp G) and U~ = T Z.
-   (Config(split=False): one fused `intra` kernel per chunk does 1 and 2, the layout before; measured slower.)
+   (One fused kernel per chunk for 1 and 2, `tiles.intra_kernel`, the TPU's layout, was 1.4-3.4x slower here.)
 3. `state`  (grid B x H x V/BV, sequential over chunks inside): U = U~ - W S, the chunk's start state S, and
    S <- Diag(exp G_last) S + (X exp(G_last - G))^T U, with S in registers.
 4. `output` (grid B x H x N x V/BV, parallel; body in pallas_kernels.tiles): O = (Q exp Gq) S + Aqk U.
@@ -32,7 +32,6 @@ from pallas_kernels.tiles import (
     BLOCK_TOKENS,
     dot,
     end_decays,
-    intra_kernel,
     output_kernel,
     pair_scores_kernel,
     solve_kernel,
@@ -40,23 +39,17 @@ from pallas_kernels.tiles import (
 
 
 class Config(NamedTuple):
-    """Launch parameters and layout choices, by measurement at B=4, T=4096, H=16, K=V=128, bf16
-    (docs/performance.md, H200, 2026-12-01, forward medians): split, the pair-scores and solve kernels, took kda
-    from 4.43 to 2.74 ms and eda from 23.9 to 7.7 (gated_delta_rule 2.46 -> 1.76, another run); 16-bit storage
-    (low_*) 2.99 -> 2.74 (kda), 8.45 -> 7.71 (eda); solve with 4 warps for either P (kda 2.98 with 2; eda 7.10
-    against 7.71 with 8); pair kernel 4 warps (8: kda 3.71, eda 8.64; 2: same as 4 for gated_delta_rule); state
-    kernel blocks of 64 values (32: gated_delta_rule 2.00 against 1.76) and num_stages 1 (2: no change).
-    solve_block_rows and solve_row_loads are untimed options (off). The fused intra kernel (split=False) wanted
-    2 warps with one sub-step per token and 8 with EDA's two (H100, earlier)."""
+    """Launch parameters and storage, by measurement at B=4, T=4096, H=16, K=V=128, bf16 (docs/performance.md,
+    H200, 2026-12-01, forward medians): the pair-scores and solve kernels in place of one fused intra kernel took
+    kda from 4.43 to 2.74 ms and eda from 23.9 to 7.7 (gated_delta_rule 2.46 -> 1.76; the same again in a second
+    run); 16-bit storage (low_*) 2.99 -> 2.74 (kda), 8.45 -> 7.71 (eda); solve with 4 warps for either P (kda 2.98
+    with 2; eda 7.10 against 7.71 with 8); pair kernel 4 warps (8: kda 3.71, eda 8.64; 2: same as 4 for
+    gated_delta_rule); state kernel blocks of 64 values (32: gated_delta_rule 2.00 against 1.76); software
+    pipelining of the state kernel's loop (num_stages 2 or 3) changed nothing, so every kernel has 1."""
 
-    split: bool = True  # the pair-scores and solve kernels in place of the fused intra kernel
-    intra_warps: tuple[int, int] = (2, 8)  # by sub-steps per token: 1, 2 (fused intra kernel)
     pair_warps: tuple[int, int] = (4, 4)  # pair-scores kernel, by sub-steps per token
     solve_warps: tuple[int, int] = (4, 4)  # solve kernel, by sub-steps per token
-    solve_block_rows: int = 0  # rows per block of the solve kernel's inverse; 0: the pair kernel's (16 P)
-    solve_row_loads: bool = False  # diagonal substitution reads A's rows from memory (tiles.unit_lower_inverse_rows)
     state_warps: int = 4
-    state_stages: int = 1  # software pipelining of the state kernel's loop over chunks
     output_warps: int = 4
     state_block_v: int = 64
     output_block_v: int = 64
@@ -120,9 +113,9 @@ def tile_spec(rows, width, grid_rank=3, v_block=False):
     return pl.BlockSpec((None, rows, None, width), lambda b, h, n, j: (b, n, h, j if v_block else 0))
 
 
-def triton_call(kernel, warps, interpret, stages=1, **kwargs):
-    """pl.pallas_call with the Triton compiler parameters (stages: software-pipelining depth of loops)."""
-    params = plt.CompilerParams(num_warps=warps, num_stages=stages)
+def triton_call(kernel, warps, interpret, **kwargs):
+    """pl.pallas_call with the Triton compiler parameters (no software pipelining of loops: see Config)."""
+    params = plt.CompilerParams(num_warps=warps, num_stages=1)
     return pl.pallas_call(kernel, interpret=interpret, compiler_params=params, **kwargs)
 
 
@@ -175,11 +168,11 @@ def chunk_states(
     storage=None,
     inverse=False,
 ):
-    """The intra (or pair-scores and solve) and state kernels on prepared inputs (see chunk_forward).
+    """The pair-scores, solve and state kernels on prepared inputs (see chunk_forward).
     Returns (scores [B, T, H, C P], each token's query scores against its chunk's sub-steps; w [B, T P, H, K],
     None without an erase address; u [B, T P, H, V]; states [B, H, N, K, V], each chunk's start state;
     final_state [B, H, K, V] f32; t [B, T P, H, C P], each chunk's T = (I + A)^-1 (zeros above its diagonal
-    blocks) when `inverse` (the backward's recompute; split layout only) and there is an erase address, else
+    blocks) when `inverse` (the backward's recompute) and there is an erase address, else
     None). The scores, w, u~ and t are in `storage` (default float32) when config.low_intermediates, u and the
     states when config.low_states, else float32."""
     config = config or default_config()
@@ -194,77 +187,45 @@ def chunk_states(
     storage = jnp.dtype(storage or f32)
     low = storage if config.low_intermediates else f32
     state_dtype = storage if config.low_states else f32
-    segments = (seg_q, seg, seg_prev) if has_segments else ()
-    if inverse and not config.split:
-        raise ValueError("chunk_states(inverse=True) needs the split layout (Config(split=True))")
     t = None
+    ins, outs = pair_specs(chunk_size, rows, n_blocks, key, dim, has_erase, has_segments)
 
-    if config.split:
-        ins, outs = pair_specs(chunk_size, rows, n_blocks, key, dim, has_erase, has_segments)
+    def pair_kernel(*refs):
+        p = pl.program_id(3)
+        kernel = functools.partial(
+            pair_scores_kernel, per_token=per_token, has_erase=has_erase, has_segments=has_segments
+        )
+        kernel(*refs, i=p // n_blocks, j=p % n_blocks)
 
-        def pair_kernel(*refs):
-            p = pl.program_id(3)
-            kernel = functools.partial(
-                pair_scores_kernel, per_token=per_token, has_erase=has_erase, has_segments=has_segments
-            )
-            kernel(*refs, i=p // n_blocks, j=p % n_blocks)
-
-        pair_outs = triton_call(
-            pair_kernel,
-            config.pair_warps[per_token - 1],
-            interpret,
-            grid=(batch, heads, n_chunks, n_blocks * n_blocks),
-            in_specs=ins,
-            out_specs=outs,
-            out_shape=[jax.ShapeDtypeStruct((batch, length, heads, rows), low)]
-            + ([jax.ShapeDtypeStruct((batch, length * per_token, heads, rows), f32)] if has_erase else []),
-        )(q, gq, x, gcum, *((y, gcum) if has_erase else ()), *((seg_q, seg, seg) if has_segments else ()))
-        scores, w, u_tilde = pair_outs[0], None, z
-        if has_erase:
-            w, u_tilde, *t = triton_call(
-                functools.partial(
-                    solve_kernel,
-                    block=min(config.solve_block_rows, rows) or rows // n_blocks,
-                    has_segments=has_segments,
-                    row_loads=config.solve_row_loads,
-                    write_inverse=inverse,
-                ),
-                config.solve_warps[per_token - 1],
-                interpret,
-                grid=(batch, heads, n_chunks),
-                in_specs=[tile_spec(rows, rows), tile_spec(rows, key), tile_spec(rows, value), tile_spec(rows, dim)]
-                + (segment_specs(3, rows, 1) if has_segments else []),
-                out_specs=[tile_spec(rows, key), tile_spec(rows, value)] + ([tile_spec(rows, rows)] if inverse else []),
-                out_shape=[jax.ShapeDtypeStruct(x.shape, low), jax.ShapeDtypeStruct(z.shape, low)]
-                + ([jax.ShapeDtypeStruct((batch, length * per_token, heads, rows), low)] if inverse else []),
-            )(pair_outs[1], y, z, gcum, *((seg, seg_prev) if has_segments else ()))
-            t = t[0] if inverse else None
-    else:
-        intra_outs = triton_call(
+    pair_outs = triton_call(
+        pair_kernel,
+        config.pair_warps[per_token - 1],
+        interpret,
+        grid=(batch, heads, n_chunks, n_blocks * n_blocks),
+        in_specs=ins,
+        out_specs=outs,
+        out_shape=[jax.ShapeDtypeStruct((batch, length, heads, rows), low)]
+        + ([jax.ShapeDtypeStruct((batch, length * per_token, heads, rows), f32)] if has_erase else []),
+    )(q, gq, x, gcum, *((y, gcum) if has_erase else ()), *((seg_q, seg, seg) if has_segments else ()))
+    scores, w, u_tilde = pair_outs[0], None, z
+    if has_erase:
+        w, u_tilde, *t = triton_call(
             functools.partial(
-                intra_kernel,
-                block_tokens=block_tokens,
-                per_token=per_token,
-                has_erase=has_erase,
+                solve_kernel,
+                block=rows // n_blocks,
                 has_segments=has_segments,
+                write_inverse=inverse,
             ),
-            config.intra_warps[per_token - 1],
+            config.solve_warps[per_token - 1],
             interpret,
             grid=(batch, heads, n_chunks),
-            in_specs=[
-                tile_spec(chunk_size, key),
-                tile_spec(chunk_size, dim),
-                tile_spec(rows, key),
-                tile_spec(rows, dim),
-            ]
-            + ([tile_spec(rows, key), tile_spec(rows, value)] if has_erase else [])
-            + (segment_specs(3, chunk_size, rows, 1) if has_segments else []),
-            out_specs=[tile_spec(chunk_size, rows)]
-            + ([tile_spec(rows, key), tile_spec(rows, value)] if has_erase else []),
-            out_shape=[jax.ShapeDtypeStruct((batch, length, heads, rows), low)]
-            + ([jax.ShapeDtypeStruct(x.shape, low), jax.ShapeDtypeStruct(z.shape, low)] if has_erase else []),
-        )(q, gq, x, gcum, *((y, z) if has_erase else ()), *segments)
-        scores, w, u_tilde = intra_outs if has_erase else (intra_outs[0], None, z)
+            in_specs=[tile_spec(rows, rows), tile_spec(rows, key), tile_spec(rows, value), tile_spec(rows, dim)]
+            + (segment_specs(3, rows, 1) if has_segments else []),
+            out_specs=[tile_spec(rows, key), tile_spec(rows, value)] + ([tile_spec(rows, rows)] if inverse else []),
+            out_shape=[jax.ShapeDtypeStruct(x.shape, low), jax.ShapeDtypeStruct(z.shape, low)]
+            + ([jax.ShapeDtypeStruct((batch, length * per_token, heads, rows), low)] if inverse else []),
+        )(pair_outs[1], y, z, gcum, *((seg, seg_prev) if has_segments else ()))
+        t = t[0] if inverse else None
 
     state_block_v = min(config.state_block_v, value)
     u, states, final_state = triton_call(
@@ -273,7 +234,6 @@ def chunk_states(
         ),
         config.state_warps,
         interpret,
-        stages=config.state_stages,
         grid=(batch, heads, value // state_block_v),
         out_shape=[
             jax.ShapeDtypeStruct(z.shape, state_dtype),
