@@ -79,6 +79,17 @@ def backward_kernels(monkeypatch):
     monkeypatch.setitem(forms.BACKWARD_KERNELS, "gpu", True)
 
 
+@pytest.fixture(params=[False, True], ids=["key-grad-loop", "key-grad-rows"])
+def key_grad_rows(request, monkeypatch):
+    """Either layout of the key_grad kernel (chunk_bwd.Config.key_grad_rows): one program walks a chunk's row
+    blocks, or one program per row block. The config is read when tracing, so grad_runner's cached jits are
+    dropped before and after (each layout is traced, and none outlives the test)."""
+    monkeypatch.setattr(chunk_bwd, "DEFAULT_CONFIG", chunk_bwd.Config(key_grad_rows=request.param))
+    grad_runner.cache_clear()
+    yield request.param
+    grad_runner.cache_clear()
+
+
 @pytest.mark.parametrize("backward", [True, False])
 def test_pallas_backward_follows_the_platform_choice(backward, rng, monkeypatch):
     """Either backward of the chunkwise kernels gives the chunk form's gradients (the default is measured)."""
@@ -109,9 +120,9 @@ def test_pallas_grads_match_chunk(variant, with_segments, rng, backward_kernels)
 
 
 @pytest.mark.parametrize("variant", [*SEGMENT_VARIANTS, "kda"])
-def test_pallas_grads_across_the_blocks_of_a_chunk(variant, rng, backward_kernels):
-    """Chunks of 32 tokens (two 16-token blocks: the block pairs below the diagonal, factorised for channel-wise
-    decays), segments that cross blocks and chunks, an initial state: the chunk form's gradients."""
+def test_pallas_grads_across_the_blocks_of_a_chunk(variant, rng, backward_kernels, key_grad_rows):
+    """Chunks of 32 tokens (two 16-token blocks: the block pairs below the diagonal; key_grad's two layouts),
+    segments that cross blocks and chunks, an initial state: the chunk form's gradients."""
     rule = rule_of(variant)
     inputs, state = make_inputs(variant, rng, T=T), make_state(rng)
     segment_ids = make_segment_ids(rng, SEGMENTS)
@@ -122,11 +133,13 @@ def test_pallas_grads_across_the_blocks_of_a_chunk(variant, rng, backward_kernel
 
 
 @pytest.mark.parametrize("variant", ["gated_delta_rule", "kda", "eda-bw"])
-def test_pallas_grads_in_key_and_value_blocks(variant, rng, backward_kernels, monkeypatch):
+def test_pallas_grads_in_key_and_value_blocks(variant, rng, backward_kernels, key_grad_rows, monkeypatch):
     """The backward kernels with K and V cut in two blocks each (key_grad's grid over K blocks, a scalar decay's
-    partial sums added by XLA; the V loops of score_grad and key_grad, state_grad's V grid), with segments: the
-    chunk form's gradients."""
-    config = chunk_bwd.Config(value_grad_block_v=16, state_grad_block_v=16, block_v=16, block_k=16)
+    partial sums added by XLA; the V loops of score_grad and key_grad, state_grad's V grid), with segments, in
+    either layout of key_grad: the chunk form's gradients."""
+    config = chunk_bwd.Config(
+        value_grad_block_v=16, state_grad_block_v=16, block_v=16, block_k=16, key_grad_rows=key_grad_rows
+    )
     monkeypatch.setattr(chunk_bwd, "DEFAULT_CONFIG", config)
     rule, shape = rule_of(variant), {"K": 32, "V": 32}
     inputs, state = make_inputs(variant, rng, T=T, **shape), make_state(rng, **shape)
@@ -142,11 +155,13 @@ def test_pallas_grads_in_key_and_value_blocks(variant, rng, backward_kernels, mo
 
 @pytest.mark.parametrize("low_grads", [True, False], ids=["bf16-grads", "f32-grads"])
 @pytest.mark.parametrize("variant", ["gated_delta_rule", "kda", "eda"])
-def test_pallas_bf16_grads_interpret(variant, low_grads, rng, backward_kernels, monkeypatch):
+def test_pallas_bf16_grads_interpret(variant, low_grads, rng, backward_kernels, key_grad_rows, monkeypatch):
     """bf16 q, k, v (e): the backward kernels recompute with the forward's 16-bit storage, read dO in bf16 and
     (low_grads) store dU, P^T dO and the end-state gradients in bf16; every gradient within 2e-2 (max-abs over
-    max) of the float64 recurrent form's on the same inputs, heads of 32, chunks of 32 (≈7e-3 seen at 64)."""
-    monkeypatch.setattr(chunk_bwd, "DEFAULT_CONFIG", chunk_bwd.Config(low_grads=low_grads))
+    max) of the float64 recurrent form's on the same inputs, heads of 32, chunks of 32 (≈7e-3 seen at 64); either
+    layout of key_grad."""
+    config = chunk_bwd.Config(low_grads=low_grads, key_grad_rows=key_grad_rows)
+    monkeypatch.setattr(chunk_bwd, "DEFAULT_CONFIG", config)
     rule, shape = rule_of(variant), {"B": 1, "H": 2, "K": 32, "V": 32}
     inputs = make_inputs(variant, rng, T=70, **shape)
     low = {n: None if x is None else x.astype(jnp.bfloat16 if n in "qkve" else jnp.float32) for n, x in inputs.items()}
@@ -268,11 +283,11 @@ BACKWARD_KERNELS = ("value_grad_kernel", "_state_grad_kernel", "_score_grad_kern
 
 @pytest.mark.parametrize("storage", [None, jnp.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("case", list(LOWERING_CASES))
-def test_chunk_backward_kernels_lower_to_triton(case, storage, backward_kernels, no_x64):
+def test_chunk_backward_kernels_lower_to_triton(case, storage, backward_kernels, key_grad_rows, no_x64):
     """A training step's forward and backward at K = V = 128 (four K blocks in key_grad, two V blocks elsewhere),
     float32 and 16-bit storage: the forward kernels, those before the output kernel again (the backward recomputes
     the chunk states: pair, solve, state), and the four backward kernels (value_grad, state_grad, score_grad,
-    key_grad)."""
+    key_grad, in either layout)."""
 
     def loss(q, sub, s0, seg):
         o, state = forms.chunkwise(q, sub, s0, seg, 64, False, "gpu", storage)

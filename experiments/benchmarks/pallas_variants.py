@@ -61,6 +61,9 @@ BACKWARDS = {  # name: None (forward only), or (forms.BACKWARD_KERNELS["gpu"], c
     "kernels_key8": (True, {"key_grad_warps": 8}),
     "kernels_key2": (True, {"key_grad_warps": 2}),
     "kernels_bk64": (True, {"block_k": 64}),
+    "kernels_bk16": (True, {"block_k": 16}),
+    "kernels_rows": (True, {"key_grad_rows": True}),  # key_grad: one program per row block
+    "kernels_rows_key2": (True, {"key_grad_rows": True, "key_grad_warps": 2}),
     "kernels_state8": (True, {"state_grad_warps": 8}),
 }
 

@@ -16,9 +16,13 @@ per-token decay's gradient, a reverse cumulative sum inside each chunk, is JAX's
 3. `score_grad` (grid B x H x N x n, one program per block of 16 P rows; `_score_grad_kernel`): the small
    per-chunk gradient matrices dP = dO U^T [C, L] and, with an erase address, dZ = T^T dU [L, V] (z's gradient)
    and dA = -dZ U^T [L, L], unmasked (the next kernel masks them).
-4. `key_grad` (grid B x H x N x K/BK, one program per 64 key channels; `_key_grad_kernel`): the key-channel
-   gradients dq, dx, dy and those of the cumulative log-decays gq and gcum, block by block from dP, dA, S_n,
-   dS_{n+1}, U, dZ and dO. A scalar decay's gradients are per-K-block partial sums, added up by XLA.
+4. `key_grad` (grid B x H x N x K/BK, one program per chunk and BK key channels, Config.block_k;
+   `_key_grad_kernel`): the key-channel gradients dq, dx, dy and those of the cumulative log-decays gq and gcum,
+   block by block from dP, dA, S_n, dS_{n+1}, U, dZ and dO. A scalar decay's gradients are per-K-block partial
+   sums, added up by XLA.
+   With Config.key_grad_rows the grid is B x H x N x K/BK x n instead, one program per row block of 16 tokens:
+   the same body for that block alone, each program's share of the chunk's last-log-decay gradient written
+   apart and added to dgcum's last row by XLA.
 
 No program holds more than a few [16 P, 64] or [L, 64] float32 tiles (docs/performance.md has the work and bytes).
 With 16-bit inputs (`storage`), the recompute stores as the forward does (chunk_fwd.Config), dO is read in 16 bits
@@ -56,6 +60,8 @@ class Config(NamedTuple):
     """Launch parameters and storage of the backward kernels (docs/performance.md). Measured on an H200 (kda,
     B=4, T=4096, H=16, K=V=128, bf16, forward + backward): key_grad over K blocks of 32 9.17 ms against 9.93 with
     64; key_grad with 2 / 8 warps 9.67 / 9.98 against 9.93 with 4 (blocks of 64). The others are untimed.
+    key_grad_rows: key_grad's grid also over the chunk's row blocks (one program per 16 tokens, K block and chunk,
+    instead of one walking the chunk's n blocks in turn): more, shorter programs; untimed, so off.
     The recompute runs the forward's kernels with chunk_fwd's Config."""
 
     value_grad_warps: int = 4
@@ -67,6 +73,7 @@ class Config(NamedTuple):
     block_v: int = 64  # V blocks of the loops inside score_grad and key_grad
     block_k: int = 32  # K blocks of key_grad's grid
     low_grads: bool = True  # with 16-bit inputs: P^T dO, dU, the dS_{n+1} and dq, dx, dy, dz in 16 bits
+    key_grad_rows: bool = False  # key_grad's grid (B, H, N, K/BK, n): a program per row block (docstring)
 
 
 DEFAULT_CONFIG = Config()
@@ -144,21 +151,28 @@ def _score_grad_kernel(*refs, block_v, has_erase):
         da_ref[...] = d_a.astype(da_ref.dtype)
 
 
-def _key_grad_kernel(*refs, block_tokens, per_token, block_v, has_erase, has_segments):
+def _key_grad_kernel(*refs, block_tokens, per_token, block_v, has_erase, has_segments, row_grid):
     """One chunk's gradients on one block of BK key channels, block by block of 16 tokens (c = 16 P rows):
 
         dq_k = (dO_k S^T) exp(Gq_k) (rows that see S) + sum_{j <= k} d_q(P_kj)
         dy_k = -(dZ_k S^T) exp(G_k) (rows that see S) + sum_{j <= k} d_y(A_kj)
         dx_k = (U_k dS'^T) exp(G_last - G_k) (rows that reach S') + sum_{i >= k} d_x(P_ik) + d_x(A_ik)
-        dgq_k = q_k dq_k,   dg_k = y_k dy_k - x_k dx_k (+ on the chunk's last row: the G_last terms)
+        dgq_k = q_k dq_k,   dg_k = y_k dy_k - x_k dx_k (+ on the chunk's last row: d G_last below)
+        d G_last = exp(G_last) rowsum(S * dS') (if the chunk's last segment began before it)
+                   + sum_k colsum(x_k (U_k dS'^T) exp(G_last - G_k))
 
     with the pair terms by `block_scores_grad` (one side per call, the forward's references), the products over V
     in blocks of block_v. Scalar decays (D = 1): dgq and dg are this K block's channel sums, [rows, 1].
+    `row_block` is one row block k's part; row_grid False: this program walks the chunk's blocks k in order and
+    adds d G_last to dg's last row; row_grid True: the grid's last axis picks k, the outputs are block k's rows and
+    the program writes its share of d G_last (the G_last - G_k term of its rows, and the state term for k = n - 1)
+    to d_last, which XLA adds up.
 
     Refs (blocks): q [C, BK], gq [C, D'], x [L, BK], y [L, BK] (erase), g [L, D'] (D' = BK, or 1 for a scalar
     decay), u [L, V], dz [L, V] (erase), do [C, V], s, ds [BK, V] (the chunk's start state and end-state gradient),
     dp [C, L], da [L, L] (erase), then seg_q [C], seg [L], seg_prev [1] with segments; outputs dq [C, BK], dgq
-    [C, D'], dx [L, BK], dy [L, BK] (erase), dg [L, D'] (dgq, dg float32)."""
+    [C, D'], dx [L, BK], dy [L, BK] (erase), dg [L, D'] (dgq, dg float32), their row block k's rows with row_grid
+    ([16, .], [c, .]), then d_last [1, D'] (float32)."""
     refs = list(refs)
     take = lambda present=True: refs.pop(0) if present else None  # noqa: E731
     q_ref, gq_ref, x_ref, y_ref, g_ref = take(), take(), take(), take(has_erase), take()
@@ -173,6 +187,7 @@ def _key_grad_kernel(*refs, block_tokens, per_token, block_v, has_erase, has_seg
     )
     seg_q_ref, seg_ref, prev_ref = take(has_segments), take(has_segments), take(has_segments)
     dq_ref, dgq_ref, dx_ref, dy_ref, dg_ref = take(), take(), take(), take(has_erase), take()
+    d_last_ref = take(row_grid)
     f32 = jnp.float32
     block, length, width = block_tokens * per_token, x_ref.shape[0], g_ref.shape[1]
     n = length // block
@@ -198,38 +213,60 @@ def _key_grad_kernel(*refs, block_tokens, per_token, block_v, has_erase, has_seg
             load(a_ref, a_rows), ga_ref[a_rows, :], load(x_ref, rows[j]), g_ref[rows[j], :], d, mask, i == j, side
         )
 
-    d_decay = sum(
-        jnp.sum((s_ref[:, v].astype(f32) * ds_ref[:, v].astype(f32)).T, axis=0, keepdims=True) for v in v_blocks
-    )
-    d_last = in_segment(jnp.exp(g_last), seg_last, seg_prev) * d_decay  # d G_last, [1, BK]
-    for k in range(n):
+    def d_state_last():
+        """The state's term of d G_last: exp(G_last) rowsum(S * dS'), [1, BK]."""
+        d_decay = sum(
+            jnp.sum((s_ref[:, v].astype(f32) * ds_ref[:, v].astype(f32)).T, axis=0, keepdims=True) for v in v_blocks
+        )
+        return in_segment(jnp.exp(g_last), seg_last, seg_prev) * d_decay
+
+    def row_block(k, out_tokens, out_rows):
+        """Row block k: writes dq, dgq (at out_tokens), dx and dy (at out_rows); returns dg_k [c, D'] without the
+        G_last terms, and its rows' term of d G_last [1, BK]."""
         q, gq = load(q_ref, tokens[k]), gq_ref[tokens[k], :]
         dq = in_segment(times_state(do_ref, tokens[k], s_ref), seg_q[k], seg_prev) * jnp.exp(gq)
         for j in range(k + 1):
             dq = dq + pair(q_ref, gq_ref, k, j, dp_ref, q_local, seg_q, "a")
-        dq_ref[tokens[k], :] = dq.astype(dq_ref.dtype)
-        dgq_ref[tokens[k], :] = decay_width(q * dq, width)
+        dq_ref[out_tokens, :] = dq.astype(dq_ref.dtype)
+        dgq_ref[out_tokens, :] = decay_width(q * dq, width)
 
         x, g = load(x_ref, rows[k]), g_ref[rows[k], :]
         dx_end = times_state(u_ref, rows[k], ds_ref) * in_segment(jnp.exp(g_last - g), seg[k], seg_last)
-        d_last = d_last + jnp.sum(x * dx_end, axis=0, keepdims=True)
+        d_last = jnp.sum(x * dx_end, axis=0, keepdims=True)
         dx = dx_end
         for i in range(k, n):
             dx = dx + pair(q_ref, gq_ref, i, k, dp_ref, q_local, seg_q, "b")
             if has_erase:
                 dx = dx + pair(y_ref, g_ref, i, k, da_ref, a_local, seg, "b")
-        dx_ref[rows[k], :] = dx.astype(dx_ref.dtype)
+        dx_ref[out_rows, :] = dx.astype(dx_ref.dtype)
         dg = -x * dx
         if has_erase:
             dy = -in_segment(times_state(dz_ref, rows[k], s_ref), seg[k], seg_prev) * jnp.exp(g)
             for j in range(k + 1):
                 dy = dy + pair(y_ref, g_ref, k, j, da_ref, a_local, seg, "a")
-            dy_ref[rows[k], :] = dy.astype(dy_ref.dtype)
+            dy_ref[out_rows, :] = dy.astype(dy_ref.dtype)
             dg = dg + load(y_ref, rows[k]) * dy
-        dg = decay_width(dg, width)
-        if k == n - 1:
-            dg = dg + jnp.where(iota(block) == block - 1, decay_width(d_last, width), 0.0)
-        dg_ref[rows[k], :] = dg
+        return decay_width(dg, width), d_last
+
+    if not row_grid:
+        d_last = d_state_last()  # d G_last, [1, BK]
+        for k in range(n):
+            dg, d_end = row_block(k, tokens[k], rows[k])
+            d_last = d_last + d_end
+            if k == n - 1:
+                dg = dg + jnp.where(iota(block) == block - 1, decay_width(d_last, width), 0.0)
+            dg_ref[rows[k], :] = dg
+        return
+
+    for k in range(n):  # one static body per row block, the grid's last axis picking it
+
+        @pl.when(pl.program_id(4) == k)
+        def _(k=k):
+            dg, d_last = row_block(k, pl.ds(0, block_tokens), pl.ds(0, block))
+            dg_ref[...] = dg
+            if k == n - 1:
+                d_last = d_last + d_state_last()
+            d_last_ref[...] = decay_width(d_last, width)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -340,15 +377,22 @@ def chunk_backward(
     n_k = key // block_k
     channel = dim != 1  # a scalar decay's gradients are partial sums per K block, [.., n_k]
     width = block_k if channel else 1
+    row_grid = config.key_grad_rows  # grid (B, H, N, K/BK) or (B, H, N, K/BK, n), the last index a row block
 
     def k_spec(height, w=block_k):
-        return pl.BlockSpec((None, height, None, w), lambda b, h, n, j: (b, n, h, j))
+        return pl.BlockSpec((None, height, None, w), lambda b, h, n, j, *_: (b, n, h, j))
 
     def full(height, w):
-        return pl.BlockSpec((None, height, None, w), lambda b, h, n, j: (b, n, h, 0))
+        return pl.BlockSpec((None, height, None, w), lambda b, h, n, j, *_: (b, n, h, 0))
+
+    def out_spec(height, w=block_k):
+        """key_grad's outputs: a chunk's rows, or with row_grid row block i's (height: the rows per chunk)."""
+        if not row_grid:
+            return k_spec(height, w)
+        return pl.BlockSpec((None, height // n_blocks, None, w), lambda b, h, n, j, i: (b, n * n_blocks + i, h, j))
 
     decay_spec = lambda height: k_spec(height) if channel else full(height, 1)  # noqa: E731
-    state_spec = pl.BlockSpec((None, None, None, block_k, value), lambda b, h, n, j: (b, h, n, j, 0))
+    state_spec = pl.BlockSpec((None, None, None, block_k, value), lambda b, h, n, j, *_: (b, h, n, j, 0))
     grads = triton_call(
         functools.partial(
             _key_grad_kernel,
@@ -357,10 +401,11 @@ def chunk_backward(
             block_v=min(config.block_v, value),
             has_erase=has_erase,
             has_segments=has_segments,
+            row_grid=row_grid,
         ),
         config.key_grad_warps,
         interpret,
-        grid=(batch, heads, n_chunks, n_k),
+        grid=(batch, heads, n_chunks, n_k) + ((n_blocks,) if row_grid else ()),
         in_specs=[k_spec(chunk_size), decay_spec(chunk_size), k_spec(rows)]
         + ([k_spec(rows)] if has_erase else [])
         + [decay_spec(rows), full(rows, value)]
@@ -368,17 +413,24 @@ def chunk_backward(
         + [full(chunk_size, value), state_spec, state_spec, full(chunk_size, rows)]
         + ([full(rows, rows)] if has_erase else [])
         + (segment_specs(4, chunk_size, rows, 1) if has_segments else []),
-        out_specs=[k_spec(chunk_size), k_spec(chunk_size, width), k_spec(rows)]
-        + ([k_spec(rows)] if has_erase else [])
-        + [k_spec(rows, width)],
+        out_specs=[out_spec(chunk_size), out_spec(chunk_size, width), out_spec(rows)]
+        + ([out_spec(rows)] if has_erase else [])
+        + [out_spec(rows, width)]
+        + ([out_spec(n_blocks, width)] if row_grid else []),
         out_shape=[shape(q.shape, grad_dtype), shape((batch, length, heads, n_k * width), f32)]
         + [shape(x.shape, grad_dtype)]
         + ([shape(x.shape, grad_dtype)] if has_erase else [])
-        + [shape((*gcum.shape[:-1], n_k * width), f32)],
+        + [shape((*gcum.shape[:-1], n_k * width), f32)]
+        + ([shape((batch, n_chunks * n_blocks, heads, n_k * width), f32)] if row_grid else []),
     )(
         *(a for a in (q, gq, x, y, gcum, u, dz, d_o, states, d_ends, d_p, d_a) if a is not None),
         *((seg_q, seg, seg_prev) if has_segments else ()),
     )
+    if row_grid:  # each chunk's d G_last: its row blocks' shares, added to its last row
+        *grads, d_last = grads
+        d_last = jnp.sum(d_last.reshape(batch, n_chunks, n_blocks, heads, -1), axis=2)
+        chunks = grads[-1].reshape(batch, n_chunks, rows, heads, -1)
+        grads[-1] = chunks.at[:, :, -1].add(d_last).reshape(grads[-1].shape)
     if has_erase:
         dq, dgq, dx, dy, dgcum = grads
     else:  # U = Z: the values' gradient is dU

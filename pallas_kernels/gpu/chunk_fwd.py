@@ -120,10 +120,10 @@ def triton_call(kernel, warps, interpret, **kwargs):
 
 
 def segment_specs(grid_rank, *widths):
-    """BlockSpecs of segment arrays ([B, rows of a chunk] or [B, 1]) on a grid (B, H, N) or (B, H, N, V/BV)."""
+    """BlockSpecs of segment arrays ([B, rows of a chunk] or [B, 1]) on a grid (B, H, N) or (B, H, N, ...)."""
     if grid_rank == 3:
         return [pl.BlockSpec((None, r), lambda b, h, n: (b, n)) for r in widths]
-    return [pl.BlockSpec((None, r), lambda b, h, n, j: (b, n)) for r in widths]
+    return [pl.BlockSpec((None, r), lambda b, h, n, *_: (b, n)) for r in widths]
 
 
 def pair_specs(chunk_size, rows, n_blocks, key, dim, has_erase, has_segments):
