@@ -79,19 +79,26 @@ def backward_kernels(monkeypatch):
     monkeypatch.setitem(forms.BACKWARD_KERNELS, "gpu", True)
 
 
+@pytest.fixture
+def fresh_traces():
+    """Drop grad_runner's cached jits before and after the test: the kernels' configuration (BACKWARD_KERNELS,
+    chunk_bwd.DEFAULT_CONFIG) is read when tracing, so a test that changes it must trace anew, and its traces must
+    not outlive it."""
+    grad_runner.cache_clear()
+    yield
+    grad_runner.cache_clear()
+
+
 @pytest.fixture(params=[False, True], ids=["key-grad-loop", "key-grad-rows"])
-def key_grad_rows(request, monkeypatch):
+def key_grad_rows(request, monkeypatch, fresh_traces):
     """Either layout of the key_grad kernel (chunk_bwd.Config.key_grad_rows): one program walks a chunk's row
-    blocks, or one program per row block. The config is read when tracing, so grad_runner's cached jits are
-    dropped before and after (each layout is traced, and none outlives the test)."""
+    blocks, or one program per row block."""
     monkeypatch.setattr(chunk_bwd, "DEFAULT_CONFIG", chunk_bwd.Config(key_grad_rows=request.param))
-    grad_runner.cache_clear()
-    yield request.param
-    grad_runner.cache_clear()
+    return request.param
 
 
 @pytest.mark.parametrize("backward", [True, False])
-def test_pallas_backward_follows_the_platform_choice(backward, rng, monkeypatch):
+def test_pallas_backward_follows_the_platform_choice(backward, rng, monkeypatch, fresh_traces):
     """Either backward of the chunkwise kernels gives the chunk form's gradients (the default is measured)."""
     monkeypatch.setitem(forms.BACKWARD_KERNELS, "gpu", backward)
     inputs, state = make_inputs("kda", rng, T=T), make_state(rng)
