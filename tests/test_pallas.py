@@ -29,7 +29,7 @@ from conftest import (
 
 from edarnn import rules
 from pallas_kernels import forms
-from pallas_kernels.gpu import chunk_bwd
+from pallas_kernels.gpu import chunk_bwd, chunk_fwd
 
 KERNEL_RTOL = 2e-5  # the kernels compute in float32, the reference in float64
 
@@ -53,6 +53,22 @@ def test_pallas_segments_match_recurrent(variant, rng):
     segment_ids = make_segment_ids(rng, SEGMENTS)
     actual = run(rule, inputs, state, segment_ids, impl="pallas", chunk_size=16)
     assert_close(actual, reference(rule, inputs, state, segment_ids), KERNEL_RTOL, f"{variant} pallas segments")
+
+
+@pytest.mark.parametrize("variant", ["gated_delta_rule", "kda", "eda-bw"])
+def test_pallas_forward_in_value_blocks(variant, rng, monkeypatch):
+    """The forward's state and output kernels with V cut in two blocks (their V grids, chunk_fwd.Config), with an
+    initial state and segments: the recurrent form's output and final state."""
+    monkeypatch.setattr(chunk_fwd, "DEFAULT_CONFIG", chunk_fwd.Config(state_block_v=16, output_block_v=16))
+    rule, shape = rule_of(variant), {"K": 32, "V": 32}
+    inputs, state = make_inputs(variant, rng, T=T, **shape), make_state(rng, **shape)
+    segment_ids = make_segment_ids(rng, SEGMENTS)
+
+    def forward(i, s, seg):  # a fresh jit: conftest's `run` is cached across configurations
+        return rules.RULES[rule](**i, initial_state=s, segment_ids=seg, impl="pallas", chunk_size=16)
+
+    actual = jax.jit(forward)(inputs, state, segment_ids)
+    assert_close(actual, reference(rule, inputs, state, segment_ids), KERNEL_RTOL, f"{variant} pallas, V blocks")
 
 
 @pytest.mark.parametrize("variant", ["gated_delta_rule", "kda", "eda"])

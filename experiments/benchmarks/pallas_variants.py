@@ -50,6 +50,7 @@ VARIANTS = {  # name: chunk_fwd.Config fields ("bf16": the default, 16-bit stora
     "state8": {"state_warps": 8},
     "out32": {"output_block_v": 32},
     "state32": {"state_block_v": 32},
+    "state16": {"state_block_v": 16},  # more programs for the sequential state pass when B x H is small
 }
 
 BACKWARDS = {  # name: None (forward only), or (forms.BACKWARD_KERNELS["gpu"], chunk_bwd.Config fields)
@@ -65,6 +66,8 @@ BACKWARDS = {  # name: None (forward only), or (forms.BACKWARD_KERNELS["gpu"], c
     "kernels_rows": (True, {"key_grad_rows": True}),  # key_grad: one program per row block
     "kernels_rows_key2": (True, {"key_grad_rows": True, "key_grad_warps": 2}),
     "kernels_state8": (True, {"state_grad_warps": 8}),
+    "kernels_stategrad32": (True, {"state_grad_block_v": 32}),
+    "kernels_stategrad16": (True, {"state_grad_block_v": 16}),
 }
 
 
