@@ -63,8 +63,9 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 GATE_RANK = 16  # rank of the per-channel gate projections d -> GATE_RANK -> H x D
 CHANNEL_LOG_DECAY_MIN = -10.0  # floor of channel-wise log-decays: the rules' chunk form needs g >= -10 per token
 ROPE_THETA = 10_000.0
-# config.remat: each block is recomputed in the backward pass but for the mixers' outputs (named MIXER_OUTPUT), so
-# the rule's kernels or attention do not run twice
+# config.remat: each block is recomputed in the backward pass but for the recurrent mixers' rule outputs (named
+# MIXER_OUTPUT): the Pallas kernels' custom VJP keeps only its inputs, so their forward then does not run twice
+# (the chunk form's backward needs its forward's internals anyway, and attention's its softmax statistics)
 MIXER_OUTPUT = "mixer_output"
 SAVE_MIXER_OUTPUT = jax.checkpoint_policies.save_only_these_names(MIXER_OUTPUT)
 # Parameters the model reads only cast to the compute dtype: inference may store them in it (same results, half
@@ -432,7 +433,7 @@ class AttentionMixer(nnx.Module):
         length = x.shape[1]
         positions = segment_positions(segment_ids, length)
         q, k, v = self._qkv(x, positions)
-        y = self.out(checkpoint_name(attention(q, k, v, segment_ids, self.window), MIXER_OUTPUT))
+        y = self.out(attention(q, k, v, segment_ids, self.window))
         if max_len is None:
             return y, None
         size = self.cache_size(max_len)
@@ -558,8 +559,8 @@ class LM(nnx.Module):
 
     config: the model config (config.model): vocab_size, d_model, n_layers, layers, n_heads, head_dim_k,
     head_dim_v, conv_size, window, d_ff, tie_embeddings, norm_eps, rule_impl, chunk_size, dtype, remat
-    (nnx.remat around each block: activations inside a block are recomputed in the backward pass, except the
-    mixer's output [B, T, H, V], which is kept so that the rule's or attention's forward does not run again)."""
+    (nnx.remat around each block: activations inside a block are recomputed in the backward pass, except a
+    recurrent mixer's rule output [B, T, H, V], kept so that the Pallas kernels' forward does not run again)."""
 
     def __init__(self, config, *, rngs: nnx.Rngs):
         check_config(config)

@@ -22,8 +22,8 @@ Each rule maps its inputs onto the sub-steps of `edarnn.core` (DESIGN.md §1):
 
 impl: "recurrent" (token by token, the definition), "scan" (associative scan), "chunk" (chunkwise WY form),
 "pallas" (Pallas kernels for GPU and TPU: chunkwise, or token by token below one chunk; on the CPU the GPU
-kernels in interpret mode, for checking), "auto" (the fastest measured on the default backend: "pallas" on a GPU
-where its kernels take the shapes, "chunk" otherwise; see `resolve_impl`).
+kernels in interpret mode, for checking), "auto" ("pallas" on a GPU for the shapes its kernels were tested and
+timed at, "chunk" otherwise; see `resolve_impl`).
 
 The step functions `<rule>_step(state, ...)` take one token ([B, H, D] inputs, [B, H] scalar gates) and return
 (o [B, H, V], new_state); they equal `recurrent`.
@@ -64,18 +64,25 @@ def _pallas(q, steps, state, segment_ids, chunk_size, storage=None):
     return forms.chunkwise(q, steps, state, segment_ids, chunk_size, interpret, platform, storage)
 
 
-def resolve_impl(impl: str, key: int = 0, value: int = 0, chunk_size: int = 64, compute=jnp.float32) -> str:
-    """The concrete form for `impl` on the default backend. "auto": "pallas" on a GPU when its kernels take the
-    head sizes `key` and `value` and `chunk_size` (powers of two >= 16) in float32 `compute` (on an H200 its
-    forward + backward is 1.3x-1.6x faster than the chunk form's, docs/performance.md); "chunk" otherwise (the
-    TPU kernels are unmeasured)."""
+def resolve_impl(
+    impl: str, key: int = 0, value: int = 0, chunk_size: int = 64, compute=jnp.float32, length: int = 0
+) -> str:
+    """The concrete form for `impl` on the default backend. "auto": "pallas" on a GPU for what its chunkwise
+    kernels were tested and timed at (head sizes `key` and `value` powers of two from 16 to 128, `chunk_size` 16 to
+    64, float32 `compute`, at least one chunk of `length` tokens: shorter sequences would take the token-by-token
+    kernel, whose backward keeps every state), "chunk" otherwise (the TPU kernels are unmeasured).
+    On an H200 (B=4, T=4096, H=16, K=V=128, bf16; docs/performance.md, "impl=auto") the kernels' forward is faster
+    than the chunk form's (gated_delta_rule 1.8 against 3.0 ms), their forward + backward about even with it
+    (gated_delta_rule, kda) to 1.2x slower (eda); the training job (remat) does not recompute the kernels' forward,
+    where it recomputes the chunk form's."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}; got {impl!r}")
     if impl != "auto":
         return impl
-    sizes_fit = all(n >= 16 and n & (n - 1) == 0 for n in (key, value, chunk_size))
+    heads_fit = all(16 <= n <= 128 and n & (n - 1) == 0 for n in (key, value))
+    chunk_fits = 16 <= chunk_size <= 64 and length >= chunk_size
     on_gpu = jax.default_backend() == "gpu" and jnp.dtype(compute) == jnp.float32
-    return "pallas" if on_gpu and sizes_fit else "chunk"
+    return "pallas" if on_gpu and heads_fit and chunk_fits else "chunk"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -183,7 +190,7 @@ def _run(shapes, q, steps, *, scale, initial_state, segment_ids, impl, chunk_siz
         state = jnp.zeros((d["B"], d["H"], d["K"], d["V"]), compute)
     else:
         state = jnp.asarray(initial_state).astype(compute)
-    impl = resolve_impl(impl, d["K"], d["V"], chunk_size, compute)
+    impl = resolve_impl(impl, d["K"], d["V"], chunk_size, compute, d["T"])
     if impl == "pallas":
         o, final_state = _pallas(q, steps, state, segment_ids, chunk_size, storage=out_dtype)
     elif impl == "chunk":

@@ -15,7 +15,7 @@ from conftest import (
     run,
 )
 
-from edarnn import rules
+from edarnn import core, rules
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -74,14 +74,50 @@ def test_bfloat16_inputs(variant, rng):
 
 
 def test_auto_picks_pallas_only_on_a_gpu_for_shapes_its_kernels_take(monkeypatch):
-    """impl="auto" is "chunk" on this CPU; on a GPU "pallas" for power-of-two heads >= 16 in float32, else "chunk"."""
-    assert rules.resolve_impl("auto", 128, 128, 64) == "chunk"
-    assert rules.resolve_impl("pallas", 128, 128, 64) == "pallas"
+    """impl="auto" is "chunk" on this CPU; on a GPU "pallas" for heads of 16 to 128 (powers of two), chunks of 16 to
+    64, float32 compute and at least one chunk of tokens, else "chunk"."""
+    assert rules.resolve_impl("auto", 128, 128, 64, jnp.float32, 4096) == "chunk"
+    assert rules.resolve_impl("pallas", 128, 128, 64, jnp.float32, 4096) == "pallas"
     monkeypatch.setattr(rules.jax, "default_backend", lambda: "gpu")
-    assert rules.resolve_impl("auto", 128, 128, 64) == "pallas"
-    assert rules.resolve_impl("auto", 128, 64, 16, jnp.float32) == "pallas"
-    assert rules.resolve_impl("auto", 96, 128, 64) == "chunk"
-    assert rules.resolve_impl("auto", 128, 8, 64) == "chunk"
-    assert rules.resolve_impl("auto", 128, 128, 8) == "chunk"
-    assert rules.resolve_impl("auto", 128, 128, 64, jnp.float64) == "chunk"
+    assert rules.resolve_impl("auto", 128, 128, 64, jnp.float32, 4096) == "pallas"
+    assert rules.resolve_impl("auto", 16, 64, 16, jnp.float32, 16) == "pallas"
+    for key, value, chunk, dtype, length in [
+        (96, 128, 64, jnp.float32, 4096),  # not a power of two
+        (256, 128, 64, jnp.float32, 4096),  # wider than tested
+        (128, 8, 64, jnp.float32, 4096),
+        (128, 128, 128, jnp.float32, 4096),
+        (128, 128, 64, jnp.float64, 4096),
+        (128, 128, 64, jnp.float32, 63),  # shorter than a chunk
+    ]:
+        assert rules.resolve_impl("auto", key, value, chunk, dtype, length) == "chunk"
     assert rules.resolve_impl("recurrent", 96, 128, 64) == "recurrent"
+
+
+@pytest.mark.parametrize(
+    "key,value,length,grouped,expected",
+    [
+        (32, 32, 64, False, "pallas"),
+        (32, 64, 64, True, "pallas"),
+        (32, 256, 64, False, "chunk"),
+        (32, 32, 40, False, "chunk"),
+    ],
+)
+def test_auto_reads_the_sizes_from_the_arguments(key, value, length, grouped, expected, rng, monkeypatch):
+    """rules.kda with impl="auto" on a (pretend) GPU: K from q, V from v (grouped values: twice the heads), T from
+    the inputs, float32 compute for bf16 inputs; the Pallas path is replaced by a spy that records the call and
+    runs the chunk form."""
+    called = []
+
+    def spy(q, steps, state, segment_ids, chunk_size, storage=None):
+        called.append(storage)
+        return core.chunkwise(q, steps, state, segment_ids, chunk_size)
+
+    monkeypatch.setattr(rules.jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(rules, "_pallas", spy)
+    inputs = make_inputs("kda", rng, T=length, K=key, V=value, H=2)
+    if grouped:
+        inputs = {**inputs, **{n: jnp.concatenate([inputs[n]] * 2, axis=2) for n in ("v", "g", "beta")}}
+    low = {n: x.astype(jnp.bfloat16) if n in "qkv" else x.astype(jnp.float32) for n, x in inputs.items()}
+    o, _ = rules.kda(**low, impl="auto", chunk_size=64)
+    assert o.dtype == jnp.bfloat16
+    assert called == ([jnp.bfloat16] if expected == "pallas" else [])

@@ -2,6 +2,7 @@
 count and FLOPs formula, config errors."""
 
 import functools
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -179,3 +180,21 @@ def test_segment_positions_restart_at_every_change_of_id():
     expected = [[0, 1, 0, 1, 2, 0], [0, 1, 2, 3, 4, 5]]
     np.testing.assert_array_equal(M.segment_positions(segment_ids, 6), expected)
     np.testing.assert_array_equal(M.segment_positions(None, 3), [[0, 1, 2]])
+
+
+def test_remat_does_not_run_the_kernels_forward_twice():
+    """With remat, the backward pass recomputes a block but not its rule's Pallas kernels (the policy keeps the rule
+    output): the gradient's program calls as many kernels as without remat. A policy that keeps nothing would
+    call more (the forward's kernels again), which the test checks so that it can fail."""
+
+    def kernel_calls(remat, policy=M.SAVE_MIXER_OUTPUT):
+        config = tiny_config(n_layers=1, layers=["gdn2"], head_dim_k=16, head_dim_v=16, rule_impl="pallas", remat=remat)
+        graphdef, state = nnx.split(M.LM(config, rngs=nnx.Rngs(0)))
+        tokens = jnp.zeros((1, 17), jnp.int32)
+        with mock.patch.object(M, "SAVE_MIXER_OUTPUT", policy):
+            grad = jax.make_jaxpr(jax.grad(loss, argnums=1))(graphdef, state, tokens, jnp.ones_like(tokens))
+        return str(grad).count("pallas_call")
+
+    plain = kernel_calls(remat=False)
+    assert plain > 0 and kernel_calls(remat=True) == plain
+    assert kernel_calls(remat=True, policy=None) > plain

@@ -158,8 +158,8 @@ def test_pallas_grads_across_the_blocks_of_a_chunk(variant, rng, backward_kernel
 @pytest.mark.parametrize("variant", ["gated_delta_rule", "kda", "eda-bw"])
 def test_pallas_grads_in_key_and_value_blocks(variant, rng, backward_kernels, key_grad_rows, monkeypatch):
     """The backward kernels with K and V cut in two blocks each (key_grad's grid over K blocks, a scalar decay's
-    partial sums added by XLA; the V loops of score_grad and key_grad, state_grad's V grid), with segments, in
-    either layout of key_grad: the chunk form's gradients."""
+    partial sums added by XLA; the V loops of score_grad and key_grad, state_grad's V grid), chunks of 32 (two row
+    blocks), with segments, in either layout of key_grad: the chunk form's gradients."""
     config = chunk_bwd.Config(
         value_grad_block_v=16, state_grad_block_v=16, block_v=16, block_k=16, key_grad_rows=key_grad_rows
     )
@@ -170,7 +170,7 @@ def test_pallas_grads_in_key_and_value_blocks(variant, rng, backward_kernels, ke
     cotangents = random_cotangents(rng, inputs)
 
     def grads(impl):
-        loss = loss_fn(rule, cotangents, impl=impl, chunk_size=16)
+        loss = loss_fn(rule, cotangents, impl=impl, chunk_size=32)
         return jax.jit(jax.grad(loss, argnums=(0, 1)))(inputs, state, segment_ids)
 
     assert_close(grads("pallas"), grads("chunk"), KERNEL_RTOL, f"{variant} pallas grad in K and V blocks")

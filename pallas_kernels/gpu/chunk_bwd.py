@@ -24,7 +24,8 @@ per-token decay's gradient, a reverse cumulative sum inside each chunk, is JAX's
    the same body for that block alone, each program's share of the chunk's last-log-decay gradient written
    apart and added to dgcum's last row by XLA.
 
-No program holds more than a few [16 P, 64] or [L, 64] float32 tiles (docs/performance.md has the work and bytes).
+No program holds more than a few [16 P, BK] or [L, 64] float32 tiles (BK = Config.block_k; docs/performance.md has
+the work and bytes).
 With 16-bit inputs (`storage`), the recompute stores as the forward does (chunk_fwd.Config), dO is read in 16 bits
 and dU, P^T dO, the dS_{n+1}, dZ and the gradients of q, x, y are stored in 16 bits (Config.low_grads: the rule's
 input gradients end in that dtype anyway, so this adds one rounding before the preparation's VJP); dP, dA, the

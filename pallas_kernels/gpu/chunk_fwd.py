@@ -9,7 +9,8 @@ segments; P sub-steps per token):
    of 16-token blocks: the query scores Aqk_ij and, with an erase address, the pair scores A_ij (zeros for j > i).
 2. `solve`  (grid B x H x N, only with an erase address; body tiles.solve_kernel): T = (I + A)^-1 from A by block
    substitution, W = T (Y exp G) and U~ = T Z.
-   (One fused kernel per chunk for 1 and 2, `tiles.intra_kernel`, the TPU's layout, was 1.4-3.4x slower here.)
+   (One fused kernel per chunk for 1 and 2, `tiles.intra_kernel`, the TPU's layout, was 1.08x / 1.48x / 2.83x
+   slower here for gated_delta_rule / kda / eda at equal float32 storage, one H200 call each; see Config.)
 3. `state`  (grid B x H x V/BV, sequential over chunks inside): U = U~ - W S, the chunk's start state S, and
    S <- Diag(exp G_last) S + (X exp(G_last - G))^T U, with S in registers.
 4. `output` (grid B x H x N x V/BV, parallel; body in pallas_kernels.tiles): O = (Q exp Gq) S + Aqk U.
@@ -40,12 +41,13 @@ from pallas_kernels.tiles import (
 
 class Config(NamedTuple):
     """Launch parameters and storage, by measurement at B=4, T=4096, H=16, K=V=128, bf16 (docs/performance.md,
-    H200, 2026-12-01, forward medians): the pair-scores and solve kernels in place of one fused intra kernel took
-    kda from 4.43 to 2.74 ms and eda from 23.9 to 7.7 (gated_delta_rule 2.46 -> 1.76; the same again in a second
-    run); 16-bit storage (low_*) 2.99 -> 2.74 (kda), 8.45 -> 7.71 (eda); solve with 4 warps for either P (kda 2.98
-    with 2; eda 7.10 against 7.71 with 8); pair kernel 4 warps (8: kda 3.71, eda 8.64; 2: same as 4 for
-    gated_delta_rule); state kernel blocks of 64 values (32: gated_delta_rule 2.00 against 1.76); software
-    pipelining of the state kernel's loop (num_stages 2 or 3) changed nothing, so every kernel has 1."""
+    H200, 2026-12-01, forward medians, one call per rule): the pair-scores and solve kernels in place of one fused
+    intra kernel, both with float32 storage, took gated_delta_rule from 2.46 to 2.27 ms, kda from 4.43 to 2.99 and
+    eda from 23.9 to 8.45; 16-bit storage (low_*) then 2.27 -> 1.76, 2.99 -> 2.74 (kda), 8.45 -> 7.71 (eda); solve
+    with 4 warps for either P (kda 2.98 with 2; eda 7.10 against 7.71 with 8); pair kernel 4 warps (8: kda 3.71,
+    eda 8.64; 2: same as 4 for gated_delta_rule); state kernel blocks of 64 values (32: gated_delta_rule 2.00
+    against 1.76); software pipelining of the state kernel's loop (num_stages 2) changed nothing, so every kernel
+    has 1. A later call (session 5) gave the default 1.77 / 2.74 / 7.02 ms again."""
 
     pair_warps: tuple[int, int] = (4, 4)  # pair-scores kernel, by sub-steps per token
     solve_warps: tuple[int, int] = (4, 4)  # solve kernel, by sub-steps per token
