@@ -177,12 +177,12 @@ def _gate(gate: Array, like: Array) -> Array:
     return gate[..., None] * like if gate.ndim == 3 else gate * like
 
 
-def _run(shapes, q, steps, *, scale, initial_state, segment_ids, impl, chunk_size):
-    """Scale q, promote to the compute dtype, call the chosen form, cast the output back."""
+def _run(shapes, q, steps, out_dtype, *, scale, initial_state, segment_ids, impl, chunk_size):
+    """Scale q, promote to the compute dtype, call the chosen form, cast the output to out_dtype (the caller's q
+    dtype, taken before any normalisation; with 16-bit inputs also the Pallas kernels' storage dtype)."""
     d = shapes.dims
     leaves = [q, *(t for t in steps if t is not None)]
     compute = jnp.result_type(jnp.float32, *leaves)
-    out_dtype = q.dtype
     scale = d["K"] ** -0.5 if scale is None else scale
     q = q.astype(compute) * scale
     steps = core.Substeps(*(None if t is None else t.astype(compute) for t in steps))
@@ -231,11 +231,12 @@ def _additive(rule, q, k, v, g, opts):
     shapes = _Shapes(rule, q, k, v)
     shapes.check("g", g, "BTH", "BTHK")
     _check_options(rule, shapes, **opts)
+    out_dtype = q.dtype
     if opts.pop("normalize_qk"):
         q, k = _l2_normalize(q), _l2_normalize(k)
     q, k = shapes.expand(q), shapes.expand(k)
     steps = (_stack(_as_decay(g)), _stack(k), None, _stack(v))
-    return _run(shapes, q, steps, **opts)
+    return _run(shapes, q, steps, out_dtype, **opts)
 
 
 def _delta(rule, q, k, v, g, b, w, gates, opts):
@@ -247,11 +248,12 @@ def _delta(rule, q, k, v, g, b, w, gates, opts):
     for (name, layouts), t in zip(gates.items(), (g, b, w), strict=False):
         shapes.check(name, t, *layouts)
     _check_options(rule, shapes, **opts)
+    out_dtype = q.dtype
     if opts.pop("normalize_qk"):
         q, k = _l2_normalize(q), _l2_normalize(k)
     q, k = shapes.expand(q), shapes.expand(k)
     steps = (_stack(_as_decay(g)), _stack(k), _stack(_gate(b, k)), _stack(_gate(w, v)))
-    return _run(shapes, q, steps, **opts)
+    return _run(shapes, q, steps, out_dtype, **opts)
 
 
 def _options(scale, initial_state, segment_ids, impl, chunk_size, normalize_qk):
@@ -404,6 +406,7 @@ def eda(
         b = w = beta
     opts = _options(scale, initial_state, segment_ids, impl, chunk_size, normalize_qk)
     _check_options("eda", shapes, **opts)
+    out_dtype = q.dtype
     if opts.pop("normalize_qk"):
         q, k, e = _l2_normalize(q), _l2_normalize(k), _l2_normalize(e)
     q, k, e = shapes.expand(q), shapes.expand(k), shapes.expand(e)
@@ -414,7 +417,7 @@ def eda(
         _stack(_gate(gamma, e), _gate(b, k)),
         _stack(jnp.zeros_like(v), _gate(w, v)),
     )
-    return _run(shapes, q, steps, **opts)
+    return _run(shapes, q, steps, out_dtype, **opts)
 
 
 # ----------------------------------------------------------------------------------------------------------

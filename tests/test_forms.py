@@ -13,6 +13,7 @@ from conftest import (
     reference,
     rule_of,
     run,
+    to_float64,
 )
 
 from edarnn import core, rules
@@ -63,13 +64,15 @@ def test_chunk_float32_strong_channel_decay(variant, rng):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_bfloat16_inputs(variant, rng):
+@pytest.mark.parametrize("normalize_qk", [False, True], ids=["as_given", "normalized"])
+def test_bfloat16_inputs(variant, normalize_qk, rng):
+    """bf16 inputs give a bf16 output (also when q and k are normalised inside, in float32) and a float32 state."""
     rule = rule_of(variant)
     inputs = make_inputs(variant, rng, T=37, dtype=jnp.bfloat16)
-    o, final_state = run(rule, inputs, impl="chunk")
+    o, final_state = run(rule, inputs, impl="chunk", normalize_qk=normalize_qk)
     assert o.dtype == jnp.bfloat16
     assert final_state.dtype == jnp.float32
-    expected = reference(rule, inputs)
+    expected = run(rule, to_float64(inputs), impl="recurrent", normalize_qk=normalize_qk)
     assert_close((o, final_state), expected, rtol=2e-2, what=variant)
 
 

@@ -176,14 +176,21 @@ def test_pallas_grads_in_key_and_value_blocks(variant, rng, backward_kernels, ke
     assert_close(grads("pallas"), grads("chunk"), KERNEL_RTOL, f"{variant} pallas grad in K and V blocks")
 
 
-@pytest.mark.parametrize("low_grads", [True, False], ids=["bf16-grads", "f32-grads"])
+LOW_PRECISION = {  # chunk_bwd.Config fields of the bf16 gradient test's cases
+    "bf16-grads": {"low_grads": True},
+    "f32-grads": {"low_grads": False},
+    "bf16-grads-low-dots": {"low_grads": True, "key_grad_low_dots": True},
+}
+
+
+@pytest.mark.parametrize("precision", list(LOW_PRECISION))
 @pytest.mark.parametrize("variant", ["gated_delta_rule", "kda", "eda"])
-def test_pallas_bf16_grads_interpret(variant, low_grads, rng, backward_kernels, key_grad_rows, monkeypatch):
+def test_pallas_bf16_grads_interpret(variant, precision, rng, backward_kernels, key_grad_rows, monkeypatch):
     """bf16 q, k, v (e): the backward kernels recompute with the forward's 16-bit storage, read dO in bf16 and
-    (low_grads) store dU, P^T dO and the end-state gradients in bf16; every gradient within 2e-2 (max-abs over
-    max) of the float64 recurrent form's on the same inputs, heads of 32, chunks of 32 (≈7e-3 seen at 64); either
-    layout of key_grad."""
-    config = chunk_bwd.Config(low_grads=low_grads, key_grad_rows=key_grad_rows)
+    (low_grads) store dU, P^T dO and the end-state gradients in bf16 (key_grad_low_dots: key_grad's products on
+    bf16 operands too); every gradient within 2e-2 (max-abs over max) of the float64 recurrent form's on the same
+    inputs, heads of 32, chunks of 32 (≈7e-3 seen at 64); either layout of key_grad."""
+    config = chunk_bwd.Config(**LOW_PRECISION[precision], key_grad_rows=key_grad_rows)
     monkeypatch.setattr(chunk_bwd, "DEFAULT_CONFIG", config)
     rule, shape = rule_of(variant), {"B": 1, "H": 2, "K": 32, "V": 32}
     inputs = make_inputs(variant, rng, T=70, **shape)
@@ -311,16 +318,28 @@ def test_chunk_backward_kernels_lower_to_triton(case, storage, backward_kernels,
     float32 and 16-bit storage: the forward kernels, those before the output kernel again (the backward recomputes
     the chunk states: pair, solve, state), and the four backward kernels (value_grad, state_grad, score_grad,
     key_grad, in either layout)."""
+    text = _lowered_training_step(case, storage)
+    forward = _forward_kernel_count(case)
+    assert text.count("xla.gpu.triton") == 2 * forward - 1 + len(BACKWARD_KERNELS)
+    assert all(f'name = "{kernel}"' in text for kernel in BACKWARD_KERNELS)
+
+
+@pytest.mark.parametrize("case", list(LOWERING_CASES))
+def test_key_grad_low_dots_lowers_to_triton(case, backward_kernels, monkeypatch, no_x64):
+    """key_grad with 16-bit operands (chunk_bwd.Config.key_grad_low_dots), 16-bit storage."""
+    monkeypatch.setattr(chunk_bwd, "DEFAULT_CONFIG", chunk_bwd.Config(key_grad_low_dots=True))
+    assert 'name = "_key_grad_kernel"' in _lowered_training_step(case, jnp.bfloat16)
+
+
+def _lowered_training_step(case, storage):
+    """The lowered text (for CUDA) of a training step's forward and backward at K = V = 128, chunks of 64."""
 
     def loss(q, sub, s0, seg):
         o, state = forms.chunkwise(q, sub, s0, seg, 64, False, "gpu", storage)
         return jnp.sum(o * o) + jnp.sum(state)
 
     step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
-    text = step.trace(*_lowering_inputs(case, 128, k=128, v=128)).lower(lowering_platforms=("cuda",)).as_text()
-    forward = _forward_kernel_count(case)
-    assert text.count("xla.gpu.triton") == 2 * forward - 1 + len(BACKWARD_KERNELS)
-    assert all(f'name = "{kernel}"' in text for kernel in BACKWARD_KERNELS)
+    return step.trace(*_lowering_inputs(case, 128, k=128, v=128)).lower(lowering_platforms=("cuda",)).as_text()
 
 
 @pytest.mark.gpu

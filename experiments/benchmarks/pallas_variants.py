@@ -66,6 +66,7 @@ BACKWARDS = {  # name: None (forward only), or (forms.BACKWARD_KERNELS["gpu"], c
     "kernels_rows": (True, {"key_grad_rows": True}),  # key_grad: one program per row block
     "kernels_rows_key2": (True, {"key_grad_rows": True, "key_grad_warps": 2}),
     "kernels_state8": (True, {"state_grad_warps": 8}),
+    "kernels_lowdots": (True, {"key_grad_low_dots": True}),
     "kernels_stategrad32": (True, {"state_grad_block_v": 32}),
     "kernels_stategrad16": (True, {"state_grad_block_v": 16}),
 }

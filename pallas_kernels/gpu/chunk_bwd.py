@@ -63,6 +63,9 @@ class Config(NamedTuple):
     64; key_grad with 2 / 8 warps 9.67 / 9.98 against 9.93 with 4 (blocks of 64). The others are untimed.
     key_grad_rows: key_grad's grid also over the chunk's row blocks (one program per 16 tokens, K block and chunk,
     instead of one walking the chunk's n blocks in turn): more, shorter programs; untimed, so off.
+    key_grad_low_dots: with 16-bit storage, key_grad's products on 16-bit operands (the 16-bit matrix units, half
+    the operand registers): its state products take their stored operands as they are (exact), its block pairs'
+    products round theirs (dP, dA and the decayed keys) to 16 bits; untimed, so off.
     The recompute runs the forward's kernels with chunk_fwd's Config."""
 
     value_grad_warps: int = 4
@@ -75,6 +78,7 @@ class Config(NamedTuple):
     block_k: int = 32  # K blocks of key_grad's grid
     low_grads: bool = True  # with 16-bit inputs: P^T dO, dU, the dS_{n+1} and dq, dx, dy, dz in 16 bits
     key_grad_rows: bool = False  # key_grad's grid (B, H, N, K/BK, n): a program per row block (docstring)
+    key_grad_low_dots: bool = False  # with 16-bit storage: key_grad's products on 16-bit operands (docstring)
 
 
 DEFAULT_CONFIG = Config()
@@ -152,7 +156,7 @@ def _score_grad_kernel(*refs, block_v, has_erase):
         da_ref[...] = d_a.astype(da_ref.dtype)
 
 
-def _key_grad_kernel(*refs, block_tokens, per_token, block_v, has_erase, has_segments, row_grid):
+def _key_grad_kernel(*refs, block_tokens, per_token, block_v, has_erase, has_segments, row_grid, low_dots):
     """One chunk's gradients on one block of BK key channels, block by block of 16 tokens (c = 16 P rows):
 
         dq_k = (dO_k S^T) exp(Gq_k) (rows that see S) + sum_{j <= k} d_q(P_kj)
@@ -200,9 +204,15 @@ def _key_grad_kernel(*refs, block_tokens, per_token, block_v, has_erase, has_seg
     a_local, q_local = iota(block) > iota(block, 1), causal_query_mask(block_tokens, per_token)
     seg, seg_t, seg_q, seg_prev, seg_last = chunk_segments(seg_q_ref, seg_ref, prev_ref, rows, tokens)
 
+    # low_dots with 16-bit storage: the state products take their stored 16-bit operands as they are (exact: the
+    # same products as in float32), the block pairs' products round theirs to 16 bits
+    low = x_ref.dtype if low_dots and jnp.dtype(x_ref.dtype).itemsize == 2 else None
+
     def times_state(a_ref, s, state_ref):
         """a[s] state^T over V blocks: [m, V] [BK, V]^T -> [m, BK]."""
-        return sum(dot(a_ref[s, v].astype(f32), state_ref[:, v].astype(f32), trans_b=True) for v in v_blocks)
+        as_stored = low is not None and a_ref.dtype == state_ref.dtype == low
+        cast = (lambda t: t) if as_stored else (lambda t: t.astype(f32))  # noqa: E731
+        return sum(dot(cast(a_ref[s, v]), cast(state_ref[:, v]), trans_b=True) for v in v_blocks)
 
     def pair(a_ref, ga_ref, i, j, d_ref, local, seg_a, side):
         """One side of block pair (i, j)'s gradient: rows i of a (queries: tokens; else sub-step rows) against
@@ -210,9 +220,8 @@ def _key_grad_kernel(*refs, block_tokens, per_token, block_v, has_erase, has_seg
         a_rows = tokens[i] if a_ref is q_ref else rows[i]
         d = d_ref[a_rows, rows[j]].astype(f32)
         mask = pair_mask(local, i, j, seg_a[i], seg_t[j])
-        return block_scores_grad(
-            load(a_ref, a_rows), ga_ref[a_rows, :], load(x_ref, rows[j]), g_ref[rows[j], :], d, mask, i == j, side
-        )
+        a, b = load(a_ref, a_rows), load(x_ref, rows[j])
+        return block_scores_grad(a, ga_ref[a_rows, :], b, g_ref[rows[j], :], d, mask, i == j, side, operands=low)
 
     def d_state_last():
         """The state's term of d G_last: exp(G_last) rowsum(S * dS'), [1, BK]."""
@@ -403,6 +412,7 @@ def chunk_backward(
             has_erase=has_erase,
             has_segments=has_segments,
             row_grid=row_grid,
+            low_dots=config.key_grad_low_dots,
         ),
         config.key_grad_warps,
         interpret,
