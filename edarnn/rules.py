@@ -5,9 +5,9 @@
 
 Layout: q, k: [B, T, H, K]; v: [B, T, H, V]; per-token scalar gates [B, T, H]; key-channel gates [B, T, H, K];
 value-channel gates [B, T, H, V]; state [B, H, K, V] in float32 (float64 for float64 inputs); the output
-[B, T, H, V] in the inputs' dtype. `g` is always a log-decay (<= 0; exp(g) is the decay). Grouped values: v may
-have a multiple H of the H_k heads of q, k and e; each key head then serves H / H_k consecutive value heads, and
-the gates and the state are per value head.
+[B, T, H, V] in q's dtype (with impl="pallas", 16-bit q, k, v (and e) are also the kernels' storage dtype). `g` is
+always a log-decay (<= 0; exp(g) is the decay). Grouped values: v may have a multiple H of the H_k heads of q, k
+and e; each key head then serves H / H_k consecutive value heads, and the gates and the state are per value head.
 
 Each rule maps its inputs onto the sub-steps of `edarnn.core` (DESIGN.md §1):
 
@@ -177,9 +177,10 @@ def _gate(gate: Array, like: Array) -> Array:
     return gate[..., None] * like if gate.ndim == 3 else gate * like
 
 
-def _run(shapes, q, steps, out_dtype, *, scale, initial_state, segment_ids, impl, chunk_size):
+def _run(shapes, q, steps, out_dtype, input_dtype, *, scale, initial_state, segment_ids, impl, chunk_size):
     """Scale q, promote to the compute dtype, call the chosen form, cast the output to out_dtype (the caller's q
-    dtype, taken before any normalisation; with 16-bit inputs also the Pallas kernels' storage dtype)."""
+    dtype, taken before any normalisation). input_dtype: the common dtype of the caller's q, k, v (and e), the
+    Pallas kernels' storage dtype when it is 16-bit (they store in float32 otherwise)."""
     d = shapes.dims
     leaves = [q, *(t for t in steps if t is not None)]
     compute = jnp.result_type(jnp.float32, *leaves)
@@ -192,7 +193,7 @@ def _run(shapes, q, steps, out_dtype, *, scale, initial_state, segment_ids, impl
         state = jnp.asarray(initial_state).astype(compute)
     impl = resolve_impl(impl, d["K"], d["V"], chunk_size, compute, d["T"])
     if impl == "pallas":
-        o, final_state = _pallas(q, steps, state, segment_ids, chunk_size, storage=out_dtype)
+        o, final_state = _pallas(q, steps, state, segment_ids, chunk_size, storage=input_dtype)
     elif impl == "chunk":
         o, final_state = core.chunkwise(q, steps, state, segment_ids, chunk_size)
     else:
@@ -231,12 +232,12 @@ def _additive(rule, q, k, v, g, opts):
     shapes = _Shapes(rule, q, k, v)
     shapes.check("g", g, "BTH", "BTHK")
     _check_options(rule, shapes, **opts)
-    out_dtype = q.dtype
+    dtypes = (q.dtype, jnp.result_type(q, k, v))  # the output's, and the inputs' (before normalisation)
     if opts.pop("normalize_qk"):
         q, k = _l2_normalize(q), _l2_normalize(k)
     q, k = shapes.expand(q), shapes.expand(k)
     steps = (_stack(_as_decay(g)), _stack(k), None, _stack(v))
-    return _run(shapes, q, steps, out_dtype, **opts)
+    return _run(shapes, q, steps, *dtypes, **opts)
 
 
 def _delta(rule, q, k, v, g, b, w, gates, opts):
@@ -248,12 +249,12 @@ def _delta(rule, q, k, v, g, b, w, gates, opts):
     for (name, layouts), t in zip(gates.items(), (g, b, w), strict=False):
         shapes.check(name, t, *layouts)
     _check_options(rule, shapes, **opts)
-    out_dtype = q.dtype
+    dtypes = (q.dtype, jnp.result_type(q, k, v))  # the output's, and the inputs' (before normalisation)
     if opts.pop("normalize_qk"):
         q, k = _l2_normalize(q), _l2_normalize(k)
     q, k = shapes.expand(q), shapes.expand(k)
     steps = (_stack(_as_decay(g)), _stack(k), _stack(_gate(b, k)), _stack(_gate(w, v)))
-    return _run(shapes, q, steps, out_dtype, **opts)
+    return _run(shapes, q, steps, *dtypes, **opts)
 
 
 def _options(scale, initial_state, segment_ids, impl, chunk_size, normalize_qk):
@@ -406,7 +407,7 @@ def eda(
         b = w = beta
     opts = _options(scale, initial_state, segment_ids, impl, chunk_size, normalize_qk)
     _check_options("eda", shapes, **opts)
-    out_dtype = q.dtype
+    dtypes = (q.dtype, jnp.result_type(q, k, v, e))  # the output's, and the inputs' (before normalisation)
     if opts.pop("normalize_qk"):
         q, k, e = _l2_normalize(q), _l2_normalize(k), _l2_normalize(e)
     q, k, e = shapes.expand(q), shapes.expand(k), shapes.expand(e)
@@ -417,7 +418,7 @@ def eda(
         _stack(_gate(gamma, e), _gate(b, k)),
         _stack(jnp.zeros_like(v), _gate(w, v)),
     )
-    return _run(shapes, q, steps, out_dtype, **opts)
+    return _run(shapes, q, steps, *dtypes, **opts)
 
 
 # ----------------------------------------------------------------------------------------------------------

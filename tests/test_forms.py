@@ -124,3 +124,7 @@ def test_auto_reads_the_sizes_from_the_arguments(key, value, length, grouped, ex
     o, _ = rules.kda(**low, impl="auto", chunk_size=64)
     assert o.dtype == jnp.bfloat16
     assert called == ([jnp.bfloat16] if expected == "pallas" else [])
+    if expected == "pallas":  # normalised inside (in float32), still bf16 storage; float32 v: float32 storage
+        rules.kda(**low, impl="auto", chunk_size=64, normalize_qk=True)
+        rules.kda(**{**low, "v": low["v"].astype(jnp.float32)}, impl="auto", chunk_size=64)
+        assert called[1:] == [jnp.bfloat16, jnp.float32]

@@ -63,9 +63,10 @@ class Config(NamedTuple):
     64; key_grad with 2 / 8 warps 9.67 / 9.98 against 9.93 with 4 (blocks of 64). The others are untimed.
     key_grad_rows: key_grad's grid also over the chunk's row blocks (one program per 16 tokens, K block and chunk,
     instead of one walking the chunk's n blocks in turn): more, shorter programs; untimed, so off.
-    key_grad_low_dots: with 16-bit storage, key_grad's products on 16-bit operands (the 16-bit matrix units, half
-    the operand registers): its state products take their stored operands as they are (exact), its block pairs'
-    products round theirs (dP, dA and the decayed keys) to 16 bits; untimed, so off.
+    key_grad_low_dots: with bfloat16 storage, key_grad's products on bfloat16 operands (the 16-bit matrix units,
+    half the operand registers): its state products take their stored operands as they are where both are stored
+    in bfloat16 (exact; low_states and low_grads), its block pairs' products round theirs (dP, dA and the decayed
+    keys) to bfloat16 (float16's range is too narrow for dP, so float16 storage leaves the flag off); untimed, off.
     The recompute runs the forward's kernels with chunk_fwd's Config."""
 
     value_grad_warps: int = 4
@@ -78,7 +79,7 @@ class Config(NamedTuple):
     block_k: int = 32  # K blocks of key_grad's grid
     low_grads: bool = True  # with 16-bit inputs: P^T dO, dU, the dS_{n+1} and dq, dx, dy, dz in 16 bits
     key_grad_rows: bool = False  # key_grad's grid (B, H, N, K/BK, n): a program per row block (docstring)
-    key_grad_low_dots: bool = False  # with 16-bit storage: key_grad's products on 16-bit operands (docstring)
+    key_grad_low_dots: bool = False  # with bfloat16 storage: key_grad's products on bf16 operands (docstring)
 
 
 DEFAULT_CONFIG = Config()
@@ -206,7 +207,7 @@ def _key_grad_kernel(*refs, block_tokens, per_token, block_v, has_erase, has_seg
 
     # low_dots with 16-bit storage: the state products take their stored 16-bit operands as they are (exact: the
     # same products as in float32), the block pairs' products round theirs to 16 bits
-    low = x_ref.dtype if low_dots and jnp.dtype(x_ref.dtype).itemsize == 2 else None
+    low = jnp.bfloat16 if low_dots and x_ref.dtype == jnp.bfloat16 else None
 
     def times_state(a_ref, s, state_ref):
         """a[s] state^T over V blocks: [m, V] [BK, V]^T -> [m, BK]."""
