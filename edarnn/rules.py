@@ -167,6 +167,16 @@ def _l2_normalize(t: Array) -> Array:
     return t * jax.lax.rsqrt(jnp.sum(t * t, axis=-1, keepdims=True) + 1e-6)
 
 
+def _query_and_keys(shapes, opts, v, q, *keys):
+    """((q's dtype, the common dtype of q, keys and v), q, *keys): the dtypes `_run` takes, from the caller's
+    inputs; q and the key-side inputs (k, and EDA's e) L2-normalised if opts' normalize_qk (popped) and expanded to
+    the value heads."""
+    dtypes = (q.dtype, jnp.result_type(q, v, *keys))
+    if opts.pop("normalize_qk"):
+        q, *keys = (_l2_normalize(t) for t in (q, *keys))
+    return (dtypes, *(shapes.expand(t) for t in (q, *keys)))
+
+
 def _as_decay(g: Array) -> Array:
     """[B, T, H] or [B, T, H, K] log-decay -> [B, T, H, D] with D = 1 or K."""
     return g[..., None] if g.ndim == 3 else g
@@ -232,10 +242,7 @@ def _additive(rule, q, k, v, g, opts):
     shapes = _Shapes(rule, q, k, v)
     shapes.check("g", g, "BTH", "BTHK")
     _check_options(rule, shapes, **opts)
-    dtypes = (q.dtype, jnp.result_type(q, k, v))  # the output's, and the inputs' (before normalisation)
-    if opts.pop("normalize_qk"):
-        q, k = _l2_normalize(q), _l2_normalize(k)
-    q, k = shapes.expand(q), shapes.expand(k)
+    dtypes, q, k = _query_and_keys(shapes, opts, v, q, k)
     steps = (_stack(_as_decay(g)), _stack(k), None, _stack(v))
     return _run(shapes, q, steps, *dtypes, **opts)
 
@@ -249,10 +256,7 @@ def _delta(rule, q, k, v, g, b, w, gates, opts):
     for (name, layouts), t in zip(gates.items(), (g, b, w), strict=False):
         shapes.check(name, t, *layouts)
     _check_options(rule, shapes, **opts)
-    dtypes = (q.dtype, jnp.result_type(q, k, v))  # the output's, and the inputs' (before normalisation)
-    if opts.pop("normalize_qk"):
-        q, k = _l2_normalize(q), _l2_normalize(k)
-    q, k = shapes.expand(q), shapes.expand(k)
+    dtypes, q, k = _query_and_keys(shapes, opts, v, q, k)
     steps = (_stack(_as_decay(g)), _stack(k), _stack(_gate(b, k)), _stack(_gate(w, v)))
     return _run(shapes, q, steps, *dtypes, **opts)
 
@@ -407,10 +411,7 @@ def eda(
         b = w = beta
     opts = _options(scale, initial_state, segment_ids, impl, chunk_size, normalize_qk)
     _check_options("eda", shapes, **opts)
-    dtypes = (q.dtype, jnp.result_type(q, k, v, e))  # the output's, and the inputs' (before normalisation)
-    if opts.pop("normalize_qk"):
-        q, k, e = _l2_normalize(q), _l2_normalize(k), _l2_normalize(e)
-    q, k, e = shapes.expand(q), shapes.expand(k), shapes.expand(e)
+    dtypes, q, k, e = _query_and_keys(shapes, opts, v, q, k, e)
     g = _as_decay(g)
     steps = (
         _stack(g, jnp.zeros_like(g)),

@@ -182,15 +182,8 @@ def _key_grad_kernel(*refs, block_tokens, per_token, block_v, has_erase, has_seg
     refs = list(refs)
     take = lambda present=True: refs.pop(0) if present else None  # noqa: E731
     q_ref, gq_ref, x_ref, y_ref, g_ref = take(), take(), take(), take(has_erase), take()
-    u_ref, dz_ref, do_ref, s_ref, ds_ref, dp_ref, da_ref = (
-        take(),
-        take(has_erase),
-        take(),
-        take(),
-        take(),
-        take(),
-        take(has_erase),
-    )
+    u_ref, dz_ref, do_ref, s_ref = take(), take(has_erase), take(), take()
+    ds_ref, dp_ref, da_ref = take(), take(), take(has_erase)
     seg_q_ref, seg_ref, prev_ref = take(has_segments), take(has_segments), take(has_segments)
     dq_ref, dgq_ref, dx_ref, dy_ref, dg_ref = take(), take(), take(), take(has_erase), take()
     d_last_ref = take(row_grid)
@@ -205,8 +198,8 @@ def _key_grad_kernel(*refs, block_tokens, per_token, block_v, has_erase, has_seg
     a_local, q_local = iota(block) > iota(block, 1), causal_query_mask(block_tokens, per_token)
     seg, seg_t, seg_q, seg_prev, seg_last = chunk_segments(seg_q_ref, seg_ref, prev_ref, rows, tokens)
 
-    # low_dots with 16-bit storage: the state products take their stored 16-bit operands as they are (exact: the
-    # same products as in float32), the block pairs' products round theirs to 16 bits
+    # low_dots with bfloat16 storage: the state products take their stored bf16 operands as they are (exact: the
+    # same products as in float32), the block pairs' products round theirs to bf16
     low = jnp.bfloat16 if low_dots and x_ref.dtype == jnp.bfloat16 else None
 
     def times_state(a_ref, s, state_ref):
