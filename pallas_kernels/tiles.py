@@ -27,11 +27,8 @@ from jax.experimental import pallas as pl
 BLOCK_TOKENS = 16  # tokens per block inside a chunk: the smallest tile a Triton dot takes
 
 
-def dot(a, b, trans_a=False, trans_b=False, operands=None):
-    """a @ b with either operand transposed, accumulated in float32; operands: a dtype both are rounded to first
-    (e.g. bfloat16, for the 16-bit matrix units), None to take them as they are."""
-    if operands is not None:
-        a, b = a.astype(operands), b.astype(operands)
+def dot(a, b, trans_a=False, trans_b=False):
+    """a @ b with either operand transposed, accumulated in float32."""
     dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
     return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
 
@@ -71,23 +68,23 @@ def block_reference(gb, diagonal):
     return jnp.where(diagonal, row(gb, middle), row(gb, last))
 
 
-def block_scores_grad(a, ga, b, gb, d_scores, mask, diagonal, side=None, operands=None):
+def block_scores_grad(a, ga, b, gb, d_scores, mask, diagonal, side=None):
     """(da, db): the gradients of sum(d_scores * block_scores(a, ga, b, gb, mask, diagonal)) w.r.t. a and b;
-    side "a" or "b": only that one (one product instead of two); operands: `dot`'s.
+    side "a" or "b": only that one (one product instead of two).
 
     With M_rs = sum_k a_rk b_sk exp(ga_rk - gb_sk), the log-decays' gradients are d ga = a da and d gb = -b db
     (summed over channels by `decay_width` for D = 1); the exponents are block_scores', so bounded the same way."""
     if gb.shape[1] == 1:
         expo = jnp.where(mask, ga - gb.reshape(1, -1), -jnp.inf)
         d = jnp.where(mask, d_scores * jnp.exp(expo), 0.0)
-        da = lambda: dot(d, b, operands=operands)  # noqa: E731
-        db = lambda: dot(d, a, trans_a=True, operands=operands)  # noqa: E731
+        da = lambda: dot(d, b)  # noqa: E731
+        db = lambda: dot(d, a, trans_a=True)  # noqa: E731
     else:
         ref = block_reference(gb, diagonal)
         a_decay, b_decay = jnp.exp(ga - ref), jnp.exp(ref - gb)
         d = jnp.where(mask, d_scores, 0.0)
-        da = lambda: a_decay * dot(d, b * b_decay, operands=operands)  # noqa: E731
-        db = lambda: b_decay * dot(d, a * a_decay, trans_a=True, operands=operands)  # noqa: E731
+        da = lambda: a_decay * dot(d, b * b_decay)  # noqa: E731
+        db = lambda: b_decay * dot(d, a * a_decay, trans_a=True)  # noqa: E731
     return {"a": da, "b": db}[side]() if side else (da(), db())
 
 

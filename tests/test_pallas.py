@@ -105,14 +105,6 @@ def fresh_traces():
     grad_runner.cache_clear()
 
 
-@pytest.fixture(params=[False, True], ids=["key-grad-loop", "key-grad-rows"])
-def key_grad_rows(request, monkeypatch, fresh_traces):
-    """Either layout of the key_grad kernel (chunk_bwd.Config.key_grad_rows): one program walks a chunk's row
-    blocks, or one program per row block."""
-    monkeypatch.setattr(chunk_bwd, "DEFAULT_CONFIG", chunk_bwd.Config(key_grad_rows=request.param))
-    return request.param
-
-
 @pytest.mark.parametrize("backward", [True, False])
 def test_pallas_backward_follows_the_platform_choice(backward, rng, monkeypatch, fresh_traces):
     """Either backward of the chunkwise kernels gives the chunk form's gradients (the default is measured)."""
@@ -143,8 +135,8 @@ def test_pallas_grads_match_chunk(variant, with_segments, rng, backward_kernels)
 
 
 @pytest.mark.parametrize("variant", [*SEGMENT_VARIANTS, "kda"])
-def test_pallas_grads_across_the_blocks_of_a_chunk(variant, rng, backward_kernels, key_grad_rows):
-    """Chunks of 32 tokens (two 16-token blocks: the block pairs below the diagonal; key_grad's two layouts),
+def test_pallas_grads_across_the_blocks_of_a_chunk(variant, rng, backward_kernels, fresh_traces):
+    """Chunks of 32 tokens (two 16-token blocks: the block pairs below the diagonal),
     segments that cross blocks and chunks, an initial state: the chunk form's gradients."""
     rule = rule_of(variant)
     inputs, state = make_inputs(variant, rng, T=T), make_state(rng)
@@ -156,13 +148,11 @@ def test_pallas_grads_across_the_blocks_of_a_chunk(variant, rng, backward_kernel
 
 
 @pytest.mark.parametrize("variant", ["gated_delta_rule", "kda", "eda-bw"])
-def test_pallas_grads_in_key_and_value_blocks(variant, rng, backward_kernels, key_grad_rows, monkeypatch):
+def test_pallas_grads_in_key_and_value_blocks(variant, rng, backward_kernels, monkeypatch, fresh_traces):
     """The backward kernels with K and V cut in two blocks each (key_grad's grid over K blocks, a scalar decay's
-    partial sums added by XLA; the V loops of score_grad and key_grad, state_grad's V grid), chunks of 32 (two row
-    blocks), with segments, in either layout of key_grad: the chunk form's gradients."""
-    config = chunk_bwd.Config(
-        value_grad_block_v=16, state_grad_block_v=16, block_v=16, block_k=16, key_grad_rows=key_grad_rows
-    )
+    partial sums added by XLA; score_grad's V loop, state_grad's V grid), chunks of 32 (two row blocks), with
+    segments: the chunk form's gradients."""
+    config = chunk_bwd.Config(value_grad_block_v=16, state_grad_block_v=16, block_v=16, block_k=16)
     monkeypatch.setattr(chunk_bwd, "DEFAULT_CONFIG", config)
     rule, shape = rule_of(variant), {"K": 32, "V": 32}
     inputs, state = make_inputs(variant, rng, T=T, **shape), make_state(rng, **shape)
@@ -179,18 +169,16 @@ def test_pallas_grads_in_key_and_value_blocks(variant, rng, backward_kernels, ke
 LOW_PRECISION = {  # chunk_bwd.Config fields of the bf16 gradient test's cases
     "bf16-grads": {"low_grads": True},
     "f32-grads": {"low_grads": False},
-    "bf16-grads-low-dots": {"low_grads": True, "key_grad_low_dots": True},
 }
 
 
 @pytest.mark.parametrize("precision", list(LOW_PRECISION))
 @pytest.mark.parametrize("variant", ["gated_delta_rule", "kda", "eda"])
-def test_pallas_bf16_grads_interpret(variant, precision, rng, backward_kernels, key_grad_rows, monkeypatch):
+def test_pallas_bf16_grads_interpret(variant, precision, rng, backward_kernels, monkeypatch, fresh_traces):
     """bf16 q, k, v (e): the backward kernels recompute with the forward's 16-bit storage, read dO in bf16 and
-    (low_grads) store dU, P^T dO and the end-state gradients in bf16 (key_grad_low_dots: key_grad's products on
-    bf16 operands too); every gradient within 2e-2 (max-abs over max) of the float64 recurrent form's on the same
-    inputs, heads of 32, chunks of 32 (≈7e-3 seen at 64); either layout of key_grad."""
-    config = chunk_bwd.Config(**LOW_PRECISION[precision], key_grad_rows=key_grad_rows)
+    (low_grads) store dU, P^T dO and the end-state gradients in bf16; every gradient within 2e-2 (max-abs over
+    max) of the float64 recurrent form's on the same inputs, heads of 32, chunks of 32 (≈7e-3 seen at 64)."""
+    config = chunk_bwd.Config(**LOW_PRECISION[precision])
     monkeypatch.setattr(chunk_bwd, "DEFAULT_CONFIG", config)
     rule, shape = rule_of(variant), {"B": 1, "H": 2, "K": 32, "V": 32}
     inputs = make_inputs(variant, rng, T=70, **shape)
@@ -308,27 +296,26 @@ def test_chunk_kernels_lower_to_triton(case, storage, no_x64):
     assert lowered.as_text().count("xla.gpu.triton") == _forward_kernel_count(case)
 
 
-BACKWARD_KERNELS = ("value_grad_kernel", "_state_grad_kernel", "_score_grad_kernel", "_key_grad_kernel")
+BACKWARD_KERNELS = (
+    "value_grad_kernel",
+    "_state_grad_kernel",
+    "_score_grad_kernel",
+    "_state_products_kernel",
+    "_key_grad_kernel",
+)
 
 
 @pytest.mark.parametrize("storage", [None, jnp.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("case", list(LOWERING_CASES))
-def test_chunk_backward_kernels_lower_to_triton(case, storage, backward_kernels, key_grad_rows, no_x64):
+def test_chunk_backward_kernels_lower_to_triton(case, storage, backward_kernels, no_x64):
     """A training step's forward and backward at K = V = 128 (four K blocks in key_grad, two V blocks elsewhere),
     float32 and 16-bit storage: the forward kernels, those before the output kernel again (the backward recomputes
-    the chunk states: pair, solve, state), and the four backward kernels (value_grad, state_grad, score_grad,
-    key_grad, in either layout)."""
+    the chunk states: pair, solve, state), and the five backward kernels (value_grad, state_grad, score_grad,
+    state_products, key_grad)."""
     text = _lowered_training_step(case, storage)
     forward = _forward_kernel_count(case)
     assert text.count("xla.gpu.triton") == 2 * forward - 1 + len(BACKWARD_KERNELS)
     assert all(f'name = "{kernel}"' in text for kernel in BACKWARD_KERNELS)
-
-
-@pytest.mark.parametrize("case", list(LOWERING_CASES))
-def test_key_grad_low_dots_lowers_to_triton(case, backward_kernels, monkeypatch, no_x64):
-    """key_grad with 16-bit operands (chunk_bwd.Config.key_grad_low_dots), 16-bit storage."""
-    monkeypatch.setattr(chunk_bwd, "DEFAULT_CONFIG", chunk_bwd.Config(key_grad_low_dots=True))
-    assert 'name = "_key_grad_kernel"' in _lowered_training_step(case, jnp.bfloat16)
 
 
 def _lowered_training_step(case, storage):

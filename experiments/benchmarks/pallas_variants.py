@@ -3,7 +3,7 @@ machine), with flash-linear-attention's chunk ops in the same run for the ratio.
 
     python -m experiments.benchmarks.pallas_variants --variants f32 bf16 state8 --rules kda eda \\
         --fla --profile kda:bf16 --out $OUT/variants.json
-    python -m experiments.benchmarks.pallas_variants --variants bf16 --backward fwd xla kernels kernels_key2 \\
+    python -m experiments.benchmarks.pallas_variants --variants bf16 --backward fwd xla kernels kernels_key4 \\
         --fla --profile kda:bf16/kernels --out $OUT/bwd.json
 
 A variant is a set of `pallas_kernels.gpu.chunk_fwd.Config` fields (VARIANTS below); the script swaps
@@ -59,14 +59,10 @@ BACKWARDS = {  # name: None (forward only), or (forms.BACKWARD_KERNELS["gpu"], c
     "kernels": (True, {}),
     "kernels_f32grads": (True, {"low_grads": False}),
     "kernels_score8": (True, {"score_grad_warps": 8}),
-    "kernels_key8": (True, {"key_grad_warps": 8}),
-    "kernels_key2": (True, {"key_grad_warps": 2}),
-    "kernels_bk64": (True, {"block_k": 64}),
-    "kernels_bk16": (True, {"block_k": 16}),
-    "kernels_rows": (True, {"key_grad_rows": True}),  # key_grad: one program per row block
-    "kernels_rows_key2": (True, {"key_grad_rows": True, "key_grad_warps": 2}),
+    "kernels_key4": (True, {"key_grad_warps": 4}),
+    "kernels_products8": (True, {"state_products_warps": 8}),
+    "kernels_bk32": (True, {"block_k": 32}),
     "kernels_state8": (True, {"state_grad_warps": 8}),
-    "kernels_lowdots": (True, {"key_grad_low_dots": True}),
     "kernels_stategrad32": (True, {"state_grad_block_v": 32}),
     "kernels_stategrad16": (True, {"state_grad_block_v": 16}),
 }

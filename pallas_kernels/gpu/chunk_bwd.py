@@ -16,16 +16,17 @@ per-token decay's gradient, a reverse cumulative sum inside each chunk, is JAX's
 3. `score_grad` (grid B x H x N x n, one program per block of 16 P rows; `_score_grad_kernel`): the small
    per-chunk gradient matrices dP = dO U^T [C, L] and, with an erase address, dZ = T^T dU [L, V] (z's gradient)
    and dA = -dZ U^T [L, L], unmasked (the next kernel masks them).
-4. `key_grad` (grid B x H x N x K/BK, one program per chunk and BK key channels, Config.block_k;
-   `_key_grad_kernel`): the key-channel gradients dq, dx, dy and those of the cumulative log-decays gq and gcum,
-   block by block from dP, dA, S_n, dS_{n+1}, U, dZ and dO. A scalar decay's gradients are per-K-block partial
-   sums, added up by XLA.
-   With Config.key_grad_rows the grid is B x H x N x K/BK x n instead, one program per row block of 16 tokens:
-   the same body for that block alone, each program's share of the chunk's last-log-decay gradient written
-   apart and added to dgcum's last row by XLA.
+4. `state_products` (grid B x H x N x K/BK; `_state_products_kernel`): the products with the states dO_n S_n^T,
+   U_n dS_{n+1}^T and (erase) dZ_n S_n^T on [C or L, BK] tiles, and rowsum(S_n * dS_{n+1}) (times exp(G_last),
+   by XLA, the state's term of each chunk's last-log-decay gradient), float32.
+5. `key_grad` (grid B x H x N x K/BK x n, one program per row block of 16 tokens, chunk and BK key channels,
+   Config.block_k; `_key_grad_kernel`): the key-channel gradients dq, dx, dy and those of the cumulative
+   log-decays gq and gcum from dP, dA and the state products, each program's share of its chunk's last-log-decay
+   gradient written apart and added to dgcum's last row by XLA. A scalar decay's gradients are per-K-block
+   partial sums, added up by XLA.
 
-No program holds more than a few [16 P, BK] or [L, 64] float32 tiles (BK = Config.block_k; docs/performance.md has
-the work and bytes).
+No program holds more than a few [16 P, BK], [L, 64] or [L, BK] float32 tiles (BK = Config.block_k;
+docs/performance.md has the work and bytes).
 With 16-bit inputs (`storage`), the recompute stores as the forward does (chunk_fwd.Config), dO is read in 16 bits
 and dU, P^T dO, the dS_{n+1}, dZ and the gradients of q, x, y are stored in 16 bits (Config.low_grads: the rule's
 input gradients end in that dtype anyway, so this adds one rounding before the preparation's VJP); dP, dA, the
@@ -58,28 +59,19 @@ from pallas_kernels.tiles import (
 
 
 class Config(NamedTuple):
-    """Launch parameters and storage of the backward kernels (docs/performance.md). Measured on an H200 (kda,
-    B=4, T=4096, H=16, K=V=128, bf16, forward + backward): key_grad over K blocks of 32 9.17 ms against 9.93 with
-    64; key_grad with 2 / 8 warps 9.67 / 9.98 against 9.93 with 4 (blocks of 64). The others are untimed.
-    key_grad_rows: key_grad's grid also over the chunk's row blocks (one program per 16 tokens, K block and chunk,
-    instead of one walking the chunk's n blocks in turn): more, shorter programs; untimed, so off.
-    key_grad_low_dots: with bfloat16 storage, key_grad's products on bfloat16 operands (the 16-bit matrix units,
-    half the operand registers): its state products take their stored operands as they are where both are stored
-    in bfloat16 (exact; low_states and low_grads), its block pairs' products round theirs (dP, dA and the decayed
-    keys) to bfloat16 (float16's range is too narrow for dP, so float16 storage leaves the flag off); untimed, off.
-    The recompute runs the forward's kernels with chunk_fwd's Config."""
+    """Launch parameters and storage of the backward kernels (docs/performance.md has the measurements). The
+    recompute runs the forward's kernels with chunk_fwd's Config."""
 
     value_grad_warps: int = 4
     state_grad_warps: int = 4
     score_grad_warps: int = 4
-    key_grad_warps: int = 4
+    state_products_warps: int = 4
+    key_grad_warps: int = 2
     value_grad_block_v: int = 64
     state_grad_block_v: int = 64
-    block_v: int = 64  # V blocks of the loops inside score_grad and key_grad
-    block_k: int = 32  # K blocks of key_grad's grid
+    block_v: int = 64  # V blocks of the loops inside score_grad and state_products
+    block_k: int = 64  # K blocks of the state_products and key_grad grids
     low_grads: bool = True  # with 16-bit inputs: P^T dO, dU, the dS_{n+1} and dq, dx, dy, dz in 16 bits
-    key_grad_rows: bool = False  # key_grad's grid (B, H, N, K/BK, n): a program per row block (docstring)
-    key_grad_low_dots: bool = False  # with bfloat16 storage: key_grad's products on bf16 operands (docstring)
 
 
 DEFAULT_CONFIG = Config()
@@ -157,56 +149,70 @@ def _score_grad_kernel(*refs, block_v, has_erase):
         da_ref[...] = d_a.astype(da_ref.dtype)
 
 
-def _key_grad_kernel(*refs, block_tokens, per_token, block_v, has_erase, has_segments, row_grid, low_dots):
-    """One chunk's gradients on one block of BK key channels, block by block of 16 tokens (c = 16 P rows):
+def _state_products_kernel(*refs, block_v, has_erase):
+    """One chunk's products with its states on BK key channels, over V in blocks of block_v: dO S^T [C, BK],
+    U dS'^T [L, BK], with an erase address dZ S^T [L, BK], and rowsum(S * dS') [1, BK] (the state's part of the
+    last log-decay's gradient), all float32 (S the chunk's start state, dS' its end state's gradient).
 
-        dq_k = (dO_k S^T) exp(Gq_k) (rows that see S) + sum_{j <= k} d_q(P_kj)
-        dy_k = -(dZ_k S^T) exp(G_k) (rows that see S) + sum_{j <= k} d_y(A_kj)
-        dx_k = (U_k dS'^T) exp(G_last - G_k) (rows that reach S') + sum_{i >= k} d_x(P_ik) + d_x(A_ik)
-        dgq_k = q_k dq_k,   dg_k = y_k dy_k - x_k dx_k (+ on the chunk's last row: d G_last below)
-        d G_last = exp(G_last) rowsum(S * dS') (if the chunk's last segment began before it)
-                   + sum_k colsum(x_k (U_k dS'^T) exp(G_last - G_k))
+    Refs (blocks): do [C, V], u [L, V], dz [L, V] (erase), s [BK, V], ds [BK, V]; outputs in that order."""
+    if has_erase:
+        do_ref, u_ref, dz_ref, s_ref, ds_ref, q_out, x_out, y_out, decay_out = refs
+    else:
+        (do_ref, u_ref, s_ref, ds_ref, q_out, x_out, decay_out), dz_ref, y_out = refs, None, None
+    f32 = jnp.float32
 
-    with the pair terms by `block_scores_grad` (one side per call, the forward's references), the products over V
-    in blocks of block_v. Scalar decays (D = 1): dgq and dg are this K block's channel sums, [rows, 1].
-    `row_block` is one row block k's part; row_grid False: this program walks the chunk's blocks k in order and
-    adds d G_last to dg's last row; row_grid True: the grid's last axis picks k, the outputs are block k's rows and
-    the program writes its share of d G_last (the G_last - G_k term of its rows, and the state term for k = n - 1)
-    to d_last, which XLA adds up.
+    def times(a, b):  # a b^T, on the stored operands where both have one dtype
+        if a.dtype != b.dtype:
+            a, b = a.astype(f32), b.astype(f32)
+        return dot(a, b, trans_b=True)
+
+    q_state, x_state, y_state, d_decay = 0.0, 0.0, 0.0, 0.0
+    for v in range(u_ref.shape[1] // block_v):
+        vs = pl.ds(v * block_v, block_v)
+        s, ds = s_ref[:, vs], ds_ref[:, vs]
+        q_state = q_state + times(do_ref[:, vs], s)
+        x_state = x_state + times(u_ref[:, vs], ds)
+        if has_erase:
+            y_state = y_state + times(dz_ref[:, vs], s)
+        d_decay = d_decay + jnp.sum((s.astype(f32) * ds.astype(f32)).T, axis=0, keepdims=True)
+    q_out[...], x_out[...], decay_out[...] = q_state, x_state, d_decay
+    if has_erase:
+        y_out[...] = y_state
+
+
+def _key_grad_kernel(*refs, block_tokens, per_token, has_erase, has_segments):
+    """Row block k (the grid's last axis) of one chunk's gradients on one block of BK key channels (c = 16 P rows):
+
+        dq_k = (dO S^T)_k exp(Gq_k) (rows that see S) + sum_{j <= k} d_q(P_kj)
+        dy_k = -(dZ S^T)_k exp(G_k) (rows that see S) + sum_{j <= k} d_y(A_kj)
+        dx_k = (U dS'^T)_k exp(G_last - G_k) (rows that reach S') + sum_{i >= k} d_x(P_ik) + d_x(A_ik)
+        dgq_k = q_k dq_k,   dg_k = y_k dy_k - x_k dx_k
+        d_last_k = colsum(x_k (U dS'^T)_k exp(G_last - G_k)): block k's share of d G_last
+
+    with the pair terms by `block_scores_grad` (one side per call, the forward's references) and the products with
+    the states (dO S^T, U dS'^T, dZ S^T) taken as inputs (XLA's batched matrix products, `chunk_backward`). Scalar
+    decays (D = 1): dgq, dg and d_last are this K block's channel sums, [rows, 1].
 
     Refs (blocks): q [C, BK], gq [C, D'], x [L, BK], y [L, BK] (erase), g [L, D'] (D' = BK, or 1 for a scalar
-    decay), u [L, V], dz [L, V] (erase), do [C, V], s, ds [BK, V] (the chunk's start state and end-state gradient),
-    dp [C, L], da [L, L] (erase), then seg_q [C], seg [L], seg_prev [1] with segments; outputs dq [C, BK], dgq
-    [C, D'], dx [L, BK], dy [L, BK] (erase), dg [L, D'] (dgq, dg float32), their row block k's rows with row_grid
-    ([16, .], [c, .]), then d_last [1, D'] (float32)."""
+    decay), dp [C, L], da [L, L] (erase), q_state [C, BK], x_state [L, BK], y_state [L, BK] (erase; the three state
+    products, float32), then seg_q [C], seg [L], seg_prev [1] with segments; outputs, block k's rows: dq [16, BK],
+    dgq [16, D'], dx [c, BK], dy [c, BK] (erase), dg [c, D'], d_last [1, D'] (dgq, dg, d_last float32)."""
     refs = list(refs)
     take = lambda present=True: refs.pop(0) if present else None  # noqa: E731
     q_ref, gq_ref, x_ref, y_ref, g_ref = take(), take(), take(), take(has_erase), take()
-    u_ref, dz_ref, do_ref, s_ref = take(), take(has_erase), take(), take()
-    ds_ref, dp_ref, da_ref = take(), take(), take(has_erase)
+    dp_ref, da_ref = take(), take(has_erase)
+    q_state_ref, x_state_ref, y_state_ref = take(), take(), take(has_erase)
     seg_q_ref, seg_ref, prev_ref = take(has_segments), take(has_segments), take(has_segments)
-    dq_ref, dgq_ref, dx_ref, dy_ref, dg_ref = take(), take(), take(), take(has_erase), take()
-    d_last_ref = take(row_grid)
+    dq_ref, dgq_ref, dx_ref, dy_ref, dg_ref, d_last_ref = take(), take(), take(), take(has_erase), take(), take()
     f32 = jnp.float32
     block, length, width = block_tokens * per_token, x_ref.shape[0], g_ref.shape[1]
     n = length // block
     rows = [pl.ds(i * block, block) for i in range(n)]
     tokens = [pl.ds(i * block_tokens, block_tokens) for i in range(n)]
-    v_blocks = [pl.ds(v * block_v, block_v) for v in range(u_ref.shape[1] // block_v)]
     load = lambda ref, s: ref[s, :].astype(f32)  # noqa: E731
     g_last = g_ref[pl.ds(length - 1, 1), :]  # [1, D']
     a_local, q_local = iota(block) > iota(block, 1), causal_query_mask(block_tokens, per_token)
     seg, seg_t, seg_q, seg_prev, seg_last = chunk_segments(seg_q_ref, seg_ref, prev_ref, rows, tokens)
-
-    # low_dots with bfloat16 storage: the state products take their stored bf16 operands as they are (exact: the
-    # same products as in float32), the block pairs' products round theirs to bf16
-    low = jnp.bfloat16 if low_dots and x_ref.dtype == jnp.bfloat16 else None
-
-    def times_state(a_ref, s, state_ref):
-        """a[s] state^T over V blocks: [m, V] [BK, V]^T -> [m, BK]."""
-        as_stored = low is not None and a_ref.dtype == state_ref.dtype == low
-        cast = (lambda t: t) if as_stored else (lambda t: t.astype(f32))  # noqa: E731
-        return sum(dot(cast(a_ref[s, v]), cast(state_ref[:, v]), trans_b=True) for v in v_blocks)
 
     def pair(a_ref, ga_ref, i, j, d_ref, local, seg_a, side):
         """One side of block pair (i, j)'s gradient: rows i of a (queries: tokens; else sub-step rows) against
@@ -215,62 +221,35 @@ def _key_grad_kernel(*refs, block_tokens, per_token, block_v, has_erase, has_seg
         d = d_ref[a_rows, rows[j]].astype(f32)
         mask = pair_mask(local, i, j, seg_a[i], seg_t[j])
         a, b = load(a_ref, a_rows), load(x_ref, rows[j])
-        return block_scores_grad(a, ga_ref[a_rows, :], b, g_ref[rows[j], :], d, mask, i == j, side, operands=low)
+        return block_scores_grad(a, ga_ref[a_rows, :], b, g_ref[rows[j], :], d, mask, i == j, side)
 
-    def d_state_last():
-        """The state's term of d G_last: exp(G_last) rowsum(S * dS'), [1, BK]."""
-        d_decay = sum(
-            jnp.sum((s_ref[:, v].astype(f32) * ds_ref[:, v].astype(f32)).T, axis=0, keepdims=True) for v in v_blocks
-        )
-        return in_segment(jnp.exp(g_last), seg_last, seg_prev) * d_decay
-
-    def row_block(k, out_tokens, out_rows):
-        """Row block k: writes dq, dgq (at out_tokens), dx and dy (at out_rows); returns dg_k [c, D'] without the
-        G_last terms, and its rows' term of d G_last [1, BK]."""
+    def row_block(k):
         q, gq = load(q_ref, tokens[k]), gq_ref[tokens[k], :]
-        dq = in_segment(times_state(do_ref, tokens[k], s_ref), seg_q[k], seg_prev) * jnp.exp(gq)
+        dq = in_segment(load(q_state_ref, tokens[k]), seg_q[k], seg_prev) * jnp.exp(gq)
         for j in range(k + 1):
             dq = dq + pair(q_ref, gq_ref, k, j, dp_ref, q_local, seg_q, "a")
-        dq_ref[out_tokens, :] = dq.astype(dq_ref.dtype)
-        dgq_ref[out_tokens, :] = decay_width(q * dq, width)
+        dq_ref[...] = dq.astype(dq_ref.dtype)
+        dgq_ref[...] = decay_width(q * dq, width)
 
         x, g = load(x_ref, rows[k]), g_ref[rows[k], :]
-        dx_end = times_state(u_ref, rows[k], ds_ref) * in_segment(jnp.exp(g_last - g), seg[k], seg_last)
-        d_last = jnp.sum(x * dx_end, axis=0, keepdims=True)
-        dx = dx_end
+        dx = load(x_state_ref, rows[k]) * in_segment(jnp.exp(g_last - g), seg[k], seg_last)
+        d_last_ref[...] = decay_width(jnp.sum(x * dx, axis=0, keepdims=True), width)
         for i in range(k, n):
             dx = dx + pair(q_ref, gq_ref, i, k, dp_ref, q_local, seg_q, "b")
             if has_erase:
                 dx = dx + pair(y_ref, g_ref, i, k, da_ref, a_local, seg, "b")
-        dx_ref[out_rows, :] = dx.astype(dx_ref.dtype)
+        dx_ref[...] = dx.astype(dx_ref.dtype)
         dg = -x * dx
         if has_erase:
-            dy = -in_segment(times_state(dz_ref, rows[k], s_ref), seg[k], seg_prev) * jnp.exp(g)
+            dy = -in_segment(load(y_state_ref, rows[k]), seg[k], seg_prev) * jnp.exp(g)
             for j in range(k + 1):
                 dy = dy + pair(y_ref, g_ref, k, j, da_ref, a_local, seg, "a")
-            dy_ref[out_rows, :] = dy.astype(dy_ref.dtype)
+            dy_ref[...] = dy.astype(dy_ref.dtype)
             dg = dg + load(y_ref, rows[k]) * dy
-        return decay_width(dg, width), d_last
-
-    if not row_grid:
-        d_last = d_state_last()  # d G_last, [1, BK]
-        for k in range(n):
-            dg, d_end = row_block(k, tokens[k], rows[k])
-            d_last = d_last + d_end
-            if k == n - 1:
-                dg = dg + jnp.where(iota(block) == block - 1, decay_width(d_last, width), 0.0)
-            dg_ref[rows[k], :] = dg
-        return
+        dg_ref[...] = decay_width(dg, width)
 
     for k in range(n):  # one static body per row block, the grid's last axis picking it
-
-        @pl.when(pl.program_id(4) == k)
-        def _(k=k):
-            dg, d_last = row_block(k, pl.ds(0, block_tokens), pl.ds(0, block))
-            dg_ref[...] = dg
-            if k == n - 1:
-                d_last = d_last + d_state_last()
-            d_last_ref[...] = decay_width(d_last, width)
+        pl.when(pl.program_id(4) == k)(functools.partial(row_block, k))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -381,65 +360,81 @@ def chunk_backward(
     n_k = key // block_k
     channel = dim != 1  # a scalar decay's gradients are partial sums per K block, [.., n_k]
     width = block_k if channel else 1
-    row_grid = config.key_grad_rows  # grid (B, H, N, K/BK) or (B, H, N, K/BK, n), the last index a row block
+
+    state_spec = pl.BlockSpec((None, None, None, block_k, value), lambda b, h, n, j: (b, h, n, j, 0))
+    chunk_rows = lambda height: pl.BlockSpec((None, height, None, value), lambda b, h, n, j: (b, n, h, 0))  # noqa: E731
+    chunk_keys = lambda height: pl.BlockSpec((None, height, None, block_k), lambda b, h, n, j: (b, n, h, j))  # noqa: E731
+    *state_products, d_decay = triton_call(
+        functools.partial(_state_products_kernel, block_v=min(config.block_v, value), has_erase=has_erase),
+        config.state_products_warps,
+        interpret,
+        grid=(batch, heads, n_chunks, n_k),
+        in_specs=[chunk_rows(chunk_size), chunk_rows(rows)]
+        + ([chunk_rows(rows)] if has_erase else [])
+        + [state_spec, state_spec],
+        out_specs=[chunk_keys(chunk_size), chunk_keys(rows)]
+        + ([chunk_keys(rows)] if has_erase else [])
+        + [chunk_keys(1)],
+        out_shape=[shape((batch, length, heads, key), f32), shape((*x.shape[:-1], key), f32)]
+        + ([shape((*x.shape[:-1], key), f32)] if has_erase else [])
+        + [shape((batch, n_chunks, heads, key), f32)],
+    )(*(a for a in (d_o, u, dz, states, d_ends) if a is not None))
 
     def k_spec(height, w=block_k):
-        return pl.BlockSpec((None, height, None, w), lambda b, h, n, j, *_: (b, n, h, j))
+        return pl.BlockSpec((None, height, None, w), lambda b, h, n, j, i: (b, n, h, j))
 
     def full(height, w):
-        return pl.BlockSpec((None, height, None, w), lambda b, h, n, j, *_: (b, n, h, 0))
+        return pl.BlockSpec((None, height, None, w), lambda b, h, n, j, i: (b, n, h, 0))
 
     def out_spec(height, w=block_k):
-        """key_grad's outputs: a chunk's rows, or with row_grid row block i's (height: the rows per chunk)."""
-        if not row_grid:
-            return k_spec(height, w)
+        """Row block i's rows of a chunk's (height: the rows per chunk)."""
         return pl.BlockSpec((None, height // n_blocks, None, w), lambda b, h, n, j, i: (b, n * n_blocks + i, h, j))
 
     decay_spec = lambda height: k_spec(height) if channel else full(height, 1)  # noqa: E731
-    state_spec = pl.BlockSpec((None, None, None, block_k, value), lambda b, h, n, j, *_: (b, h, n, j, 0))
-    grads = triton_call(
+
+    *grads, d_last = triton_call(
         functools.partial(
             _key_grad_kernel,
             block_tokens=block_tokens,
             per_token=per_token,
-            block_v=min(config.block_v, value),
             has_erase=has_erase,
             has_segments=has_segments,
-            row_grid=row_grid,
-            low_dots=config.key_grad_low_dots,
         ),
         config.key_grad_warps,
         interpret,
-        grid=(batch, heads, n_chunks, n_k) + ((n_blocks,) if row_grid else ()),
+        grid=(batch, heads, n_chunks, n_k, n_blocks),
         in_specs=[k_spec(chunk_size), decay_spec(chunk_size), k_spec(rows)]
         + ([k_spec(rows)] if has_erase else [])
-        + [decay_spec(rows), full(rows, value)]
-        + ([full(rows, value)] if has_erase else [])
-        + [full(chunk_size, value), state_spec, state_spec, full(chunk_size, rows)]
+        + [decay_spec(rows), full(chunk_size, rows)]
         + ([full(rows, rows)] if has_erase else [])
-        + (segment_specs(4, chunk_size, rows, 1) if has_segments else []),
+        + [k_spec(chunk_size), k_spec(rows)]
+        + ([k_spec(rows)] if has_erase else [])
+        + (segment_specs(5, chunk_size, rows, 1) if has_segments else []),
         out_specs=[out_spec(chunk_size), out_spec(chunk_size, width), out_spec(rows)]
         + ([out_spec(rows)] if has_erase else [])
-        + [out_spec(rows, width)]
-        + ([out_spec(n_blocks, width)] if row_grid else []),
+        + [out_spec(rows, width), out_spec(n_blocks, width)],
         out_shape=[shape(q.shape, grad_dtype), shape((batch, length, heads, n_k * width), f32)]
         + [shape(x.shape, grad_dtype)]
         + ([shape(x.shape, grad_dtype)] if has_erase else [])
-        + [shape((*gcum.shape[:-1], n_k * width), f32)]
-        + ([shape((batch, n_chunks * n_blocks, heads, n_k * width), f32)] if row_grid else []),
+        + [shape((*gcum.shape[:-1], n_k * width), f32), shape((batch, n_chunks * n_blocks, heads, n_k * width), f32)],
     )(
-        *(a for a in (q, gq, x, y, gcum, u, dz, d_o, states, d_ends, d_p, d_a) if a is not None),
+        *(a for a in (q, gq, x, y, gcum, d_p, d_a, *state_products) if a is not None),
         *((seg_q, seg, seg_prev) if has_segments else ()),
     )
-    if row_grid:  # each chunk's d G_last: its row blocks' shares, added to its last row
-        *grads, d_last = grads
-        d_last = jnp.sum(d_last.reshape(batch, n_chunks, n_blocks, heads, -1), axis=2)
-        chunks = grads[-1].reshape(batch, n_chunks, rows, heads, -1)
-        grads[-1] = chunks.at[:, :, -1].add(d_last).reshape(grads[-1].shape)
+    if not channel:
+        grads[1], grads[-1] = (jnp.sum(d, axis=-1, keepdims=True) for d in (grads[1], grads[-1]))
+        d_last = jnp.sum(d_last, axis=-1, keepdims=True)
+    # each chunk's d G_last: its row blocks' shares and the state's term exp(G_last) rowsum(S * dS'), the latter
+    # where the chunk's last segment began before it
+    g_last = gcum[:, rows - 1 :: rows]  # [B, N, H, D]
+    d_state = jnp.exp(g_last) * (d_decay if channel else jnp.sum(d_decay, axis=-1, keepdims=True))
+    if has_segments:
+        d_state = jnp.where((seg[:, rows - 1 :: rows] == seg_prev)[:, :, None, None], d_state, 0.0)
+    d_last = jnp.sum(d_last.reshape(batch, n_chunks, n_blocks, heads, dim), axis=2) + d_state
+    chunks = grads[-1].reshape(batch, n_chunks, rows, heads, dim)
+    grads[-1] = chunks.at[:, :, -1].add(d_last).reshape(gcum.shape)
     if has_erase:
         dq, dgq, dx, dy, dgcum = grads
     else:  # U = Z: the values' gradient is dU
         (dq, dgq, dx, dgcum), dy, dz = grads, None, du
-    if not channel:
-        dgq, dgcum = (jnp.sum(d, axis=-1, keepdims=True) for d in (dgq, dgcum))
     return dq, dgq, dx, dy, dz, dgcum, d_initial
