@@ -28,7 +28,11 @@ BLOCK_TOKENS = 16  # tokens per block inside a chunk: the smallest tile a Triton
 
 
 def dot(a, b, trans_a=False, trans_b=False):
-    """a @ b with either operand transposed, accumulated in float32."""
+    """a @ b with either operand transposed, accumulated in float32. Operands of one dtype are taken as they are
+    (two 16-bit tiles as stored: the 16-bit matrix units, and exact, since their products are exact in float32),
+    mixed dtypes are both cast to float32 first."""
+    if a.dtype != b.dtype:
+        a, b = a.astype(jnp.float32), b.astype(jnp.float32)
     dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
     return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
 
@@ -362,15 +366,16 @@ def solve_kernel(a_ref, y_ref, z_ref, g_ref, *refs, block, has_segments, write_i
                 t_ref[rows[i], rows[j]] = tile.astype(t_ref.dtype)
 
 
-def output_kernel(q_ref, gq_ref, aqk_ref, u_ref, s_ref, *refs, has_segments):
-    """O = (Q exp Gq) S + Aqk U for one chunk: [C, K] [K, BV] + [C, L] [L, BV].
+def output_kernel(q_ref, gq_ref, aqk_ref, u_ref, s_ref, *refs, has_segments, operands=None):
+    """O = (Q exp Gq) S + Aqk U for one chunk: [C, K] [K, BV] + [C, L] [L, BV]; operands: the dtype Q exp Gq is
+    rounded to for its product (None: float32).
     refs: (seg_q_ref, prev_ref if has_segments), o_ref."""
     seg_q_ref, prev_ref, o_ref = refs if has_segments else (None, None, *refs)
     q_decayed = q_ref[...].astype(jnp.float32) * jnp.exp(gq_ref[...])
     if has_segments:  # tokens of a segment that began inside the chunk do not see the incoming state
         q_decayed = in_segment(q_decayed, segment_column(seg_q_ref), segment_number(prev_ref))
-    o = dot(q_decayed, s_ref[...].astype(jnp.float32))
-    o = o + dot(aqk_ref[...].astype(jnp.float32), u_ref[...].astype(jnp.float32))
+    o = dot(q_decayed if operands is None else q_decayed.astype(operands), s_ref[...])
+    o = o + dot(aqk_ref[...], u_ref[...])
     o_ref[...] = o.astype(o_ref.dtype)
 
 
@@ -382,8 +387,7 @@ def output_kernel(q_ref, gq_ref, aqk_ref, u_ref, s_ref, *refs, has_segments):
 def value_grad_kernel(aqk_ref, do_ref, du_ref):
     """Aqk^T dO for one chunk and V block, [L, C] [C, BV]: the values' gradient through the chunk's own queries
     (either operand may be stored in 16 bits; the product is float32)."""
-    f32 = jnp.float32
-    du_ref[...] = dot(aqk_ref[...].astype(f32), do_ref[...].astype(f32), trans_a=True).astype(du_ref.dtype)
+    du_ref[...] = dot(aqk_ref[...], do_ref[...], trans_a=True).astype(du_ref.dtype)
 
 
 def chunk_grad_kernel(*refs, block_tokens, per_token, block_v, has_erase, has_segments):

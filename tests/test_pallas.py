@@ -14,6 +14,7 @@ from conftest import (
     T,
     assert_close,
     grad_runner,
+    jit,
     kernel_input_specs,
     loss_fn,
     make_inputs,
@@ -71,22 +72,31 @@ def test_pallas_forward_in_value_blocks(variant, rng, monkeypatch):
     assert_close(actual, reference(rule, inputs, state, segment_ids), KERNEL_RTOL, f"{variant} pallas, V blocks")
 
 
+@pytest.mark.parametrize("low_products", [False, True], ids=["f32-products", "low-products"])
 @pytest.mark.parametrize("variant", ["gated_delta_rule", "kda", "eda"])
-def test_pallas_bf16_storage_interpret(variant, rng):
-    """bf16 inputs: the kernels read q, x, y, z and store Aqk, W, U~, U and the states in bf16; output and state
+def test_pallas_bf16_storage_interpret(variant, low_products, rng, monkeypatch):
+    """bf16 inputs: the kernels read q, x, y, z and store Aqk, W, U~, U and the states in bf16 (low_products: the
+    state and output kernels' products on bf16 operands, which must change the result); output and state
     within 2e-2 (max-abs over max) of the float64 recurrent form on the same bf16 inputs, chunks of 32. The test's
     heads are narrow (few terms per output), so rounding to bf16 alone moves single elements by up to ~6e-3 here;
     the full-width GPU test holds 1e-2."""
     rule = rule_of(variant)
+
+    def forward(config):  # a fresh trace: the configuration is read when tracing (`run`'s are cached)
+        monkeypatch.setattr(chunk_fwd, "DEFAULT_CONFIG", config)
+        return jit(lambda inputs: rules.RULES[rule](**inputs, impl="pallas", chunk_size=32))(low)
+
     inputs = make_inputs(variant, rng, T=70)
     low = {
         name: None if x is None else x.astype(jnp.bfloat16 if name in "qkve" else jnp.float32)
         for name, x in inputs.items()
     }
-    o, state = run(rule, low, impl="pallas", chunk_size=32)
+    o, state = forward(chunk_fwd.Config(low_products=low_products))
     expected_o, expected_state = reference(rule, low)
     assert o.dtype == jnp.bfloat16
     assert relative_error(o, expected_o) < 2e-2 and relative_error(state, expected_state) < 2e-2
+    if low_products:
+        assert relative_error(state, forward(chunk_fwd.Config())[1]) > 0
 
 
 @pytest.fixture
@@ -287,10 +297,15 @@ def _forward_kernel_count(case):
     return 1 + LOWERING_CASES[case][2] + 2
 
 
-@pytest.mark.parametrize("storage", [None, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize(
+    "storage,low_products",
+    [(None, False), (jnp.bfloat16, False), (jnp.bfloat16, True)],
+    ids=["f32", "bf16", "bf16-low-products"],
+)
 @pytest.mark.parametrize("case", list(LOWERING_CASES))
-def test_chunk_kernels_lower_to_triton(case, storage, no_x64):
-    """The forward kernels, float32 and 16-bit storage of the intermediates."""
+def test_chunk_kernels_lower_to_triton(case, storage, low_products, monkeypatch, no_x64):
+    """The forward kernels, float32 and 16-bit storage of the intermediates (and 16-bit products)."""
+    monkeypatch.setattr(chunk_fwd, "DEFAULT_CONFIG", chunk_fwd.Config(low_products=low_products))
     forward = jax.jit(lambda q, sub, s0, seg: forms.chunkwise(q, sub, s0, seg, 64, False, "gpu", storage))
     lowered = forward.trace(*_lowering_inputs(case, 128)).lower(lowering_platforms=("cuda",))
     assert lowered.as_text().count("xla.gpu.triton") == _forward_kernel_count(case)
@@ -308,10 +323,10 @@ BACKWARD_KERNELS = (
 @pytest.mark.parametrize("storage", [None, jnp.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("case", list(LOWERING_CASES))
 def test_chunk_backward_kernels_lower_to_triton(case, storage, backward_kernels, no_x64):
-    """A training step's forward and backward at K = V = 128 (four K blocks in key_grad, two V blocks elsewhere),
-    float32 and 16-bit storage: the forward kernels, those before the output kernel again (the backward recomputes
-    the chunk states: pair, solve, state), and the five backward kernels (value_grad, state_grad, score_grad,
-    state_products, key_grad)."""
+    """A training step's forward and backward at K = V = 128 (two K blocks in state_products and key_grad, two V
+    blocks elsewhere), float32 and 16-bit storage: the forward kernels, those before the output kernel again (the
+    backward recomputes the chunk states: pair, solve, state), and the five backward kernels (value_grad,
+    state_grad, score_grad, state_products, key_grad)."""
     text = _lowered_training_step(case, storage)
     forward = _forward_kernel_count(case)
     assert text.count("xla.gpu.triton") == 2 * forward - 1 + len(BACKWARD_KERNELS)
@@ -330,10 +345,14 @@ def _lowered_training_step(case, storage):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("low_products", [False, True], ids=["f32-products", "low-products"])
 @pytest.mark.parametrize("rule", ["gated_delta_rule", "kda", "gdn2", "eda"])
-def test_pallas_on_gpu_bf16(rule):
-    """Full-width heads in bf16 against a float32 recurrent run: relative error under 1e-2, no NaN."""
+def test_pallas_on_gpu_bf16(rule, low_products, monkeypatch):
+    """Full-width heads in bf16 against a float32 recurrent run: relative error under 1e-2, no NaN (either
+    chunk_fwd.Config.low_products)."""
     from edarnn.check_forms import random_inputs
+
+    monkeypatch.setattr(chunk_fwd, "DEFAULT_CONFIG", chunk_fwd.Config(low_products=low_products))
 
     inputs = random_inputs(rule, 2, 1000, 4, 128, 128)
     expected, expected_state = rules.RULES[rule](*inputs, impl="recurrent")

@@ -134,14 +134,13 @@ def _score_grad_kernel(*refs, block_v, has_erase):
         do_ref, u_ref, t_ref, du_ref, dp_ref, dz_ref, da_ref = refs
     else:
         (do_ref, u_ref, dp_ref), t_ref = refs, None
-    f32 = jnp.float32
     d_p, d_a = 0.0, 0.0
     for v in range(u_ref.shape[1] // block_v):
         vs = pl.ds(v * block_v, block_v)
-        u = u_ref[:, vs].astype(f32)
-        d_p = d_p + dot(do_ref[:, vs].astype(f32), u, trans_b=True)
+        u = u_ref[:, vs]
+        d_p = d_p + dot(do_ref[:, vs], u, trans_b=True)
         if has_erase:
-            dz = dot(t_ref[...].astype(f32), du_ref[:, vs].astype(f32), trans_a=True)
+            dz = dot(t_ref[...], du_ref[:, vs], trans_a=True)
             dz_ref[:, vs] = dz.astype(dz_ref.dtype)
             d_a = d_a - dot(dz, u, trans_b=True)
     dp_ref[...] = d_p.astype(dp_ref.dtype)
@@ -161,19 +160,14 @@ def _state_products_kernel(*refs, block_v, has_erase):
         (do_ref, u_ref, s_ref, ds_ref, q_out, x_out, decay_out), dz_ref, y_out = refs, None, None
     f32 = jnp.float32
 
-    def times(a, b):  # a b^T, on the stored operands where both have one dtype
-        if a.dtype != b.dtype:
-            a, b = a.astype(f32), b.astype(f32)
-        return dot(a, b, trans_b=True)
-
     q_state, x_state, y_state, d_decay = 0.0, 0.0, 0.0, 0.0
     for v in range(u_ref.shape[1] // block_v):
         vs = pl.ds(v * block_v, block_v)
         s, ds = s_ref[:, vs], ds_ref[:, vs]
-        q_state = q_state + times(do_ref[:, vs], s)
-        x_state = x_state + times(u_ref[:, vs], ds)
+        q_state = q_state + dot(do_ref[:, vs], s, trans_b=True)
+        x_state = x_state + dot(u_ref[:, vs], ds, trans_b=True)
         if has_erase:
-            y_state = y_state + times(dz_ref[:, vs], s)
+            y_state = y_state + dot(dz_ref[:, vs], s, trans_b=True)
         d_decay = d_decay + jnp.sum((s.astype(f32) * ds.astype(f32)).T, axis=0, keepdims=True)
     q_out[...], x_out[...], decay_out[...] = q_state, x_state, d_decay
     if has_erase:

@@ -47,7 +47,11 @@ class Config(NamedTuple):
     with 4 warps for either P (kda 2.98 with 2; eda 7.10 against 7.71 with 8); pair kernel 4 warps (8: kda 3.71,
     eda 8.64; 2: same as 4 for gated_delta_rule); state kernel blocks of 64 values (32: gated_delta_rule 2.00
     against 1.76); software pipelining of the state kernel's loop (num_stages 2) changed nothing, so every kernel
-    has 1. A later call (session 5) gave the default 1.77 / 2.74 / 7.02 ms again."""
+    has 1. A later call (session 5) gave the default 1.77 / 2.74 / 7.02 ms again.
+    low_products (untimed, off): with 16-bit storage, the state kernel's products W S and (X exp(G_last - G))^T U
+    and the output kernel's (Q exp Gq) S take their computed operands (the running state, U before it is stored,
+    the decayed keys and queries) rounded to the storage dtype, as flash-linear-attention's kernels do, for the
+    16-bit matrix units; products of two stored tiles are 16-bit with or without it (exact)."""
 
     pair_warps: tuple[int, int] = (4, 4)  # pair-scores kernel, by sub-steps per token
     solve_warps: tuple[int, int] = (4, 4)  # solve kernel, by sub-steps per token
@@ -58,6 +62,7 @@ class Config(NamedTuple):
     low_inputs: bool = True  # q, x, y, z read in the storage dtype (cast where XLA makes them)
     low_intermediates: bool = True  # Aqk, W, U~ in the inputs' storage dtype (bf16 inputs: bf16); A stays f32
     low_states: bool = True  # U and the chunks' start states likewise
+    low_products: bool = False  # with 16-bit storage: the state and output kernels' products on 16-bit operands
 
 
 DEFAULT_CONFIG = Config()
@@ -68,12 +73,21 @@ def default_config():
     return DEFAULT_CONFIG
 
 
+def product_operands(config, storage):
+    """The dtype the state and output kernels round their products' computed operands to: the storage dtype with
+    config.low_products and 16-bit storage, else None (float32)."""
+    low = storage is not None and jnp.dtype(storage).itemsize == 2
+    return jnp.dtype(storage) if config.low_products and low else None
+
+
 # ----------------------------------------------------------------------------------------------------------
 # kernels
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _state_kernel(*refs, rows, n_chunks, has_erase, has_segments):
+def _state_kernel(*refs, rows, n_chunks, has_erase, has_segments, operands):
+    """The sequential pass over one head's chunks for one V block (see the module docstring); operands: the dtype
+    the products' computed operands are rounded to (Config.low_products), None for float32."""
     refs = list(refs)
     u_tilde_ref = refs.pop(0)
     w_ref = refs.pop(0) if has_erase else None
@@ -84,12 +98,14 @@ def _state_kernel(*refs, rows, n_chunks, has_erase, has_segments):
     block_v = u_ref.shape[-1] // pl.num_programs(2)
     vs = pl.ds(j * block_v, block_v)
 
+    cast = (lambda t: t) if operands is None else (lambda t: t.astype(operands))  # noqa: E731
+
     def chunk(n, state):
         ts = pl.ds(n * rows, rows)
         x, g = x_ref[b, ts, h, :].astype(jnp.float32), g_ref[b, ts, h, :]
         u = u_tilde_ref[b, ts, h, vs].astype(jnp.float32)
         if has_erase:
-            u = u - dot(w_ref[b, ts, h, :].astype(jnp.float32), state)
+            u = u - dot(w_ref[b, ts, h, :], cast(state))
         g_last = g_ref[b, n * rows + rows - 1, h, :].reshape(1, -1)
         segs = (
             (seg_ref[b, ts].reshape(rows, 1), seg_ref[b, n * rows + rows - 1], prev_ref[b, n]) if has_segments else ()
@@ -97,7 +113,7 @@ def _state_kernel(*refs, rows, n_chunks, has_erase, has_segments):
         decay_to_end, state_decay = end_decays(g, g_last, *segs)
         u_ref[b, ts, h, vs] = u.astype(u_ref.dtype)
         states_ref[b, h, n, :, vs] = state.astype(states_ref.dtype)
-        return state_decay * state + dot((x * decay_to_end).T, u)
+        return state_decay * state + dot(cast((x * decay_to_end).T), cast(u))
 
     final_ref[b, h, :, vs] = jax.lax.fori_loop(0, n_chunks, chunk, s0_ref[b, h, :, vs].astype(jnp.float32))
 
@@ -189,6 +205,7 @@ def chunk_states(
     storage = jnp.dtype(storage or f32)
     low = storage if config.low_intermediates else f32
     state_dtype = storage if config.low_states else f32
+    operands = product_operands(config, storage)
     t = None
     ins, outs = pair_specs(chunk_size, rows, n_blocks, key, dim, has_erase, has_segments)
 
@@ -232,7 +249,12 @@ def chunk_states(
     state_block_v = min(config.state_block_v, value)
     u, states, final_state = triton_call(
         functools.partial(
-            _state_kernel, rows=rows, n_chunks=n_chunks, has_erase=w is not None, has_segments=has_segments
+            _state_kernel,
+            rows=rows,
+            n_chunks=n_chunks,
+            has_erase=w is not None,
+            has_segments=has_segments,
+            operands=operands,
         ),
         config.state_warps,
         interpret,
@@ -284,7 +306,7 @@ def chunk_forward(
     )
     output_block_v = min(config.output_block_v, value)
     o = triton_call(
-        functools.partial(output_kernel, has_segments=has_segments),
+        functools.partial(output_kernel, has_segments=has_segments, operands=product_operands(config, storage)),
         config.output_warps,
         interpret,
         grid=(batch, heads, n_chunks, value // output_block_v),
