@@ -34,6 +34,11 @@ SUBCHUNK = 16
 # Chunks per iteration of the sequential loop over chunks (lax.scan's unroll). Measured on an H100
 # (docs/performance.md): 8 takes 11% off linear attention's forward (2.36 -> 2.11 ms), no change for the delta rules.
 CHUNK_SCAN_UNROLL = 8
+# How the chunk form passes the state between chunks: "loop", a sequential `lax.scan` over chunks (U = U~ - W S,
+# then the next state); "associative", each chunk's affine map S -> M S + N (M = Diag(exp G_last) - X~^T W, K x K;
+# diagonal without an erase address) composed by `lax.associative_scan`: O(log N) depth of batched products
+# instead of N small steps, for K x K more bytes per chunk. Untimed (docs/performance.md, "Next measurements").
+CHUNK_STATE_PASS = "loop"
 
 
 class Substeps(NamedTuple):
@@ -152,6 +157,25 @@ def associative_scan(q: Array, sub: Substeps, initial_state: Array, segment_ids:
 # ----------------------------------------------------------------------------------------------------------
 # 3. chunkwise (WY / UT form)
 # ----------------------------------------------------------------------------------------------------------
+
+
+def _chunk_states_associative(
+    initial_state: Array, u_tilde: Array, w: Array | None, x_to_end: Array, state_decay: Array
+) -> tuple[Array, Array]:
+    """Every chunk's start state and the final state from the chunks' affine maps S -> M S + N, composed by
+    `lax.associative_scan` (CHUNK_STATE_PASS "associative"). With U = U~ - W S, the chunk's end state is
+    Diag(d) S + X~^T U = (Diag(d) - X~^T W) S + X~^T U~ (d = exp(G_last), masked by segments as the inputs are).
+
+    initial_state [B, H, K, V]; u_tilde [N, B, H, L, V]; w [N, B, H, L, K] or None (then M is diagonal);
+    x_to_end [N, B, H, L, K]; state_decay [N, B, H, D, 1] (D = K, or 1 for a scalar decay).
+    Returns (start_states [N, B, H, K, V], final_state [B, H, K, V])."""
+    keys_t = jnp.swapaxes(x_to_end, -1, -2)  # [N, B, H, K, L]
+    n = keys_t @ u_tilde
+    decay = jnp.broadcast_to(state_decay[..., 0], n.shape[:-1])  # [N, B, H, K]
+    m = decay if w is None else jnp.eye(n.shape[-2], dtype=n.dtype) * decay[..., None, :] - keys_t @ w
+    m, n = jax.lax.associative_scan(lambda earlier, later: _compose(later, earlier), (m, n), axis=0)
+    after = (m[..., None] * initial_state if w is None else m @ initial_state) + n  # each chunk's end state
+    return jnp.concatenate([initial_state[None], after[:-1]]), after[-1]
 
 
 def unit_lower_inverse(a: Array) -> Array:
@@ -284,16 +308,20 @@ def chunkwise(q: Array, sub: Substeps, initial_state: Array, segment_ids: Array 
         state_decay = jnp.where(carry_in_sub[..., -1:, :], state_decay, 0.0)
     state_decay = jnp.swapaxes(state_decay, -1, -2)  # [N, B, H, D, 1]
 
-    # The sequential part: per chunk, the effective values U = U~ - W S and the next state. Measured on an H100,
-    # this reads less than first building each chunk's affine map S -> M S + N (K x K) and looping over those.
-    def chunk(state, inputs):
-        u_tilde_c, w_c, x_to_end_c, decay_c = inputs
-        u_c = u_tilde_c if w_c is None else u_tilde_c - w_c @ state
-        return decay_c * state + jnp.swapaxes(x_to_end_c, -1, -2) @ u_c, (u_c, state)
+    if CHUNK_STATE_PASS == "associative":
+        start_states, final_state = _chunk_states_associative(initial_state, u_tilde, w, x_to_end, state_decay)
+        u = u_tilde if w is None else u_tilde - w @ start_states
+    else:
+        # Per chunk, the effective values U = U~ - W S and the next state. Measured on an H100, this reads less
+        # than first building each chunk's affine map S -> M S + N (K x K) and looping over those.
+        def chunk(state, inputs):
+            u_tilde_c, w_c, x_to_end_c, decay_c = inputs
+            u_c = u_tilde_c if w_c is None else u_tilde_c - w_c @ state
+            return decay_c * state + jnp.swapaxes(x_to_end_c, -1, -2) @ u_c, (u_c, state)
 
-    final_state, (u, start_states) = jax.lax.scan(
-        chunk, initial_state, (u_tilde, w, x_to_end, state_decay), unroll=min(CHUNK_SCAN_UNROLL, n_chunks)
-    )  # u: [N, B, H, L, V]; start_states: [N, B, H, K, V]
+        final_state, (u, start_states) = jax.lax.scan(
+            chunk, initial_state, (u_tilde, w, x_to_end, state_decay), unroll=min(CHUNK_SCAN_UNROLL, n_chunks)
+        )  # u: [N, B, H, L, V]; start_states: [N, B, H, K, V]
     scores = pair_scores(qc, gq, x, gcum, mask_q)  # [N, B, H, C, L]
     o = q_decayed @ start_states + scores @ u  # [N, B, H, C, V]
     o = jnp.moveaxis(o, (0, 2), (1, 3)).reshape(batch, n_chunks * chunk_size, heads, value)
