@@ -131,7 +131,8 @@ _chunk_recomputed = _with_recomputed_backward(
 # tpu/chunk_bwd.py); False, the VJP of the plain-JAX chunk form, recomputed. Chosen by measurement: on an H200
 # (B=4, T=4096, H=16, K=V=128, bf16; docs/performance.md, session 5) forward + backward took 6.37 / 9.98 ms
 # (gated_delta_rule / kda) with the backward kernels against 8.58 / 12.90 ms with the plain-JAX VJP
-# (`python -m experiments.benchmarks.pallas_variants --backward xla kernels`). The TPU kernels are unmeasured.
+# (`python -m experiments.benchmarks.pallas_variants --backward xla kernels`); session 6's kernels take 4.56 / 6.31
+# ms (the XLA VJP was not re-timed). The TPU kernels are unmeasured.
 BACKWARD_KERNELS = {"gpu": True, "tpu": True}
 
 

@@ -99,6 +99,18 @@ def test_pallas_bf16_storage_interpret(variant, low_products, rng, monkeypatch):
         assert relative_error(state, forward(chunk_fwd.Config())[1]) > 0
 
 
+def test_low_products_only_with_bfloat16_storage_of_everything():
+    """chunk_fwd.Config.low_products rounds to bfloat16 only where every stored operand is bfloat16 (else the
+    products stay float32 anyway) and never for float16 storage (the running state's range)."""
+    on = chunk_fwd.Config(low_products=True)
+    assert chunk_fwd.product_operands(on, "bfloat16") == jnp.bfloat16
+    assert chunk_fwd.product_operands(on, "float16") is None
+    assert chunk_fwd.product_operands(on, None) is None
+    assert chunk_fwd.product_operands(on._replace(low_states=False), "bfloat16") is None
+    assert chunk_fwd.product_operands(on._replace(low_intermediates=False), "bfloat16") is None
+    assert chunk_fwd.product_operands(chunk_fwd.Config(), "bfloat16") is None
+
+
 @pytest.fixture
 def backward_kernels(monkeypatch):
     """Differentiate through the backward kernels, whatever forms.BACKWARD_KERNELS picks by default."""
@@ -159,9 +171,9 @@ def test_pallas_grads_across_the_blocks_of_a_chunk(variant, rng, backward_kernel
 
 @pytest.mark.parametrize("variant", ["gated_delta_rule", "kda", "eda-bw"])
 def test_pallas_grads_in_key_and_value_blocks(variant, rng, backward_kernels, monkeypatch, fresh_traces):
-    """The backward kernels with K and V cut in two blocks each (key_grad's grid over K blocks, a scalar decay's
-    partial sums added by XLA; score_grad's V loop, state_grad's V grid), chunks of 32 (two row blocks), with
-    segments: the chunk form's gradients."""
+    """The backward kernels with K and V cut in two blocks each (the K grids of state_products and key_grad, a
+    scalar decay's partial sums added by XLA; the V loops of score_grad and state_products, state_grad's V grid),
+    chunks of 32 (two row blocks), with segments: the chunk form's gradients."""
     config = chunk_bwd.Config(value_grad_block_v=16, state_grad_block_v=16, block_v=16, block_k=16)
     monkeypatch.setattr(chunk_bwd, "DEFAULT_CONFIG", config)
     rule, shape = rule_of(variant), {"K": 32, "V": 32}
@@ -176,9 +188,10 @@ def test_pallas_grads_in_key_and_value_blocks(variant, rng, backward_kernels, mo
     assert_close(grads("pallas"), grads("chunk"), KERNEL_RTOL, f"{variant} pallas grad in K and V blocks")
 
 
-LOW_PRECISION = {  # chunk_bwd.Config fields of the bf16 gradient test's cases
-    "bf16-grads": {"low_grads": True},
-    "f32-grads": {"low_grads": False},
+LOW_PRECISION = {  # (chunk_bwd.Config, chunk_fwd.Config) fields of the bf16 gradient test's cases
+    "bf16-grads": ({"low_grads": True}, {}),
+    "f32-grads": ({"low_grads": False}, {}),
+    "f32-states": ({}, {"low_states": False}),  # bf16 dO against float32 states: mixed-dtype products
 }
 
 
@@ -187,9 +200,11 @@ LOW_PRECISION = {  # chunk_bwd.Config fields of the bf16 gradient test's cases
 def test_pallas_bf16_grads_interpret(variant, precision, rng, backward_kernels, monkeypatch, fresh_traces):
     """bf16 q, k, v (e): the backward kernels recompute with the forward's 16-bit storage, read dO in bf16 and
     (low_grads) store dU, P^T dO and the end-state gradients in bf16; every gradient within 2e-2 (max-abs over
-    max) of the float64 recurrent form's on the same inputs, heads of 32, chunks of 32 (≈7e-3 seen at 64)."""
-    config = chunk_bwd.Config(**LOW_PRECISION[precision])
-    monkeypatch.setattr(chunk_bwd, "DEFAULT_CONFIG", config)
+    max) of the float64 recurrent form's on the same inputs, heads of 32, chunks of 32 (≈7e-3 seen at 64); also
+    with the start states and U stored in float32 (chunk_fwd's low_states off)."""
+    backward, forward = LOW_PRECISION[precision]
+    monkeypatch.setattr(chunk_bwd, "DEFAULT_CONFIG", chunk_bwd.Config(**backward))
+    monkeypatch.setattr(chunk_fwd, "DEFAULT_CONFIG", chunk_fwd.Config(**forward))
     rule, shape = rule_of(variant), {"B": 1, "H": 2, "K": 32, "V": 32}
     inputs = make_inputs(variant, rng, T=70, **shape)
     low = {n: None if x is None else x.astype(jnp.bfloat16 if n in "qkve" else jnp.float32) for n, x in inputs.items()}
@@ -320,13 +335,16 @@ BACKWARD_KERNELS = (
 )
 
 
-@pytest.mark.parametrize("storage", [None, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize(
+    "storage,low_states", [(None, True), (jnp.bfloat16, True), (jnp.bfloat16, False)], ids=["f32", "bf16", "f32-states"]
+)
 @pytest.mark.parametrize("case", list(LOWERING_CASES))
-def test_chunk_backward_kernels_lower_to_triton(case, storage, backward_kernels, no_x64):
+def test_chunk_backward_kernels_lower_to_triton(case, storage, low_states, backward_kernels, monkeypatch, no_x64):
     """A training step's forward and backward at K = V = 128 (two K blocks in state_products and key_grad, two V
-    blocks elsewhere), float32 and 16-bit storage: the forward kernels, those before the output kernel again (the
-    backward recomputes the chunk states: pair, solve, state), and the five backward kernels (value_grad,
-    state_grad, score_grad, state_products, key_grad)."""
+    blocks elsewhere), float32 and 16-bit storage (and 16-bit inputs with float32 states: mixed-dtype products):
+    the forward kernels, those before the output kernel again (the backward recomputes the chunk states: pair,
+    solve, state), and the five backward kernels (value_grad, state_grad, score_grad, state_products, key_grad)."""
+    monkeypatch.setattr(chunk_fwd, "DEFAULT_CONFIG", chunk_fwd.Config(low_states=low_states))
     text = _lowered_training_step(case, storage)
     forward = _forward_kernel_count(case)
     assert text.count("xla.gpu.triton") == 2 * forward - 1 + len(BACKWARD_KERNELS)

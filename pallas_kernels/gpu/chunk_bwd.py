@@ -184,8 +184,8 @@ def _key_grad_kernel(*refs, block_tokens, per_token, has_erase, has_segments):
         d_last_k = colsum(x_k (U dS'^T)_k exp(G_last - G_k)): block k's share of d G_last
 
     with the pair terms by `block_scores_grad` (one side per call, the forward's references) and the products with
-    the states (dO S^T, U dS'^T, dZ S^T) taken as inputs (XLA's batched matrix products, `chunk_backward`). Scalar
-    decays (D = 1): dgq, dg and d_last are this K block's channel sums, [rows, 1].
+    the states (dO S^T, U dS'^T, dZ S^T) taken as inputs (`_state_products_kernel`). Scalar decays (D = 1): dgq,
+    dg and d_last are this K block's channel sums, [rows, 1].
 
     Refs (blocks): q [C, BK], gq [C, D'], x [L, BK], y [L, BK] (erase), g [L, D'] (D' = BK, or 1 for a scalar
     decay), dp [C, L], da [L, L] (erase), q_state [C, BK], x_state [L, BK], y_state [L, BK] (erase; the three state

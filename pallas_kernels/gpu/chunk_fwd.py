@@ -48,10 +48,10 @@ class Config(NamedTuple):
     eda 8.64; 2: same as 4 for gated_delta_rule); state kernel blocks of 64 values (32: gated_delta_rule 2.00
     against 1.76); software pipelining of the state kernel's loop (num_stages 2) changed nothing, so every kernel
     has 1. A later call (session 5) gave the default 1.77 / 2.74 / 7.02 ms again.
-    low_products (untimed, off): with 16-bit storage, the state kernel's products W S and (X exp(G_last - G))^T U
-    and the output kernel's (Q exp Gq) S take their computed operands (the running state, U before it is stored,
-    the decayed keys and queries) rounded to the storage dtype, as flash-linear-attention's kernels do, for the
-    16-bit matrix units; products of two stored tiles are 16-bit with or without it (exact)."""
+    low_products (untimed, off): with bfloat16 storage of everything (low_*), the state kernel's products W S and
+    (X exp(G_last - G))^T U and the output kernel's (Q exp Gq) S take their computed operands (the running state,
+    U before it is stored, the decayed keys and queries) rounded to bfloat16, as flash-linear-attention's kernels
+    do, for the 16-bit matrix units; products of two stored tiles are 16-bit with or without it (exact)."""
 
     pair_warps: tuple[int, int] = (4, 4)  # pair-scores kernel, by sub-steps per token
     solve_warps: tuple[int, int] = (4, 4)  # solve kernel, by sub-steps per token
@@ -62,7 +62,7 @@ class Config(NamedTuple):
     low_inputs: bool = True  # q, x, y, z read in the storage dtype (cast where XLA makes them)
     low_intermediates: bool = True  # Aqk, W, U~ in the inputs' storage dtype (bf16 inputs: bf16); A stays f32
     low_states: bool = True  # U and the chunks' start states likewise
-    low_products: bool = False  # with 16-bit storage: the state and output kernels' products on 16-bit operands
+    low_products: bool = False  # with bf16 storage: the state and output kernels' products on bf16 operands
 
 
 DEFAULT_CONFIG = Config()
@@ -74,10 +74,13 @@ def default_config():
 
 
 def product_operands(config, storage):
-    """The dtype the state and output kernels round their products' computed operands to: the storage dtype with
-    config.low_products and 16-bit storage, else None (float32)."""
-    low = storage is not None and jnp.dtype(storage).itemsize == 2
-    return jnp.dtype(storage) if config.low_products and low else None
+    """The dtype the state and output kernels round their products' computed operands to: bfloat16 with
+    config.low_products, bfloat16 storage and every stored operand of those products in it (low_intermediates,
+    low_states: else the products would be float32 anyway), else None (float32). float16 storage leaves it off:
+    the running state could overflow float16's range."""
+    stored_low = config.low_intermediates and config.low_states
+    low = storage is not None and jnp.dtype(storage) == jnp.bfloat16 and stored_low
+    return jnp.dtype(jnp.bfloat16) if config.low_products and low else None
 
 
 # ----------------------------------------------------------------------------------------------------------
