@@ -159,7 +159,7 @@ def associative_scan(q: Array, sub: Substeps, initial_state: Array, segment_ids:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _chunk_states_associative(
+def chunk_states_associative(
     initial_state: Array, u_tilde: Array, w: Array | None, x_to_end: Array, state_decay: Array
 ) -> tuple[Array, Array]:
     """Every chunk's start state and the final state from the chunks' affine maps S -> M S + N, composed by
@@ -309,7 +309,7 @@ def chunkwise(q: Array, sub: Substeps, initial_state: Array, segment_ids: Array 
     state_decay = jnp.swapaxes(state_decay, -1, -2)  # [N, B, H, D, 1]
 
     if CHUNK_STATE_PASS == "associative":
-        start_states, final_state = _chunk_states_associative(initial_state, u_tilde, w, x_to_end, state_decay)
+        start_states, final_state = chunk_states_associative(initial_state, u_tilde, w, x_to_end, state_decay)
         u = u_tilde if w is None else u_tilde - w @ start_states
     else:
         # Per chunk, the effective values U = U~ - W S and the next state. Measured on an H100, this reads less

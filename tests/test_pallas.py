@@ -156,6 +156,27 @@ def test_pallas_grads_match_chunk(variant, with_segments, rng, backward_kernels)
     assert_close(actual, expected, KERNEL_RTOL, f"{variant} pallas grad")
 
 
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_pallas_associative_state_pass(variant, rng, backward_kernels, monkeypatch, fresh_traces):
+    """chunk_fwd.Config.state_pass "associative" (XLA in place of the state kernel, in the forward and in the
+    backward's recompute): the recurrent form's output and final state and the chunk form's gradients, with an
+    initial state, segments that cross chunks and odd T."""
+    monkeypatch.setattr(chunk_fwd, "DEFAULT_CONFIG", chunk_fwd.Config(state_pass="associative"))
+    rule = rule_of(variant)
+    inputs, state = make_inputs(variant, rng, T=T), make_state(rng)
+    segment_ids = make_segment_ids(rng, SEGMENTS)
+    cotangents = random_cotangents(rng, inputs)
+
+    def forward(i, s, seg):  # a fresh jit: conftest's `run` is cached across configurations
+        return rules.RULES[rule](**i, initial_state=s, segment_ids=seg, impl="pallas", chunk_size=16)
+
+    actual = jax.jit(forward)(inputs, state, segment_ids)
+    assert_close(actual, reference(rule, inputs, state, segment_ids), KERNEL_RTOL, f"{variant} associative")
+    actual = grad_runner(rule, "pallas", 16)(cotangents, inputs, state, segment_ids)
+    expected = grad_runner(rule, "chunk", 16)(cotangents, inputs, state, segment_ids)
+    assert_close(actual, expected, KERNEL_RTOL, f"{variant} associative grad")
+
+
 @pytest.mark.parametrize("variant", [*SEGMENT_VARIANTS, "kda"])
 def test_pallas_grads_across_the_blocks_of_a_chunk(variant, rng, backward_kernels, fresh_traces):
     """Chunks of 32 tokens (two 16-token blocks: the block pairs below the diagonal),
@@ -324,6 +345,15 @@ def test_chunk_kernels_lower_to_triton(case, storage, low_products, monkeypatch,
     forward = jax.jit(lambda q, sub, s0, seg: forms.chunkwise(q, sub, s0, seg, 64, False, "gpu", storage))
     lowered = forward.trace(*_lowering_inputs(case, 128)).lower(lowering_platforms=("cuda",))
     assert lowered.as_text().count("xla.gpu.triton") == _forward_kernel_count(case)
+
+
+@pytest.mark.parametrize("case", list(LOWERING_CASES))
+def test_associative_state_pass_lowers_without_the_state_kernel(case, monkeypatch, no_x64):
+    """chunk_fwd.Config.state_pass "associative": the forward lowers to its kernels less the state kernel."""
+    monkeypatch.setattr(chunk_fwd, "DEFAULT_CONFIG", chunk_fwd.Config(state_pass="associative"))
+    forward = jax.jit(lambda q, sub, s0, seg: forms.chunkwise(q, sub, s0, seg, 64, False, "gpu", jnp.bfloat16))
+    text = forward.trace(*_lowering_inputs(case, 128)).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("xla.gpu.triton") == _forward_kernel_count(case) - 1 and "_state_kernel" not in text
 
 
 BACKWARD_KERNELS = (

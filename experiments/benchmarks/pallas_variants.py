@@ -52,6 +52,7 @@ VARIANTS = {  # name: chunk_fwd.Config fields ("bf16": the default, 16-bit stora
     "state32": {"state_block_v": 32},
     "state16": {"state_block_v": 16},  # more programs for the sequential state pass when B x H is small
     "lowprod": {"low_products": True},  # the state and output kernels' products on 16-bit operands
+    "assoc": {"state_pass": "associative"},  # XLA's associative scan over the chunks' maps, no state kernel
 }
 
 BACKWARDS = {  # name: None (forward only), or (forms.BACKWARD_KERNELS["gpu"], chunk_bwd.Config fields)

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
+from edarnn import core
 from pallas_kernels.tiles import (
     BLOCK_TOKENS,
     dot,
@@ -51,7 +52,11 @@ class Config(NamedTuple):
     low_products (untimed, off): with bfloat16 storage of everything (low_*), the state kernel's products W S and
     (X exp(G_last - G))^T U and the output kernel's (Q exp Gq) S take their computed operands (the running state,
     U before it is stored, the decayed keys and queries) rounded to bfloat16, as flash-linear-attention's kernels
-    do, for the 16-bit matrix units; products of two stored tiles are 16-bit with or without it (exact)."""
+    do, for the 16-bit matrix units; products of two stored tiles are 16-bit with or without it (exact).
+    state_pass (untimed, "kernel"): "associative" replaces the state kernel by XLA's batched products: each chunk's
+    affine map S -> (Diag(exp G_last) - X~^T W) S + X~^T U~ composed by `lax.associative_scan`
+    (`edarnn.core.chunk_states_associative`), then U = U~ - W S for all chunks at once; O(log N) depth instead of
+    N sequential steps of B x H x V/64 programs, for when B x H is small and T long (training at 32k: 12 heads)."""
 
     pair_warps: tuple[int, int] = (4, 4)  # pair-scores kernel, by sub-steps per token
     solve_warps: tuple[int, int] = (4, 4)  # solve kernel, by sub-steps per token
@@ -63,6 +68,7 @@ class Config(NamedTuple):
     low_intermediates: bool = True  # Aqk, W, U~ in the inputs' storage dtype (bf16 inputs: bf16); A stays f32
     low_states: bool = True  # U and the chunks' start states likewise
     low_products: bool = False  # with bf16 storage: the state and output kernels' products on bf16 operands
+    state_pass: str = "kernel"  # "kernel": the sequential state kernel; "associative": XLA, see the docstring
 
 
 DEFAULT_CONFIG = Config()
@@ -249,6 +255,11 @@ def chunk_states(
         )(pair_outs[1], y, z, gcum, *((seg, seg_prev) if has_segments else ()))
         t = t[0] if inverse else None
 
+    if config.state_pass == "associative":
+        u, states, final_state = _states_associative(
+            u_tilde, w, x, gcum, initial_state, seg, seg_prev, rows=rows, state_dtype=state_dtype
+        )
+        return scores, w, u, states, final_state, t
     state_block_v = min(config.state_block_v, value)
     u, states, final_state = triton_call(
         functools.partial(
@@ -269,6 +280,34 @@ def chunk_states(
         ],
     )(*(t for t in (u_tilde, w, x, gcum, initial_state) if t is not None), *((seg, seg_prev) if has_segments else ()))
     return scores, w, u, states, final_state, t
+
+
+def _states_associative(u_tilde, w, x, gcum, initial_state, seg, seg_prev, *, rows, state_dtype):
+    """The state kernel's results (u [B, T P, H, V], states [B, H, N, K, V] in state_dtype, final_state f32) by
+    `edarnn.core.chunk_states_associative` on the kernels' layout (Config.state_pass "associative")."""
+    batch, length, heads, _ = x.shape
+    n_chunks = length // rows
+    f32 = jnp.float32
+
+    def to_chunks(t):  # [B, N R, H, D] -> [N, B, H, R, D], float32
+        return jnp.transpose(t.reshape(batch, n_chunks, rows, heads, -1), (1, 0, 3, 2, 4)).astype(f32)
+
+    g = to_chunks(gcum)
+    g_last = g[..., -1:, :]
+    decay_to_end, state_decay = jnp.exp(g_last - g), jnp.exp(g_last)  # [N, B, H, R or 1, D]
+    if seg is not None:  # the kernels' masks (tiles.end_decays): rows before the last segment, a reset inside
+        seg_rows = jnp.transpose(seg.reshape(batch, n_chunks, rows), (1, 0, 2))[:, :, None, :, None]  # [N, B, 1, R, 1]
+        seg_last = seg_rows[..., -1:, :]
+        decay_to_end = jnp.where(seg_rows == seg_last, decay_to_end, 0.0)
+        state_decay = jnp.where(seg_last == jnp.transpose(seg_prev)[:, :, None, None, None], state_decay, 0.0)
+    u_tilde_c, x_to_end = to_chunks(u_tilde), to_chunks(x) * decay_to_end
+    w_c = None if w is None else to_chunks(w)
+    start, final_state = core.chunk_states_associative(
+        initial_state.astype(f32), u_tilde_c, w_c, x_to_end, jnp.swapaxes(state_decay, -1, -2)
+    )  # [N, B, H, K, V]
+    u = u_tilde_c if w_c is None else u_tilde_c - w_c @ start  # [N, B, H, R, V]
+    u = jnp.transpose(u, (1, 0, 3, 2, 4)).reshape(*u_tilde.shape)
+    return u.astype(state_dtype), jnp.transpose(start, (1, 2, 0, 3, 4)).astype(state_dtype), final_state
 
 
 def chunk_forward(
