@@ -159,23 +159,42 @@ def associative_scan(q: Array, sub: Substeps, initial_state: Array, segment_ids:
 # ----------------------------------------------------------------------------------------------------------
 
 
+def chunk_end_decays(gcum: Array, seg_rows: Array | None = None, seg_prev: Array | None = None):
+    """(decay_to_end [..., L, D], state_decay [..., 1, D]) of chunks, from their cumulative log-decays gcum
+    [..., L, D]: exp(G_last - G) on the rows of each chunk's last segment (0 on rows before it), and exp(G_last)
+    where that segment began before the chunk (0 where the state is reset inside it). seg_rows [..., L, 1] and
+    seg_prev [..., 1, 1] (the number before the chunk): running segment numbers, or None."""
+    g_last = gcum[..., -1:, :]
+    decay_to_end, state_decay = jnp.exp(g_last - gcum), jnp.exp(g_last)
+    if seg_rows is not None:
+        seg_last = seg_rows[..., -1:, :]
+        decay_to_end = jnp.where(seg_rows == seg_last, decay_to_end, 0.0)
+        state_decay = jnp.where(seg_last == seg_prev, state_decay, 0.0)
+    return decay_to_end, state_decay
+
+
 def chunk_states_associative(
     initial_state: Array, u_tilde: Array, w: Array | None, x_to_end: Array, state_decay: Array
-) -> tuple[Array, Array]:
-    """Every chunk's start state and the final state from the chunks' affine maps S -> M S + N, composed by
-    `lax.associative_scan` (CHUNK_STATE_PASS "associative"). With U = U~ - W S, the chunk's end state is
-    Diag(d) S + X~^T U = (Diag(d) - X~^T W) S + X~^T U~ (d = exp(G_last), masked by segments as the inputs are).
+) -> tuple[Array, Array, Array]:
+    """The chunks' effective values U, start states and the final state from the chunks' affine maps
+    S -> M S + N, composed by `lax.associative_scan` (CHUNK_STATE_PASS "associative"). With U = U~ - W S, the
+    chunk's end state is Diag(d) S + X~^T U = (Diag(d) - X~^T W) S + X~^T U~ (d = exp(G_last), masked by segments
+    as the inputs are). The initial state is folded into the first chunk's N, so only the N's of the composed
+    maps are needed (XLA drops the rest).
 
     initial_state [B, H, K, V]; u_tilde [N, B, H, L, V]; w [N, B, H, L, K] or None (then M is diagonal);
-    x_to_end [N, B, H, L, K]; state_decay [N, B, H, D, 1] (D = K, or 1 for a scalar decay).
-    Returns (start_states [N, B, H, K, V], final_state [B, H, K, V])."""
+    x_to_end [N, B, H, L, K]; state_decay [N, B, H, 1, D] (D = K, or 1 for a scalar decay).
+    Returns (u [N, B, H, L, V], start_states [N, B, H, K, V], final_state [B, H, K, V])."""
     keys_t = jnp.swapaxes(x_to_end, -1, -2)  # [N, B, H, K, L]
     n = keys_t @ u_tilde
-    decay = jnp.broadcast_to(state_decay[..., 0], n.shape[:-1])  # [N, B, H, K]
+    decay = jnp.broadcast_to(state_decay[..., 0, :], n.shape[:-1])  # [N, B, H, K]
     m = decay if w is None else jnp.eye(n.shape[-2], dtype=n.dtype) * decay[..., None, :] - keys_t @ w
-    m, n = jax.lax.associative_scan(lambda earlier, later: _compose(later, earlier), (m, n), axis=0)
-    after = (m[..., None] * initial_state if w is None else m @ initial_state) + n  # each chunk's end state
-    return jnp.concatenate([initial_state[None], after[:-1]]), after[-1]
+    first = (m[0][..., None] * initial_state if w is None else m[0] @ initial_state) + n[0]
+    n = n.at[0].set(first)
+    _, after = jax.lax.associative_scan(lambda earlier, later: _compose(later, earlier), (m, n), axis=0)
+    start_states = jnp.concatenate([initial_state[None].astype(after.dtype), after[:-1]])  # after: end states
+    u = u_tilde if w is None else u_tilde - w @ start_states
+    return u, start_states, after[-1]
 
 
 def unit_lower_inverse(a: Array) -> Array:
@@ -251,8 +270,9 @@ def pair_scores(a: Array, ga: Array, b: Array, gb: Array, mask: Array) -> Array:
 
 def chunkwise(q: Array, sub: Substeps, initial_state: Array, segment_ids: Array | None, chunk_size: int):
     """Chunks of `chunk_size` tokens: intra-chunk work as matrix products, only the state passes between
-    chunks (`lax.scan`). Any T: the tail is padded with identity sub-steps (g = 0, x = 0). Internally
-    chunk-major, [N, B, H, rows, D], so the loop over chunks slices its leading axis."""
+    chunks (`lax.scan`, or an associative scan over the chunks' maps: CHUNK_STATE_PASS). Any T: the tail is padded
+    with identity sub-steps (g = 0, x = 0). Internally chunk-major, [N, B, H, rows, D], so the loop over chunks
+    slices its leading axis."""
     batch, length, heads, key = q.shape
     n_sub, value = sub.g.shape[1] // length, sub.z.shape[-1]
     n_chunks = -(-length // chunk_size)
@@ -271,7 +291,6 @@ def chunkwise(q: Array, sub: Substeps, initial_state: Array, segment_ids: Array 
     y = None if sub.y is None else to_chunks(sub.y)
     gcum = jnp.cumsum(g, axis=-2)  # [N, B, H, L, D], inclusive, relative to the chunk start
     gq = gcum[..., n_sub - 1 :: n_sub, :]  # decay seen by each query (after its token's last sub-step)
-    glast = gcum[..., -1:, :]
 
     # Masks: causal in sub-step positions, and within one segment.
     pos = jnp.arange(rows)
@@ -288,7 +307,6 @@ def chunkwise(q: Array, sub: Substeps, initial_state: Array, segment_ids: Array 
         mask_q = mask_q & (seg[..., :, None] == seg_sub[..., None, :])
         carry_in_sub = (seg_sub == seg_prev)[..., None]  # rows that still see the incoming state
         carry_in_q = (seg == seg_prev)[..., None]
-        carry_out = (seg_sub == seg_sub[..., -1:])[..., None]  # rows that reach the outgoing state
 
     if y is None:
         u_tilde, w = z, None
@@ -300,18 +318,19 @@ def chunkwise(q: Array, sub: Substeps, initial_state: Array, segment_ids: Array 
         if segment_ids is not None:
             w = jnp.where(carry_in_sub, w, 0.0)
     q_decayed = qc * jnp.exp(gq)
-    x_to_end = x * jnp.exp(glast - gcum)
-    state_decay = jnp.exp(glast)  # [N, B, H, 1, D]
     if segment_ids is not None:
         q_decayed = jnp.where(carry_in_q, q_decayed, 0.0)
-        x_to_end = jnp.where(carry_out, x_to_end, 0.0)
-        state_decay = jnp.where(carry_in_sub[..., -1:, :], state_decay, 0.0)
-    state_decay = jnp.swapaxes(state_decay, -1, -2)  # [N, B, H, D, 1]
+    segs = (seg_sub[..., None], seg_prev[..., None]) if segment_ids is not None else ()
+    decay_to_end, state_decay = chunk_end_decays(gcum, *segs)  # [N, B, H, L, D], [N, B, H, 1, D]
+    x_to_end = x * decay_to_end
 
+    if CHUNK_STATE_PASS not in ("loop", "associative"):
+        raise ValueError(f'edarnn.core.CHUNK_STATE_PASS: expected "loop" or "associative"; got {CHUNK_STATE_PASS!r}')
     if CHUNK_STATE_PASS == "associative":
-        start_states, final_state = chunk_states_associative(initial_state, u_tilde, w, x_to_end, state_decay)
-        u = u_tilde if w is None else u_tilde - w @ start_states
+        u, start_states, final_state = chunk_states_associative(initial_state, u_tilde, w, x_to_end, state_decay)
     else:
+        state_decay = jnp.swapaxes(state_decay, -1, -2)  # [N, B, H, D, 1]
+
         # Per chunk, the effective values U = U~ - W S and the next state. Measured on an H100, this reads less
         # than first building each chunk's affine map S -> M S + N (K x K) and looping over those.
         def chunk(state, inputs):

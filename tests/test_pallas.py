@@ -156,15 +156,16 @@ def test_pallas_grads_match_chunk(variant, with_segments, rng, backward_kernels)
     assert_close(actual, expected, KERNEL_RTOL, f"{variant} pallas grad")
 
 
+@pytest.mark.parametrize("with_segments", [False, True], ids=["one-segment", "segments"])
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_pallas_associative_state_pass(variant, rng, backward_kernels, monkeypatch, fresh_traces):
+def test_pallas_associative_state_pass(variant, with_segments, rng, backward_kernels, monkeypatch, fresh_traces):
     """chunk_fwd.Config.state_pass "associative" (XLA in place of the state kernel, in the forward and in the
     backward's recompute): the recurrent form's output and final state and the chunk form's gradients, with an
-    initial state, segments that cross chunks and odd T."""
+    initial state, odd T (five chunks of 16, the last padded), with and without segments that cross chunks."""
     monkeypatch.setattr(chunk_fwd, "DEFAULT_CONFIG", chunk_fwd.Config(state_pass="associative"))
     rule = rule_of(variant)
-    inputs, state = make_inputs(variant, rng, T=T), make_state(rng)
-    segment_ids = make_segment_ids(rng, SEGMENTS)
+    inputs, state = make_inputs(variant, rng, T=73), make_state(rng)
+    segment_ids = make_segment_ids(rng, [[30, 1, 14, 28], [35, 1, 14, 23]]) if with_segments else None
     cotangents = random_cotangents(rng, inputs)
 
     def forward(i, s, seg):  # a fresh jit: conftest's `run` is cached across configurations
@@ -365,18 +366,25 @@ BACKWARD_KERNELS = (
 )
 
 
-@pytest.mark.parametrize(
-    "storage,low_states", [(None, True), (jnp.bfloat16, True), (jnp.bfloat16, False)], ids=["f32", "bf16", "f32-states"]
-)
+BACKWARD_LOWERING = {  # (storage, chunk_fwd.Config fields)
+    "f32": (None, {}),
+    "bf16": (jnp.bfloat16, {}),
+    "f32-states": (jnp.bfloat16, {"low_states": False}),  # bf16 inputs against float32 states: mixed products
+    "associative": (jnp.bfloat16, {"state_pass": "associative"}),  # no state kernel, twice
+}
+
+
+@pytest.mark.parametrize("setting", list(BACKWARD_LOWERING))
 @pytest.mark.parametrize("case", list(LOWERING_CASES))
-def test_chunk_backward_kernels_lower_to_triton(case, storage, low_states, backward_kernels, monkeypatch, no_x64):
+def test_chunk_backward_kernels_lower_to_triton(case, setting, backward_kernels, monkeypatch, no_x64):
     """A training step's forward and backward at K = V = 128 (two K blocks in state_products and key_grad, two V
-    blocks elsewhere), float32 and 16-bit storage (and 16-bit inputs with float32 states: mixed-dtype products):
+    blocks elsewhere), float32 and 16-bit storage (16-bit inputs with float32 states; the associative state pass):
     the forward kernels, those before the output kernel again (the backward recomputes the chunk states: pair,
     solve, state), and the five backward kernels (value_grad, state_grad, score_grad, state_products, key_grad)."""
-    monkeypatch.setattr(chunk_fwd, "DEFAULT_CONFIG", chunk_fwd.Config(low_states=low_states))
+    storage, fields = BACKWARD_LOWERING[setting]
+    monkeypatch.setattr(chunk_fwd, "DEFAULT_CONFIG", chunk_fwd.Config(**fields))
     text = _lowered_training_step(case, storage)
-    forward = _forward_kernel_count(case)
+    forward = _forward_kernel_count(case) - (setting == "associative")
     assert text.count("xla.gpu.triton") == 2 * forward - 1 + len(BACKWARD_KERNELS)
     assert all(f'name = "{kernel}"' in text for kernel in BACKWARD_KERNELS)
 
@@ -392,15 +400,22 @@ def _lowered_training_step(case, storage):
     return step.trace(*_lowering_inputs(case, 128, k=128, v=128)).lower(lowering_platforms=("cuda",)).as_text()
 
 
+GPU_FORWARD_CONFIGS = {  # chunk_fwd.Config fields of the full-width bf16 test's cases
+    "default": {},
+    "low-products": {"low_products": True},
+    "associative": {"state_pass": "associative"},  # XLA's products (TF32 on the GPU) in a log-depth scan
+}
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("low_products", [False, True], ids=["f32-products", "low-products"])
+@pytest.mark.parametrize("config", list(GPU_FORWARD_CONFIGS))
 @pytest.mark.parametrize("rule", ["gated_delta_rule", "kda", "gdn2", "eda"])
-def test_pallas_on_gpu_bf16(rule, low_products, monkeypatch):
-    """Full-width heads in bf16 against a float32 recurrent run: relative error under 1e-2, no NaN (either
-    chunk_fwd.Config.low_products)."""
+def test_pallas_on_gpu_bf16(rule, config, monkeypatch):
+    """Full-width heads in bf16 against a float32 recurrent run: relative error under 1e-2, no NaN (the
+    default configuration, low_products, the associative state pass)."""
     from edarnn.check_forms import random_inputs
 
-    monkeypatch.setattr(chunk_fwd, "DEFAULT_CONFIG", chunk_fwd.Config(low_products=low_products))
+    monkeypatch.setattr(chunk_fwd, "DEFAULT_CONFIG", chunk_fwd.Config(**GPU_FORWARD_CONFIGS[config]))
 
     inputs = random_inputs(rule, 2, 1000, 4, 128, 128)
     expected, expected_state = rules.RULES[rule](*inputs, impl="recurrent")

@@ -12,7 +12,8 @@ segments; P sub-steps per token):
    (One fused kernel per chunk for 1 and 2, `tiles.intra_kernel`, the TPU's layout, was 1.08x / 1.48x / 2.83x
    slower here for gated_delta_rule / kda / eda at equal float32 storage, one H200 call each; see Config.)
 3. `state`  (grid B x H x V/BV, sequential over chunks inside): U = U~ - W S, the chunk's start state S, and
-   S <- Diag(exp G_last) S + (X exp(G_last - G))^T U, with S in registers.
+   S <- Diag(exp G_last) S + (X exp(G_last - G))^T U, with S in registers (or, Config.state_pass
+   "associative", the same by XLA's associative scan over the chunks' affine maps).
 4. `output` (grid B x H x N x V/BV, parallel; body in pallas_kernels.tiles): O = (Q exp Gq) S + Aqk U.
 
 `chunk_states` (kernels 1 to 3) is also the backward's recompute (chunk_bwd.py), which has the solve kernel write
@@ -56,7 +57,8 @@ class Config(NamedTuple):
     state_pass (untimed, "kernel"): "associative" replaces the state kernel by XLA's batched products: each chunk's
     affine map S -> (Diag(exp G_last) - X~^T W) S + X~^T U~ composed by `lax.associative_scan`
     (`edarnn.core.chunk_states_associative`), then U = U~ - W S for all chunks at once; O(log N) depth instead of
-    N sequential steps of B x H x V/64 programs, for when B x H is small and T long (training at 32k: 12 heads)."""
+    N sequential steps of B x H x V/64 programs, for when B x H is small and T long (training at 32k: 12 heads).
+    Its products are XLA's float32 ones (low_products does not apply to them)."""
 
     pair_warps: tuple[int, int] = (4, 4)  # pair-scores kernel, by sub-steps per token
     solve_warps: tuple[int, int] = (4, 4)  # solve kernel, by sub-steps per token
@@ -255,6 +257,8 @@ def chunk_states(
         )(pair_outs[1], y, z, gcum, *((seg, seg_prev) if has_segments else ()))
         t = t[0] if inverse else None
 
+    if config.state_pass not in ("kernel", "associative"):
+        raise ValueError(f'chunk_fwd.Config.state_pass: expected "kernel" or "associative"; got {config.state_pass!r}')
     if config.state_pass == "associative":
         u, states, final_state = _states_associative(
             u_tilde, w, x, gcum, initial_state, seg, seg_prev, rows=rows, state_dtype=state_dtype
@@ -283,31 +287,30 @@ def chunk_states(
 
 
 def _states_associative(u_tilde, w, x, gcum, initial_state, seg, seg_prev, *, rows, state_dtype):
-    """The state kernel's results (u [B, T P, H, V], states [B, H, N, K, V] in state_dtype, final_state f32) by
-    `edarnn.core.chunk_states_associative` on the kernels' layout (Config.state_pass "associative")."""
+    """The state kernel's results by `edarnn.core.chunk_states_associative` on the kernels' layout
+    (Config.state_pass "associative"), float32 throughout.
+
+    u_tilde [B, T P, H, V], w (None without an erase address) and x [B, T P, H, K], gcum [B, T P, H, D],
+    initial_state [B, H, K, V]; seg [B, T P] and seg_prev [B, N] running segment numbers, or None; rows = C P.
+    Returns (u [B, T P, H, V] and states [B, H, N, K, V] in state_dtype, final_state [B, H, K, V] float32)."""
     batch, length, heads, _ = x.shape
     n_chunks = length // rows
-    f32 = jnp.float32
 
-    def to_chunks(t):  # [B, N R, H, D] -> [N, B, H, R, D], float32
-        return jnp.transpose(t.reshape(batch, n_chunks, rows, heads, -1), (1, 0, 3, 2, 4)).astype(f32)
+    def to_chunks(t):  # [B, N R, H, ...] -> [N, B, H, R, ...]
+        t = t.reshape(batch, n_chunks, rows, *t.shape[2:])
+        return jnp.moveaxis(t, (1, 3), (0, 2)) if t.ndim == 5 else jnp.moveaxis(t, 1, 0)[:, :, None, :, None]
 
-    g = to_chunks(gcum)
-    g_last = g[..., -1:, :]
-    decay_to_end, state_decay = jnp.exp(g_last - g), jnp.exp(g_last)  # [N, B, H, R or 1, D]
-    if seg is not None:  # the kernels' masks (tiles.end_decays): rows before the last segment, a reset inside
-        seg_rows = jnp.transpose(seg.reshape(batch, n_chunks, rows), (1, 0, 2))[:, :, None, :, None]  # [N, B, 1, R, 1]
-        seg_last = seg_rows[..., -1:, :]
-        decay_to_end = jnp.where(seg_rows == seg_last, decay_to_end, 0.0)
-        state_decay = jnp.where(seg_last == jnp.transpose(seg_prev)[:, :, None, None, None], state_decay, 0.0)
-    u_tilde_c, x_to_end = to_chunks(u_tilde), to_chunks(x) * decay_to_end
-    w_c = None if w is None else to_chunks(w)
-    start, final_state = core.chunk_states_associative(
-        initial_state.astype(f32), u_tilde_c, w_c, x_to_end, jnp.swapaxes(state_decay, -1, -2)
-    )  # [N, B, H, K, V]
-    u = u_tilde_c if w_c is None else u_tilde_c - w_c @ start  # [N, B, H, R, V]
-    u = jnp.transpose(u, (1, 0, 3, 2, 4)).reshape(*u_tilde.shape)
-    return u.astype(state_dtype), jnp.transpose(start, (1, 2, 0, 3, 4)).astype(state_dtype), final_state
+    segs = () if seg is None else (to_chunks(seg), jnp.transpose(seg_prev)[:, :, None, None, None])
+    decay_to_end, state_decay = core.chunk_end_decays(to_chunks(gcum), *segs)  # the kernels' masks
+    u, start, final_state = core.chunk_states_associative(
+        initial_state.astype(jnp.float32),
+        to_chunks(u_tilde).astype(jnp.float32),
+        None if w is None else to_chunks(w).astype(jnp.float32),
+        to_chunks(x).astype(jnp.float32) * decay_to_end,
+        state_decay,
+    )
+    u = jnp.moveaxis(u, (0, 2), (1, 3)).reshape(u_tilde.shape)
+    return u.astype(state_dtype), jnp.moveaxis(start, 0, 2).astype(state_dtype), final_state
 
 
 def chunk_forward(
