@@ -112,7 +112,7 @@ def recurrent(q: Array, sub: Substeps, initial_state: Array, segment_ids: Array 
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _compose(later: tuple[Array, Array], earlier: tuple[Array, Array]) -> tuple[Array, Array]:
+def compose(later: tuple[Array, Array], earlier: tuple[Array, Array]) -> tuple[Array, Array]:
     """(M2, N2) o (M1, N1) = (M2 M1, M2 N1 + N2). M is [..., K] (diagonal) or [..., K, K]; N is [..., K, V]."""
     (m2, n2), (m1, n1) = later, earlier
     if m2.ndim == n2.ndim - 1:  # diagonal transition
@@ -139,13 +139,13 @@ def associative_scan(q: Array, sub: Substeps, initial_state: Array, segment_ids:
     for p in range(sub.g.shape[2]):
         y_p = None if sub.y is None else sub.y[:, :, p]
         step_map = _substep_map(sub.g[:, :, p], sub.x[:, :, p], y_p, sub.z[:, :, p])
-        token_map = step_map if token_map is None else _compose(step_map, token_map)
+        token_map = step_map if token_map is None else compose(step_map, token_map)
     m, n = token_map
     reset = resets(segment_ids, q.shape[1])
     if reset is not None:  # a reset zeroes the incoming state: M -> M 0
         keep = jnp.where(reset, 0.0, 1.0).astype(m.dtype)
         m = m * keep.reshape(keep.shape + (1,) * (m.ndim - 2))
-    m, n = jax.lax.associative_scan(lambda a, b: _compose(b, a), (m, n), axis=1)
+    m, n = jax.lax.associative_scan(lambda a, b: compose(b, a), (m, n), axis=1)
     if m.ndim == n.ndim - 1:
         states = m[..., None] * initial_state[:, None] + n
     else:
@@ -191,7 +191,7 @@ def chunk_states_associative(
     m = decay if w is None else jnp.eye(n.shape[-2], dtype=n.dtype) * decay[..., None, :] - keys_t @ w
     first = (m[0][..., None] * initial_state if w is None else m[0] @ initial_state) + n[0]
     n = n.at[0].set(first)
-    _, after = jax.lax.associative_scan(lambda earlier, later: _compose(later, earlier), (m, n), axis=0)
+    _, after = jax.lax.associative_scan(lambda earlier, later: compose(later, earlier), (m, n), axis=0)
     start_states = jnp.concatenate([initial_state[None].astype(after.dtype), after[:-1]])  # after: end states
     u = u_tilde if w is None else u_tilde - w @ start_states
     return u, start_states, after[-1]

@@ -157,10 +157,11 @@ def test_pallas_grads_match_chunk(variant, with_segments, rng, backward_kernels)
 
 
 @pytest.mark.parametrize("with_segments", [False, True], ids=["one-segment", "segments"])
-@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("variant", [*SEGMENT_VARIANTS, "kda"])  # decay scalar or per channel, P 1 or 2, erase
 def test_pallas_associative_state_pass(variant, with_segments, rng, backward_kernels, monkeypatch, fresh_traces):
     """chunk_fwd.Config.state_pass "associative" (XLA in place of the state kernel, in the forward and in the
-    backward's recompute): the recurrent form's output and final state and the chunk form's gradients, with an
+    backward's recompute, and of the state_grad kernel): the recurrent form's output and final state and the chunk
+    form's gradients, with an
     initial state, odd T (five chunks of 16, the last padded), with and without segments that cross chunks."""
     monkeypatch.setattr(chunk_fwd, "DEFAULT_CONFIG", chunk_fwd.Config(state_pass="associative"))
     rule = rule_of(variant)
@@ -370,7 +371,7 @@ BACKWARD_LOWERING = {  # (storage, chunk_fwd.Config fields)
     "f32": (None, {}),
     "bf16": (jnp.bfloat16, {}),
     "f32-states": (jnp.bfloat16, {"low_states": False}),  # bf16 inputs against float32 states: mixed products
-    "associative": (jnp.bfloat16, {"state_pass": "associative"}),  # no state kernel, twice
+    "associative": (jnp.bfloat16, {"state_pass": "associative"}),  # no state kernel (twice), no state_grad
 }
 
 
@@ -384,9 +385,12 @@ def test_chunk_backward_kernels_lower_to_triton(case, setting, backward_kernels,
     storage, fields = BACKWARD_LOWERING[setting]
     monkeypatch.setattr(chunk_fwd, "DEFAULT_CONFIG", chunk_fwd.Config(**fields))
     text = _lowered_training_step(case, storage)
-    forward = _forward_kernel_count(case) - (setting == "associative")
-    assert text.count("xla.gpu.triton") == 2 * forward - 1 + len(BACKWARD_KERNELS)
-    assert all(f'name = "{kernel}"' in text for kernel in BACKWARD_KERNELS)
+    associative = setting == "associative"
+    kernels = [k for k in BACKWARD_KERNELS if not (associative and k == "_state_grad_kernel")]
+    forward = _forward_kernel_count(case) - associative
+    assert text.count("xla.gpu.triton") == 2 * forward - 1 + len(kernels)
+    assert all(f'name = "{kernel}"' in text for kernel in kernels)
+    assert associative != ('name = "_state_grad_kernel"' in text)
 
 
 def _lowered_training_step(case, storage):
@@ -440,11 +444,15 @@ def test_pallas_decode_step_on_gpu(rule):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("state_pass", ["kernel", "associative"])
 @pytest.mark.parametrize("rule", ["gated_delta_rule", "kda", "gdn2", "eda"])
-def test_pallas_grads_on_gpu_bf16(rule, backward_kernels):
+def test_pallas_grads_on_gpu_bf16(rule, state_pass, backward_kernels, monkeypatch):
     """Gradients of every input and the initial state at full-width heads, q, k, v (and e) in bf16, against a
-    float32 recurrent run: relative error under 2e-2, finite."""
+    float32 recurrent run: relative error under 2e-2, finite (the state kernels, or chunk_fwd.Config.state_pass
+    "associative")."""
     from edarnn.check_forms import random_inputs
+
+    monkeypatch.setattr(chunk_fwd, "DEFAULT_CONFIG", chunk_fwd.Config(state_pass=state_pass))
 
     inputs = random_inputs(rule, 2, 1000, 4, 128, 128)
     keys = jax.random.split(jax.random.key(1), 3)

@@ -9,7 +9,8 @@ per-token decay's gradient, a reverse cumulative sum inside each chunk, is JAX's
    its inputs.
 1. `value_grad` (grid B x H x N x V/BV, parallel; body tiles.value_grad_kernel): P_n^T dO_n, the values'
    gradient through the chunk's own queries (P = Aqk).
-2. `state_grad` (grid B x H x V/BV, sequential over the chunks in reverse inside, dS in registers):
+2. `state_grad` (grid B x H x V/BV, sequential over the chunks in reverse inside, dS in registers; with
+   chunk_fwd.Config.state_pass "associative" XLA's associative scan instead, `_state_grads_associative`):
        dU_n = P_n^T dO_n + (X exp(G_last - G))_n dS_{n+1}
        dS_n = Diag(exp G_last) dS_{n+1} + (Q exp Gq)_n^T dO_n - W_n^T dU_n
    storing dU_n and dS_{n+1}; dS_0 is the initial state's gradient.
@@ -41,6 +42,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from edarnn import core
 from pallas_kernels.gpu import chunk_fwd
 from pallas_kernels.gpu.chunk_fwd import segment_specs, tile_spec, triton_call
 from pallas_kernels.tiles import (
@@ -251,6 +253,44 @@ def _key_grad_kernel(*refs, block_tokens, per_token, has_erase, has_segments):
 # ----------------------------------------------------------------------------------------------------------
 
 
+def _state_grads_associative(du_local, q, gq, x, gcum, w, d_o, d_final, seg, seg_q, seg_prev, *, chunk_size):
+    """The state_grad kernel's results by XLA (chunk_fwd.Config.state_pass "associative"), float32 throughout:
+    substituting dU_n into dS_n gives the chunk's map of the state's gradient, the transpose of the forward's,
+
+        dS_n = (Diag(exp G_last) - W^T X~) dS_{n+1} + (Q exp Gq)^T dO - W^T (P^T dO)      (X~ = X exp(G_last - G)),
+
+    composed from the last chunk down by `lax.associative_scan` (dS_N = d_final folded into the last map), then
+    dU_n = P^T dO + X~ dS_{n+1} for all chunks at once. Inputs as the kernel's (prepared layout: du_local [B, T P,
+    H, V] = P^T dO, q [B, T, H, K], gq [B, T, H, D], x, w (or None) [B, T P, H, K], gcum [B, T P, H, D], d_o [B, T,
+    H, V], d_final [B, H, K, V]; seg [B, T P], seg_q [B, T], seg_prev [B, N] or None). Returns (du [B, T P, H, V],
+    d_ends [B, H, N, K, V] (each chunk's dS_{n+1}), d_initial [B, H, K, V])."""
+    f32 = jnp.float32
+    rows = chunk_size * x.shape[1] // q.shape[1]
+    chunks = lambda t, r=rows: chunk_fwd.to_chunk_major(t, r).astype(f32)  # noqa: E731
+    decay_to_end, state_decay = chunk_fwd.chunk_end_decays(gcum, seg, seg_prev, rows)
+    keys = chunks(x) * decay_to_end  # X~ [N, B, H, L, K]
+    du_local_c = chunks(du_local)
+    q_decayed = chunks(q, chunk_size) * jnp.exp(chunks(gq, chunk_size))
+    if seg is not None:  # queries of a segment that began inside the chunk do not see its start state
+        seg_before = jnp.transpose(seg_prev)[:, :, None, None, None]  # [N, B, 1, 1, 1]
+        q_decayed = jnp.where(chunk_fwd.to_chunk_major(seg_q, chunk_size) == seg_before, q_decayed, 0.0)
+    c = jnp.swapaxes(q_decayed, -1, -2) @ chunks(d_o, chunk_size)  # [N, B, H, K, V]
+    decay = jnp.broadcast_to(state_decay[..., 0, :], c.shape[:-1])  # [N, B, H, K]
+    if w is None:
+        m_t = decay
+    else:
+        w_t = jnp.swapaxes(chunks(w), -1, -2)
+        c = c - w_t @ du_local_c
+        m_t = jnp.eye(c.shape[-2], dtype=f32) * decay[..., None, :] - w_t @ keys
+    d_final = d_final.astype(f32)
+    last = (m_t[-1][..., None] * d_final if w is None else m_t[-1] @ d_final) + c[-1]
+    compose = lambda earlier, later: core.compose(later, earlier)  # noqa: E731
+    _, d_states = jax.lax.associative_scan(compose, (m_t, c.at[-1].set(last)), reverse=True, axis=0)  # dS_n
+    d_ends = jnp.concatenate([d_states[1:], d_final[None]])  # dS_{n+1}
+    du = du_local_c + keys @ d_ends
+    return chunk_fwd.from_chunk_major(du), jnp.moveaxis(d_ends, 0, 2), d_states[0]
+
+
 def chunk_backward(
     q, gq, x, y, z, gcum, initial_state, seg, seg_q, seg_prev, d_o, d_final, *, chunk_size, interpret,
     storage=None, config=None, forward_config=None,
@@ -304,27 +344,33 @@ def chunk_backward(
         out_shape=shape(z.shape, grad_dtype),
     )(scores, d_o)
 
-    du, d_ends, d_initial = triton_call(
-        functools.partial(
-            _state_grad_kernel,
-            chunk_size=chunk_size,
-            per_token=per_token,
-            n_chunks=n_chunks,
-            has_erase=has_erase,
-            has_segments=has_segments,
-        ),
-        config.state_grad_warps,
-        interpret,
-        grid=(batch, heads, value // min(config.state_grad_block_v, value)),
-        out_shape=[
-            shape(z.shape, grad_dtype),
-            shape((batch, heads, n_chunks, key, value), grad_dtype),
-            shape((batch, heads, key, value), f32),
-        ],
-    )(
-        *(a for a in (du_local, q, gq, x, gcum, w, d_o, d_final) if a is not None),
-        *((seg, seg_q, seg_prev) if has_segments else ()),
-    )
+    if forward_config.state_pass == "associative":  # the states' pass by XLA, as the recompute's
+        du, d_ends, d_initial = _state_grads_associative(
+            du_local, q, gq, x, gcum, w, d_o, d_final, seg, seg_q, seg_prev, chunk_size=chunk_size
+        )
+        du, d_ends = du.astype(grad_dtype), d_ends.astype(grad_dtype)
+    else:
+        du, d_ends, d_initial = triton_call(
+            functools.partial(
+                _state_grad_kernel,
+                chunk_size=chunk_size,
+                per_token=per_token,
+                n_chunks=n_chunks,
+                has_erase=has_erase,
+                has_segments=has_segments,
+            ),
+            config.state_grad_warps,
+            interpret,
+            grid=(batch, heads, value // min(config.state_grad_block_v, value)),
+            out_shape=[
+                shape(z.shape, grad_dtype),
+                shape((batch, heads, n_chunks, key, value), grad_dtype),
+                shape((batch, heads, key, value), f32),
+            ],
+        )(
+            *(a for a in (du_local, q, gq, x, gcum, w, d_o, d_final) if a is not None),
+            *((seg, seg_q, seg_prev) if has_segments else ()),
+        )
 
     def block_spec(height, width, blocks_of=1):
         """One block (of `blocks_of` per chunk) of rows, the grid's last index picking it, on (B, H, N, n)."""

@@ -58,7 +58,8 @@ class Config(NamedTuple):
     affine map S -> (Diag(exp G_last) - X~^T W) S + X~^T U~ composed by `lax.associative_scan`
     (`edarnn.core.chunk_states_associative`), then U = U~ - W S for all chunks at once; O(log N) depth instead of
     N sequential steps of B x H x V/64 programs, for when B x H is small and T long (training at 32k: 12 heads).
-    Its products are XLA's float32 ones (low_products does not apply to them)."""
+    The backward's state_grad kernel is replaced the same way (chunk_bwd._state_grads_associative). Its products
+    are XLA's float32 ones (low_products does not apply to them)."""
 
     pair_warps: tuple[int, int] = (4, 4)  # pair-scores kernel, by sub-steps per token
     solve_warps: tuple[int, int] = (4, 4)  # solve kernel, by sub-steps per token
@@ -286,6 +287,26 @@ def chunk_states(
     return scores, w, u, states, final_state, t
 
 
+def to_chunk_major(t, rows):
+    """[B, N R, H, D] -> [N, B, H, R, D] (R rows per chunk); running segment numbers [B, N R] -> [N, B, 1, R, 1]."""
+    t = t.reshape(t.shape[0], t.shape[1] // rows, rows, *t.shape[2:])
+    return jnp.moveaxis(t, (1, 3), (0, 2)) if t.ndim == 5 else jnp.moveaxis(t, 1, 0)[:, :, None, :, None]
+
+
+def from_chunk_major(t):
+    """[N, B, H, R, D] -> [B, N R, H, D]."""
+    chunks, batch, heads, rows, width = t.shape
+    return jnp.moveaxis(t, (0, 2), (1, 3)).reshape(batch, chunks * rows, heads, width)
+
+
+def chunk_end_decays(gcum, seg, seg_prev, rows):
+    """`edarnn.core.chunk_end_decays` on the kernels' layout: gcum [B, N R, H, D], seg [B, N R] and seg_prev
+    [B, N] running segment numbers (or None) -> (decay_to_end [N, B, H, R, D], state_decay [N, B, H, 1, D]), the
+    state kernels' masks (tiles.end_decays)."""
+    segs = () if seg is None else (to_chunk_major(seg, rows), jnp.transpose(seg_prev)[:, :, None, None, None])
+    return core.chunk_end_decays(to_chunk_major(gcum, rows), *segs)
+
+
 def _states_associative(u_tilde, w, x, gcum, initial_state, seg, seg_prev, *, rows, state_dtype):
     """The state kernel's results by `edarnn.core.chunk_states_associative` on the kernels' layout
     (Config.state_pass "associative"), float32 throughout.
@@ -293,24 +314,16 @@ def _states_associative(u_tilde, w, x, gcum, initial_state, seg, seg_prev, *, ro
     u_tilde [B, T P, H, V], w (None without an erase address) and x [B, T P, H, K], gcum [B, T P, H, D],
     initial_state [B, H, K, V]; seg [B, T P] and seg_prev [B, N] running segment numbers, or None; rows = C P.
     Returns (u [B, T P, H, V] and states [B, H, N, K, V] in state_dtype, final_state [B, H, K, V] float32)."""
-    batch, length, heads, _ = x.shape
-    n_chunks = length // rows
-
-    def to_chunks(t):  # [B, N R, H, ...] -> [N, B, H, R, ...]
-        t = t.reshape(batch, n_chunks, rows, *t.shape[2:])
-        return jnp.moveaxis(t, (1, 3), (0, 2)) if t.ndim == 5 else jnp.moveaxis(t, 1, 0)[:, :, None, :, None]
-
-    segs = () if seg is None else (to_chunks(seg), jnp.transpose(seg_prev)[:, :, None, None, None])
-    decay_to_end, state_decay = core.chunk_end_decays(to_chunks(gcum), *segs)  # the kernels' masks
+    f32 = jnp.float32
+    decay_to_end, state_decay = chunk_end_decays(gcum, seg, seg_prev, rows)
     u, start, final_state = core.chunk_states_associative(
-        initial_state.astype(jnp.float32),
-        to_chunks(u_tilde).astype(jnp.float32),
-        None if w is None else to_chunks(w).astype(jnp.float32),
-        to_chunks(x).astype(jnp.float32) * decay_to_end,
+        initial_state.astype(f32),
+        to_chunk_major(u_tilde, rows).astype(f32),
+        None if w is None else to_chunk_major(w, rows).astype(f32),
+        to_chunk_major(x, rows).astype(f32) * decay_to_end,
         state_decay,
     )
-    u = jnp.moveaxis(u, (0, 2), (1, 3)).reshape(u_tilde.shape)
-    return u.astype(state_dtype), jnp.moveaxis(start, 0, 2).astype(state_dtype), final_state
+    return from_chunk_major(u).astype(state_dtype), jnp.moveaxis(start, 0, 2).astype(state_dtype), final_state
 
 
 def chunk_forward(
