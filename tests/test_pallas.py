@@ -157,12 +157,14 @@ def test_pallas_grads_match_chunk(variant, with_segments, rng, backward_kernels)
 
 
 @pytest.mark.parametrize("with_segments", [False, True], ids=["one-segment", "segments"])
-@pytest.mark.parametrize("variant", [*SEGMENT_VARIANTS, "kda"])  # decay scalar or per channel, P 1 or 2, erase
+@pytest.mark.parametrize("variant", [*SEGMENT_VARIANTS, "kda", "gla-scalar", "eda-scalar"])
 def test_pallas_associative_state_pass(variant, with_segments, rng, backward_kernels, monkeypatch, fresh_traces):
     """chunk_fwd.Config.state_pass "associative" (XLA in place of the state kernel, in the forward and in the
     backward's recompute, and of the state_grad kernel): the recurrent form's output and final state and the chunk
-    form's gradients, with an
-    initial state, odd T (five chunks of 16, the last padded), with and without segments that cross chunks."""
+    form's gradients, with an initial state, odd T (five chunks of 16, the last padded), with and without segments
+    that cross chunks; decays scalar and per channel, with and without an erase address, one or two sub-steps. In
+    interpret mode the gradients are float32 throughout: the 16-bit casts are checked on the GPU only
+    (test_pallas_grads_on_gpu_bf16)."""
     monkeypatch.setattr(chunk_fwd, "DEFAULT_CONFIG", chunk_fwd.Config(state_pass="associative"))
     rule = rule_of(variant)
     inputs, state = make_inputs(variant, rng, T=73), make_state(rng)
@@ -390,7 +392,7 @@ def test_chunk_backward_kernels_lower_to_triton(case, setting, backward_kernels,
     forward = _forward_kernel_count(case) - associative
     assert text.count("xla.gpu.triton") == 2 * forward - 1 + len(kernels)
     assert all(f'name = "{kernel}"' in text for kernel in kernels)
-    assert associative != ('name = "_state_grad_kernel"' in text)
+    assert ('name = "_state_grad_kernel"' in text) == (not associative)
 
 
 def _lowered_training_step(case, storage):

@@ -5,8 +5,8 @@ per-token decay's gradient, a reverse cumulative sum inside each chunk, is JAX's
 `pallas_kernels.forms.prepare`). Given the cotangents dO of the output and dS_N of the final state:
 
 0. recompute: Aqk, W, U, T = (I + A)^-1 and each chunk's start state S_n by the forward's pair, solve and state
-   kernels (`chunk_fwd.chunk_states`; the solve kernel also writes T); the forward keeps nothing but
-   its inputs.
+   kernels (`chunk_fwd.chunk_states`; the solve kernel also writes T; with chunk_fwd.Config.state_pass
+   "associative", XLA's scan in place of the state kernel); the forward keeps nothing but its inputs.
 1. `value_grad` (grid B x H x N x V/BV, parallel; body tiles.value_grad_kernel): P_n^T dO_n, the values'
    gradient through the chunk's own queries (P = Aqk).
 2. `state_grad` (grid B x H x V/BV, sequential over the chunks in reverse inside, dS in registers; with
@@ -253,7 +253,7 @@ def _key_grad_kernel(*refs, block_tokens, per_token, has_erase, has_segments):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _state_grads_associative(du_local, q, gq, x, gcum, w, d_o, d_final, seg, seg_q, seg_prev, *, chunk_size):
+def _state_grads_associative(du_local, q, gq, x, gcum, w, d_o, d_final, seg, seg_q, seg_prev, *, chunk_size, rows):
     """The state_grad kernel's results by XLA (chunk_fwd.Config.state_pass "associative"), float32 throughout:
     substituting dU_n into dS_n gives the chunk's map of the state's gradient, the transpose of the forward's,
 
@@ -262,30 +262,31 @@ def _state_grads_associative(du_local, q, gq, x, gcum, w, d_o, d_final, seg, seg
     composed from the last chunk down by `lax.associative_scan` (dS_N = d_final folded into the last map), then
     dU_n = P^T dO + X~ dS_{n+1} for all chunks at once. Inputs as the kernel's (prepared layout: du_local [B, T P,
     H, V] = P^T dO, q [B, T, H, K], gq [B, T, H, D], x, w (or None) [B, T P, H, K], gcum [B, T P, H, D], d_o [B, T,
-    H, V], d_final [B, H, K, V]; seg [B, T P], seg_q [B, T], seg_prev [B, N] or None). Returns (du [B, T P, H, V],
-    d_ends [B, H, N, K, V] (each chunk's dS_{n+1}), d_initial [B, H, K, V])."""
+    H, V], d_final [B, H, K, V]; seg [B, T P], seg_q [B, T], seg_prev [B, N] or None; rows = C P). Returns (du
+    [B, T P, H, V], d_ends [B, H, N, K, V] (each chunk's dS_{n+1}), d_initial [B, H, K, V])."""
     f32 = jnp.float32
-    rows = chunk_size * x.shape[1] // q.shape[1]
-    chunks = lambda t, r=rows: chunk_fwd.to_chunk_major(t, r).astype(f32)  # noqa: E731
+    by_rows = lambda t: chunk_fwd.to_chunk_major(t, rows).astype(f32)  # noqa: E731  (sub-step rows)
+    by_tokens = lambda t: chunk_fwd.to_chunk_major(t, chunk_size).astype(f32)  # noqa: E731  (query tokens)
     decay_to_end, state_decay = chunk_fwd.chunk_end_decays(gcum, seg, seg_prev, rows)
-    keys = chunks(x) * decay_to_end  # X~ [N, B, H, L, K]
-    du_local_c = chunks(du_local)
-    q_decayed = chunks(q, chunk_size) * jnp.exp(chunks(gq, chunk_size))
+    keys = by_rows(x) * decay_to_end  # X~ [N, B, H, L, K]
+    du_local_c = by_rows(du_local)
+    q_decayed = by_tokens(q) * jnp.exp(by_tokens(gq))
     if seg is not None:  # queries of a segment that began inside the chunk do not see its start state
-        seg_before = jnp.transpose(seg_prev)[:, :, None, None, None]  # [N, B, 1, 1, 1]
+        seg_before = chunk_fwd.to_chunk_major(seg_prev, 1)  # [N, B, 1, 1, 1]
         q_decayed = jnp.where(chunk_fwd.to_chunk_major(seg_q, chunk_size) == seg_before, q_decayed, 0.0)
-    c = jnp.swapaxes(q_decayed, -1, -2) @ chunks(d_o, chunk_size)  # [N, B, H, K, V]
+    c = jnp.swapaxes(q_decayed, -1, -2) @ by_tokens(d_o)  # [N, B, H, K, V]
     decay = jnp.broadcast_to(state_decay[..., 0, :], c.shape[:-1])  # [N, B, H, K]
     if w is None:
         m_t = decay
     else:
-        w_t = jnp.swapaxes(chunks(w), -1, -2)
+        w_t = jnp.swapaxes(by_rows(w), -1, -2)
         c = c - w_t @ du_local_c
         m_t = jnp.eye(c.shape[-2], dtype=f32) * decay[..., None, :] - w_t @ keys
     d_final = d_final.astype(f32)
     last = (m_t[-1][..., None] * d_final if w is None else m_t[-1] @ d_final) + c[-1]
-    compose = lambda earlier, later: core.compose(later, earlier)  # noqa: E731
-    _, d_states = jax.lax.associative_scan(compose, (m_t, c.at[-1].set(last)), reverse=True, axis=0)  # dS_n
+    # reverse=True: the scan's first argument is the composed map of the later chunks, applied to dS first
+    then = lambda later_chunks, earlier_chunks: core.compose(earlier_chunks, later_chunks)  # noqa: E731
+    _, d_states = jax.lax.associative_scan(then, (m_t, c.at[-1].set(last)), reverse=True, axis=0)  # dS_n
     d_ends = jnp.concatenate([d_states[1:], d_final[None]])  # dS_{n+1}
     du = du_local_c + keys @ d_ends
     return chunk_fwd.from_chunk_major(du), jnp.moveaxis(d_ends, 0, 2), d_states[0]
@@ -346,7 +347,7 @@ def chunk_backward(
 
     if forward_config.state_pass == "associative":  # the states' pass by XLA, as the recompute's
         du, d_ends, d_initial = _state_grads_associative(
-            du_local, q, gq, x, gcum, w, d_o, d_final, seg, seg_q, seg_prev, chunk_size=chunk_size
+            du_local, q, gq, x, gcum, w, d_o, d_final, seg, seg_q, seg_prev, chunk_size=chunk_size, rows=rows
         )
         du, d_ends = du.astype(grad_dtype), d_ends.astype(grad_dtype)
     else:

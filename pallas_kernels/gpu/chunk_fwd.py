@@ -303,7 +303,7 @@ def chunk_end_decays(gcum, seg, seg_prev, rows):
     """`edarnn.core.chunk_end_decays` on the kernels' layout: gcum [B, N R, H, D], seg [B, N R] and seg_prev
     [B, N] running segment numbers (or None) -> (decay_to_end [N, B, H, R, D], state_decay [N, B, H, 1, D]), the
     state kernels' masks (tiles.end_decays)."""
-    segs = () if seg is None else (to_chunk_major(seg, rows), jnp.transpose(seg_prev)[:, :, None, None, None])
+    segs = () if seg is None else (to_chunk_major(seg, rows), to_chunk_major(seg_prev, 1))
     return core.chunk_end_decays(to_chunk_major(gcum, rows), *segs)
 
 
