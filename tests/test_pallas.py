@@ -156,8 +156,16 @@ def test_pallas_grads_match_chunk(variant, with_segments, rng, backward_kernels)
     assert_close(actual, expected, KERNEL_RTOL, f"{variant} pallas grad")
 
 
-@pytest.mark.parametrize("with_segments", [False, True], ids=["one-segment", "segments"])
-@pytest.mark.parametrize("variant", [*SEGMENT_VARIANTS, "kda", "gla-scalar", "eda-scalar"])
+ASSOCIATIVE_CASES = [(v, True) for v in SEGMENT_VARIANTS] + [
+    (v, False) for v in ("gated_delta_rule", "kda", "gla-scalar", "eda-scalar")
+]  # segments: the masks; one segment: the initial state through every chunk's map
+
+
+@pytest.mark.parametrize(
+    "variant,with_segments",
+    ASSOCIATIVE_CASES,
+    ids=[f"{v}-{'segments' if s else 'one-segment'}" for v, s in ASSOCIATIVE_CASES],
+)
 def test_pallas_associative_state_pass(variant, with_segments, rng, backward_kernels, monkeypatch, fresh_traces):
     """chunk_fwd.Config.state_pass "associative" (XLA in place of the state kernel, in the forward and in the
     backward's recompute, and of the state_grad kernel): the recurrent form's output and final state and the chunk
