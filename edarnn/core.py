@@ -120,6 +120,11 @@ def compose(later: tuple[Array, Array], earlier: tuple[Array, Array]) -> tuple[A
     return m2 @ m1, m2 @ n1 + n2
 
 
+def apply_map(m: Array, n: Array, state: Array) -> Array:
+    """M S + N for the affine map (M, N) of `compose` (M diagonal [..., K] or [..., K, K]) and S [..., K, V]."""
+    return (m[..., None] * state if m.ndim == n.ndim - 1 else m @ state) + n
+
+
 def _substep_map(g: Array, x: Array, y: Array | None, z: Array) -> tuple[Array, Array]:
     """The affine map of one sub-step: M = (I - x y^T) Diag(exp g) (diagonal when y is None), N = x z^T."""
     alpha = jnp.broadcast_to(jnp.exp(g), x.shape)
@@ -146,10 +151,7 @@ def associative_scan(q: Array, sub: Substeps, initial_state: Array, segment_ids:
         keep = jnp.where(reset, 0.0, 1.0).astype(m.dtype)
         m = m * keep.reshape(keep.shape + (1,) * (m.ndim - 2))
     m, n = jax.lax.associative_scan(lambda a, b: compose(b, a), (m, n), axis=1)
-    if m.ndim == n.ndim - 1:
-        states = m[..., None] * initial_state[:, None] + n
-    else:
-        states = m @ initial_state[:, None] + n
+    states = apply_map(m, n, initial_state[:, None])
     o = jnp.einsum("bthk,bthkv->bthv", q, states)
     return o, states[:, -1]
 
@@ -173,6 +175,16 @@ def chunk_end_decays(gcum: Array, seg_rows: Array | None = None, seg_prev: Array
     return decay_to_end, state_decay
 
 
+def chunk_transition(decay: Array, x_to_end: Array, w: Array | None, transpose: bool = False) -> Array:
+    """A chunk's state transition M = Diag(decay) - X~^T W [..., K, K] (Diag(decay) - W^T X~ with transpose: the
+    map of the state's gradient), or the diagonal decay [..., K] itself without an erase address (w None).
+    decay [..., K]; x_to_end, w [..., L, K]."""
+    if w is None:
+        return decay
+    a, b = (w, x_to_end) if transpose else (x_to_end, w)
+    return jnp.eye(decay.shape[-1], dtype=decay.dtype) * decay[..., None, :] - jnp.swapaxes(a, -1, -2) @ b
+
+
 def chunk_states_associative(
     initial_state: Array, u_tilde: Array, w: Array | None, x_to_end: Array, state_decay: Array
 ) -> tuple[Array, Array, Array]:
@@ -185,12 +197,9 @@ def chunk_states_associative(
     initial_state [B, H, K, V]; u_tilde [N, B, H, L, V]; w [N, B, H, L, K] or None (then M is diagonal);
     x_to_end [N, B, H, L, K]; state_decay [N, B, H, 1, D] (D = K, or 1 for a scalar decay).
     Returns (u [N, B, H, L, V], start_states [N, B, H, K, V], final_state [B, H, K, V])."""
-    keys_t = jnp.swapaxes(x_to_end, -1, -2)  # [N, B, H, K, L]
-    n = keys_t @ u_tilde
-    decay = jnp.broadcast_to(state_decay[..., 0, :], n.shape[:-1])  # [N, B, H, K]
-    m = decay if w is None else jnp.eye(n.shape[-2], dtype=n.dtype) * decay[..., None, :] - keys_t @ w
-    first = (m[0][..., None] * initial_state if w is None else m[0] @ initial_state) + n[0]
-    n = n.at[0].set(first)
+    n = jnp.swapaxes(x_to_end, -1, -2) @ u_tilde  # [N, B, H, K, V]
+    m = chunk_transition(jnp.broadcast_to(state_decay[..., 0, :], n.shape[:-1]), x_to_end, w)
+    n = n.at[0].set(apply_map(m[0], n[0], initial_state))
     _, after = jax.lax.associative_scan(lambda earlier, later: compose(later, earlier), (m, n), axis=0)
     start_states = jnp.concatenate([initial_state[None].astype(after.dtype), after[:-1]])  # after: end states
     u = u_tilde if w is None else u_tilde - w @ start_states

@@ -345,27 +345,29 @@ def _forward_kernel_count(case):
     return 1 + LOWERING_CASES[case][2] + 2
 
 
-@pytest.mark.parametrize(
-    "storage,low_products",
-    [(None, False), (jnp.bfloat16, False), (jnp.bfloat16, True)],
-    ids=["f32", "bf16", "bf16-low-products"],
-)
+LOWERING_SETTINGS = {  # (storage, chunk_fwd.Config fields) of the lowering tests
+    "f32": (None, {}),
+    "bf16": (jnp.bfloat16, {}),
+    "bf16-low-products": (jnp.bfloat16, {"low_products": True}),
+    "f32-states": (jnp.bfloat16, {"low_states": False}),  # bf16 inputs against float32 states: mixed products
+    "associative": (jnp.bfloat16, {"state_pass": "associative"}),  # no state kernel, no state_grad
+}
+FORWARD_LOWERING = ["f32", "bf16", "bf16-low-products", "associative"]
+BACKWARD_LOWERING = ["f32", "bf16", "f32-states", "associative"]
+
+
+@pytest.mark.parametrize("setting", FORWARD_LOWERING)
 @pytest.mark.parametrize("case", list(LOWERING_CASES))
-def test_chunk_kernels_lower_to_triton(case, storage, low_products, monkeypatch, no_x64):
-    """The forward kernels, float32 and 16-bit storage of the intermediates (and 16-bit products)."""
-    monkeypatch.setattr(chunk_fwd, "DEFAULT_CONFIG", chunk_fwd.Config(low_products=low_products))
+def test_chunk_kernels_lower_to_triton(case, setting, monkeypatch, no_x64):
+    """The forward kernels, float32 and 16-bit storage of the intermediates (16-bit products; the associative
+    state pass, without the state kernel)."""
+    storage, fields = LOWERING_SETTINGS[setting]
+    monkeypatch.setattr(chunk_fwd, "DEFAULT_CONFIG", chunk_fwd.Config(**fields))
     forward = jax.jit(lambda q, sub, s0, seg: forms.chunkwise(q, sub, s0, seg, 64, False, "gpu", storage))
-    lowered = forward.trace(*_lowering_inputs(case, 128)).lower(lowering_platforms=("cuda",))
-    assert lowered.as_text().count("xla.gpu.triton") == _forward_kernel_count(case)
-
-
-@pytest.mark.parametrize("case", list(LOWERING_CASES))
-def test_associative_state_pass_lowers_without_the_state_kernel(case, monkeypatch, no_x64):
-    """chunk_fwd.Config.state_pass "associative": the forward lowers to its kernels less the state kernel."""
-    monkeypatch.setattr(chunk_fwd, "DEFAULT_CONFIG", chunk_fwd.Config(state_pass="associative"))
-    forward = jax.jit(lambda q, sub, s0, seg: forms.chunkwise(q, sub, s0, seg, 64, False, "gpu", jnp.bfloat16))
     text = forward.trace(*_lowering_inputs(case, 128)).lower(lowering_platforms=("cuda",)).as_text()
-    assert text.count("xla.gpu.triton") == _forward_kernel_count(case) - 1 and "_state_kernel" not in text
+    associative = setting == "associative"
+    assert text.count("xla.gpu.triton") == _forward_kernel_count(case) - associative
+    assert ('name = "_state_kernel"' in text) == (not associative)
 
 
 BACKWARD_KERNELS = (
@@ -377,22 +379,14 @@ BACKWARD_KERNELS = (
 )
 
 
-BACKWARD_LOWERING = {  # (storage, chunk_fwd.Config fields)
-    "f32": (None, {}),
-    "bf16": (jnp.bfloat16, {}),
-    "f32-states": (jnp.bfloat16, {"low_states": False}),  # bf16 inputs against float32 states: mixed products
-    "associative": (jnp.bfloat16, {"state_pass": "associative"}),  # no state kernel (twice), no state_grad
-}
-
-
-@pytest.mark.parametrize("setting", list(BACKWARD_LOWERING))
+@pytest.mark.parametrize("setting", BACKWARD_LOWERING)
 @pytest.mark.parametrize("case", list(LOWERING_CASES))
 def test_chunk_backward_kernels_lower_to_triton(case, setting, backward_kernels, monkeypatch, no_x64):
     """A training step's forward and backward at K = V = 128 (two K blocks in state_products and key_grad, two V
     blocks elsewhere), float32 and 16-bit storage (16-bit inputs with float32 states; the associative state pass):
     the forward kernels, those before the output kernel again (the backward recomputes the chunk states: pair,
     solve, state), and the five backward kernels (value_grad, state_grad, score_grad, state_products, key_grad)."""
-    storage, fields = BACKWARD_LOWERING[setting]
+    storage, fields = LOWERING_SETTINGS[setting]
     monkeypatch.setattr(chunk_fwd, "DEFAULT_CONFIG", chunk_fwd.Config(**fields))
     text = _lowered_training_step(case, storage)
     associative = setting == "associative"

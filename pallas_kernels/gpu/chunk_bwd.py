@@ -275,15 +275,12 @@ def _state_grads_associative(du_local, q, gq, x, gcum, w, d_o, d_final, seg, seg
         seg_before = chunk_fwd.to_chunk_major(seg_prev, 1)  # [N, B, 1, 1, 1]
         q_decayed = jnp.where(chunk_fwd.to_chunk_major(seg_q, chunk_size) == seg_before, q_decayed, 0.0)
     c = jnp.swapaxes(q_decayed, -1, -2) @ by_tokens(d_o)  # [N, B, H, K, V]
-    decay = jnp.broadcast_to(state_decay[..., 0, :], c.shape[:-1])  # [N, B, H, K]
-    if w is None:
-        m_t = decay
-    else:
-        w_t = jnp.swapaxes(by_rows(w), -1, -2)
-        c = c - w_t @ du_local_c
-        m_t = jnp.eye(c.shape[-2], dtype=f32) * decay[..., None, :] - w_t @ keys
+    w = None if w is None else by_rows(w)
+    if w is not None:
+        c = c - jnp.swapaxes(w, -1, -2) @ du_local_c
+    m_t = core.chunk_transition(jnp.broadcast_to(state_decay[..., 0, :], c.shape[:-1]), keys, w, transpose=True)
     d_final = d_final.astype(f32)
-    last = (m_t[-1][..., None] * d_final if w is None else m_t[-1] @ d_final) + c[-1]
+    last = core.apply_map(m_t[-1], c[-1], d_final)
     # reverse=True: the scan's first argument is the composed map of the later chunks, applied to dS first
     then = lambda later_chunks, earlier_chunks: core.compose(earlier_chunks, later_chunks)  # noqa: E731
     _, d_states = jax.lax.associative_scan(then, (m_t, c.at[-1].set(last)), reverse=True, axis=0)  # dS_n
@@ -466,11 +463,10 @@ def chunk_backward(
         grads[1], grads[-1] = (jnp.sum(d, axis=-1, keepdims=True) for d in (grads[1], grads[-1]))
         d_last = jnp.sum(d_last, axis=-1, keepdims=True)
     # each chunk's d G_last: its row blocks' shares and the state's term exp(G_last) rowsum(S * dS'), the latter
-    # where the chunk's last segment began before it
-    g_last = gcum[:, rows - 1 :: rows]  # [B, N, H, D]
-    d_state = jnp.exp(g_last) * (d_decay if channel else jnp.sum(d_decay, axis=-1, keepdims=True))
-    if has_segments:
-        d_state = jnp.where((seg[:, rows - 1 :: rows] == seg_prev)[:, :, None, None], d_state, 0.0)
+    # where the chunk's last segment began before it (the state kernels' masked exp(G_last))
+    _, state_decay = chunk_fwd.chunk_end_decays(gcum, seg, seg_prev, rows)  # [N, B, H, 1, D]
+    state_decay = jnp.moveaxis(state_decay[..., 0, :], 0, 1)  # [B, N, H, D]
+    d_state = state_decay * (d_decay if channel else jnp.sum(d_decay, axis=-1, keepdims=True))
     d_last = jnp.sum(d_last.reshape(batch, n_chunks, n_blocks, heads, dim), axis=2) + d_state
     chunks = grads[-1].reshape(batch, n_chunks, rows, heads, dim)
     grads[-1] = chunks.at[:, :, -1].add(d_last).reshape(gcum.shape)
