@@ -34,11 +34,6 @@ SUBCHUNK = 16
 # Chunks per iteration of the sequential loop over chunks (lax.scan's unroll). Measured on an H100
 # (docs/performance.md): 8 takes 11% off linear attention's forward (2.36 -> 2.11 ms), no change for the delta rules.
 CHUNK_SCAN_UNROLL = 8
-# How the chunk form passes the state between chunks: "loop", a sequential `lax.scan` over chunks (U = U~ - W S,
-# then the next state); "associative", each chunk's affine map S -> M S + N (M = Diag(exp G_last) - X~^T W, K x K;
-# diagonal without an erase address) composed by `lax.associative_scan`: O(log N) depth of batched products
-# instead of N small steps, for K x K more bytes per chunk. Untimed (docs/performance.md, "Next measurements").
-CHUNK_STATE_PASS = "loop"
 
 
 class Substeps(NamedTuple):
@@ -175,37 +170,6 @@ def chunk_end_decays(gcum: Array, seg_rows: Array | None = None, seg_prev: Array
     return decay_to_end, state_decay
 
 
-def chunk_transition(decay: Array, x_to_end: Array, w: Array | None, transpose: bool = False) -> Array:
-    """A chunk's state transition M = Diag(decay) - X~^T W [..., K, K] (Diag(decay) - W^T X~ with transpose: the
-    map of the state's gradient), or the diagonal decay [..., K] itself without an erase address (w None).
-    decay [..., K]; x_to_end, w [..., L, K]."""
-    if w is None:
-        return decay
-    a, b = (w, x_to_end) if transpose else (x_to_end, w)
-    return jnp.eye(decay.shape[-1], dtype=decay.dtype) * decay[..., None, :] - jnp.swapaxes(a, -1, -2) @ b
-
-
-def chunk_states_associative(
-    initial_state: Array, u_tilde: Array, w: Array | None, x_to_end: Array, state_decay: Array
-) -> tuple[Array, Array, Array]:
-    """The chunks' effective values U, start states and the final state from the chunks' affine maps
-    S -> M S + N, composed by `lax.associative_scan` (CHUNK_STATE_PASS "associative"). With U = U~ - W S, the
-    chunk's end state is Diag(d) S + X~^T U = (Diag(d) - X~^T W) S + X~^T U~ (d = exp(G_last), masked by segments
-    as the inputs are). The initial state is folded into the first chunk's N, so only the N's of the composed
-    maps are needed (XLA drops the rest).
-
-    initial_state [B, H, K, V]; u_tilde [N, B, H, L, V]; w [N, B, H, L, K] or None (then M is diagonal);
-    x_to_end [N, B, H, L, K]; state_decay [N, B, H, 1, D] (D = K, or 1 for a scalar decay).
-    Returns (u [N, B, H, L, V], start_states [N, B, H, K, V], final_state [B, H, K, V])."""
-    n = jnp.swapaxes(x_to_end, -1, -2) @ u_tilde  # [N, B, H, K, V]
-    m = chunk_transition(jnp.broadcast_to(state_decay[..., 0, :], n.shape[:-1]), x_to_end, w)
-    n = n.at[0].set(apply_map(m[0], n[0], initial_state))
-    _, after = jax.lax.associative_scan(lambda earlier, later: compose(later, earlier), (m, n), axis=0)
-    start_states = jnp.concatenate([initial_state[None].astype(after.dtype), after[:-1]])  # after: end states
-    u = u_tilde if w is None else u_tilde - w @ start_states
-    return u, start_states, after[-1]
-
-
 def unit_lower_inverse(a: Array) -> Array:
     """(I + a)^-1 for strictly lower-triangular a [..., L, L] (L a power of two), by blocked forward
     substitution: diagonal blocks of size b are merged pairwise, [[T11, 0], [-T22 A21 T11, T22]]."""
@@ -279,7 +243,7 @@ def pair_scores(a: Array, ga: Array, b: Array, gb: Array, mask: Array) -> Array:
 
 def chunkwise(q: Array, sub: Substeps, initial_state: Array, segment_ids: Array | None, chunk_size: int):
     """Chunks of `chunk_size` tokens: intra-chunk work as matrix products, only the state passes between
-    chunks (`lax.scan`, or an associative scan over the chunks' maps: CHUNK_STATE_PASS). Any T: the tail is padded
+    chunks (`lax.scan`). Any T: the tail is padded
     with identity sub-steps (g = 0, x = 0). Internally chunk-major, [N, B, H, rows, D], so the loop over chunks
     slices its leading axis."""
     batch, length, heads, key = q.shape
@@ -333,23 +297,19 @@ def chunkwise(q: Array, sub: Substeps, initial_state: Array, segment_ids: Array 
     decay_to_end, state_decay = chunk_end_decays(gcum, *segs)  # [N, B, H, L, D], [N, B, H, 1, D]
     x_to_end = x * decay_to_end
 
-    if CHUNK_STATE_PASS not in ("loop", "associative"):
-        raise ValueError(f'edarnn.core.CHUNK_STATE_PASS: expected "loop" or "associative"; got {CHUNK_STATE_PASS!r}')
-    if CHUNK_STATE_PASS == "associative":
-        u, start_states, final_state = chunk_states_associative(initial_state, u_tilde, w, x_to_end, state_decay)
-    else:
-        state_decay = jnp.swapaxes(state_decay, -1, -2)  # [N, B, H, D, 1]
+    state_decay = jnp.swapaxes(state_decay, -1, -2)  # [N, B, H, D, 1]
 
-        # Per chunk, the effective values U = U~ - W S and the next state. Measured on an H100, this reads less
-        # than first building each chunk's affine map S -> M S + N (K x K) and looping over those.
-        def chunk(state, inputs):
-            u_tilde_c, w_c, x_to_end_c, decay_c = inputs
-            u_c = u_tilde_c if w_c is None else u_tilde_c - w_c @ state
-            return decay_c * state + jnp.swapaxes(x_to_end_c, -1, -2) @ u_c, (u_c, state)
+    # Per chunk, the effective values U = U~ - W S and the next state. Measured on an H100, this reads less than
+    # first building each chunk's affine map S -> M S + N (K x K) and looping over those; composing those maps by
+    # an associative scan instead (log N depth) was no faster on an H200 (docs/performance.md, session 7).
+    def chunk(state, inputs):
+        u_tilde_c, w_c, x_to_end_c, decay_c = inputs
+        u_c = u_tilde_c if w_c is None else u_tilde_c - w_c @ state
+        return decay_c * state + jnp.swapaxes(x_to_end_c, -1, -2) @ u_c, (u_c, state)
 
-        final_state, (u, start_states) = jax.lax.scan(
-            chunk, initial_state, (u_tilde, w, x_to_end, state_decay), unroll=min(CHUNK_SCAN_UNROLL, n_chunks)
-        )  # u: [N, B, H, L, V]; start_states: [N, B, H, K, V]
+    final_state, (u, start_states) = jax.lax.scan(
+        chunk, initial_state, (u_tilde, w, x_to_end, state_decay), unroll=min(CHUNK_SCAN_UNROLL, n_chunks)
+    )  # u: [N, B, H, L, V]; start_states: [N, B, H, K, V]
     scores = pair_scores(qc, gq, x, gcum, mask_q)  # [N, B, H, C, L]
     o = q_decayed @ start_states + scores @ u  # [N, B, H, C, V]
     o = jnp.moveaxis(o, (0, 2), (1, 3)).reshape(batch, n_chunks * chunk_size, heads, value)

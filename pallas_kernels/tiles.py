@@ -140,16 +140,6 @@ def in_segment(t, seg, number):
     return t if seg is None else jnp.where(seg == number, t, 0.0)
 
 
-def end_decays(g, g_last, seg=None, seg_last=None, seg_prev=None):
-    """(decay_to_end [rows, D], state_decay [D, 1]) of one chunk: exp(G_last - G), zero on rows before the
-    chunk's last segment; exp(G_last), zero when that segment starts inside the chunk. g [rows, D], g_last
-    [1, D]; seg [rows, 1], seg_last and seg_prev (the number before the chunk) scalars, or all None."""
-    return (
-        in_segment(jnp.exp(g_last - g), seg, seg_last),
-        in_segment(jnp.exp(g_last).reshape(-1, 1), seg_last, seg_prev),
-    )
-
-
 def causal_query_mask(block_tokens, per_token):
     """[block_tokens, block_tokens P]: token t of a diagonal block sees the sub-step rows up to its own last."""
     return iota(block_tokens) * per_token + per_token - 1 >= iota(block_tokens * per_token, 1)

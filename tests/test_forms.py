@@ -1,20 +1,15 @@
 """Every form (scan, chunk, auto) computes what the recurrent definition computes, for every rule variant."""
 
-import jax
 import jax.numpy as jnp
 import pytest
 from conftest import (
     SEGMENTS,
     VARIANTS,
-    T,
     assert_close,
-    jit,
-    loss_fn,
     make_inputs,
     make_segment_ids,
     make_state,
     numpy_definition,
-    random_cotangents,
     reference,
     rule_of,
     run,
@@ -51,26 +46,6 @@ def test_form_matches_recurrent_float64(variant, T, with_state, impl, chunk_size
     expected = run(rule, inputs, state, impl="recurrent")
     assert actual[0].dtype == actual[1].dtype == jnp.float64
     assert_close(actual, expected, rtol=1e-9, what=f"{variant} {impl}")
-
-
-@pytest.mark.parametrize("with_segments", [False, True], ids=["one-segment", "segments"])
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_chunk_associative_state_pass_matches_recurrent_float64(variant, with_segments, rng, monkeypatch):
-    """core.CHUNK_STATE_PASS "associative" (the chunks' affine maps composed by an associative scan): outputs,
-    final state and the gradients w.r.t. every input and the initial state equal the recurrent form's; chunks of
-    8 (five, an odd count, padded last chunk: both branches of the scan's recursion), with and without packed
-    segments that cross chunks (without them the initial state passes through every chunk's map)."""
-    monkeypatch.setattr(core, "CHUNK_STATE_PASS", "associative")
-    rule = rule_of(variant)
-    inputs, state = make_inputs(variant, rng, T=T), make_state(rng)
-    segment_ids = make_segment_ids(rng, SEGMENTS) if with_segments else None
-    cotangents = random_cotangents(rng, inputs)
-
-    def grads(impl):  # a fresh trace: CHUNK_STATE_PASS is read when tracing
-        loss = loss_fn(rule, cotangents, impl=impl, chunk_size=8)
-        return jit(jax.value_and_grad(loss, argnums=(0, 1)))(inputs, state, segment_ids)
-
-    assert_close(grads("chunk"), grads("recurrent"), rtol=1e-9, what=f"{variant} associative state pass")
 
 
 CHANNEL_DECAY = [name for name, (_, gates) in VARIANTS.items() if gates.get("g") == "decay_K"]

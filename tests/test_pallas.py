@@ -72,43 +72,34 @@ def test_pallas_forward_in_value_blocks(variant, rng, monkeypatch):
     assert_close(actual, reference(rule, inputs, state, segment_ids), KERNEL_RTOL, f"{variant} pallas, V blocks")
 
 
-@pytest.mark.parametrize("low_products", [False, True], ids=["f32-products", "low-products"])
 @pytest.mark.parametrize("variant", ["gated_delta_rule", "kda", "eda"])
-def test_pallas_bf16_storage_interpret(variant, low_products, rng, monkeypatch):
-    """bf16 inputs: the kernels read q, x, y, z and store Aqk, W, U~, U and the states in bf16 (low_products: the
-    state and output kernels' products on bf16 operands, which must change the result); output and state
+def test_pallas_bf16_storage_interpret(variant, rng):
+    """bf16 inputs: the kernels read q, x, y, z and store Aqk, W, U~, X~, U and the states in bf16, and round the
+    state and output kernels' computed product operands to bf16 (chunk_fwd.product_operands); output and state
     within 2e-2 (max-abs over max) of the float64 recurrent form on the same bf16 inputs, chunks of 32. The test's
     heads are narrow (few terms per output), so rounding to bf16 alone moves single elements by up to ~6e-3 here;
     the full-width GPU test holds 1e-2."""
     rule = rule_of(variant)
-
-    def forward(config):  # a fresh trace: the configuration is read when tracing (`run`'s are cached)
-        monkeypatch.setattr(chunk_fwd, "DEFAULT_CONFIG", config)
-        return jit(lambda inputs: rules.RULES[rule](**inputs, impl="pallas", chunk_size=32))(low)
-
     inputs = make_inputs(variant, rng, T=70)
     low = {
         name: None if x is None else x.astype(jnp.bfloat16 if name in "qkve" else jnp.float32)
         for name, x in inputs.items()
     }
-    o, state = forward(chunk_fwd.Config(low_products=low_products))
+    o, state = jit(lambda i: rules.RULES[rule](**i, impl="pallas", chunk_size=32))(low)
     expected_o, expected_state = reference(rule, low)
     assert o.dtype == jnp.bfloat16
     assert relative_error(o, expected_o) < 2e-2 and relative_error(state, expected_state) < 2e-2
-    if low_products:
-        assert relative_error(state, forward(chunk_fwd.Config())[1]) > 0
 
 
 def test_low_products_only_with_bfloat16_storage_of_everything():
-    """chunk_fwd.Config.low_products rounds to bfloat16 only where every stored operand is bfloat16 (else the
-    products stay float32 anyway) and never for float16 storage (the running state's range)."""
-    on = chunk_fwd.Config(low_products=True)
-    assert chunk_fwd.product_operands(on, "bfloat16") == jnp.bfloat16
-    assert chunk_fwd.product_operands(on, "float16") is None
-    assert chunk_fwd.product_operands(on, None) is None
-    assert chunk_fwd.product_operands(on._replace(low_states=False), "bfloat16") is None
-    assert chunk_fwd.product_operands(on._replace(low_intermediates=False), "bfloat16") is None
-    assert chunk_fwd.product_operands(chunk_fwd.Config(), "bfloat16") is None
+    """The state kernels round their products' computed operands to bfloat16 only where every stored operand is
+    bfloat16 (else the products stay float32 anyway) and never for float16 storage (the running state's range)."""
+    config = chunk_fwd.Config()
+    assert chunk_fwd.product_operands(config, "bfloat16") == jnp.bfloat16
+    assert chunk_fwd.product_operands(config, "float16") is None
+    assert chunk_fwd.product_operands(config, None) is None
+    assert chunk_fwd.product_operands(config._replace(low_states=False), "bfloat16") is None
+    assert chunk_fwd.product_operands(config._replace(low_intermediates=False), "bfloat16") is None
 
 
 @pytest.fixture
@@ -154,39 +145,6 @@ def test_pallas_grads_match_chunk(variant, with_segments, rng, backward_kernels)
     actual = grad_runner(rule, "pallas", 16)(cotangents, inputs, state, segment_ids)
     expected = grad_runner(rule, "chunk", 16)(cotangents, inputs, state, segment_ids)
     assert_close(actual, expected, KERNEL_RTOL, f"{variant} pallas grad")
-
-
-ASSOCIATIVE_CASES = [(v, True) for v in SEGMENT_VARIANTS] + [
-    (v, False) for v in ("gated_delta_rule", "kda", "gla-scalar", "eda-scalar")
-]  # segments: the masks; one segment: the initial state through every chunk's map
-
-
-@pytest.mark.parametrize(
-    "variant,with_segments",
-    ASSOCIATIVE_CASES,
-    ids=[f"{v}-{'segments' if s else 'one-segment'}" for v, s in ASSOCIATIVE_CASES],
-)
-def test_pallas_associative_state_pass(variant, with_segments, rng, backward_kernels, monkeypatch, fresh_traces):
-    """chunk_fwd.Config.state_pass "associative" (XLA in place of the state kernel, in the forward and in the
-    backward's recompute, and of the state_grad kernel): the recurrent form's output and final state and the chunk
-    form's gradients, with an initial state, odd T (five chunks of 16, the last padded), with and without segments
-    that cross chunks; decays scalar and per channel, with and without an erase address, one or two sub-steps. In
-    interpret mode the gradients are float32 throughout: the 16-bit casts are checked on the GPU only
-    (test_pallas_grads_on_gpu_bf16)."""
-    monkeypatch.setattr(chunk_fwd, "DEFAULT_CONFIG", chunk_fwd.Config(state_pass="associative"))
-    rule = rule_of(variant)
-    inputs, state = make_inputs(variant, rng, T=73), make_state(rng)
-    segment_ids = make_segment_ids(rng, [[30, 1, 14, 28], [35, 1, 14, 23]]) if with_segments else None
-    cotangents = random_cotangents(rng, inputs)
-
-    def forward(i, s, seg):  # a fresh jit: conftest's `run` is cached across configurations
-        return rules.RULES[rule](**i, initial_state=s, segment_ids=seg, impl="pallas", chunk_size=16)
-
-    actual = jax.jit(forward)(inputs, state, segment_ids)
-    assert_close(actual, reference(rule, inputs, state, segment_ids), KERNEL_RTOL, f"{variant} associative")
-    actual = grad_runner(rule, "pallas", 16)(cotangents, inputs, state, segment_ids)
-    expected = grad_runner(rule, "chunk", 16)(cotangents, inputs, state, segment_ids)
-    assert_close(actual, expected, KERNEL_RTOL, f"{variant} associative grad")
 
 
 @pytest.mark.parametrize("variant", [*SEGMENT_VARIANTS, "kda"])
@@ -348,26 +306,22 @@ def _forward_kernel_count(case):
 LOWERING_SETTINGS = {  # (storage, chunk_fwd.Config fields) of the lowering tests
     "f32": (None, {}),
     "bf16": (jnp.bfloat16, {}),
-    "bf16-low-products": (jnp.bfloat16, {"low_products": True}),
     "f32-states": (jnp.bfloat16, {"low_states": False}),  # bf16 inputs against float32 states: mixed products
-    "associative": (jnp.bfloat16, {"state_pass": "associative"}),  # no state kernel, no state_grad
 }
-FORWARD_LOWERING = ["f32", "bf16", "bf16-low-products", "associative"]
-BACKWARD_LOWERING = ["f32", "bf16", "f32-states", "associative"]
+FORWARD_LOWERING = ["f32", "bf16"]
+BACKWARD_LOWERING = ["f32", "bf16", "f32-states"]
 
 
 @pytest.mark.parametrize("setting", FORWARD_LOWERING)
 @pytest.mark.parametrize("case", list(LOWERING_CASES))
 def test_chunk_kernels_lower_to_triton(case, setting, monkeypatch, no_x64):
-    """The forward kernels, float32 and 16-bit storage of the intermediates (16-bit products; the associative
-    state pass, without the state kernel)."""
+    """The forward kernels, float32 and 16-bit storage of the intermediates (16-bit products)."""
     storage, fields = LOWERING_SETTINGS[setting]
     monkeypatch.setattr(chunk_fwd, "DEFAULT_CONFIG", chunk_fwd.Config(**fields))
     forward = jax.jit(lambda q, sub, s0, seg: forms.chunkwise(q, sub, s0, seg, 64, False, "gpu", storage))
     text = forward.trace(*_lowering_inputs(case, 128)).lower(lowering_platforms=("cuda",)).as_text()
-    associative = setting == "associative"
-    assert text.count("xla.gpu.triton") == _forward_kernel_count(case) - associative
-    assert ('name = "_state_kernel"' in text) == (not associative)
+    assert text.count("xla.gpu.triton") == _forward_kernel_count(case)
+    assert 'name = "_state_kernel"' in text
 
 
 BACKWARD_KERNELS = (
@@ -383,18 +337,14 @@ BACKWARD_KERNELS = (
 @pytest.mark.parametrize("case", list(LOWERING_CASES))
 def test_chunk_backward_kernels_lower_to_triton(case, setting, backward_kernels, monkeypatch, no_x64):
     """A training step's forward and backward at K = V = 128 (two K blocks in state_products and key_grad, two V
-    blocks elsewhere), float32 and 16-bit storage (16-bit inputs with float32 states; the associative state pass):
+    blocks elsewhere), float32 and 16-bit storage (16-bit inputs with float32 states):
     the forward kernels, those before the output kernel again (the backward recomputes the chunk states: pair,
     solve, state), and the five backward kernels (value_grad, state_grad, score_grad, state_products, key_grad)."""
     storage, fields = LOWERING_SETTINGS[setting]
     monkeypatch.setattr(chunk_fwd, "DEFAULT_CONFIG", chunk_fwd.Config(**fields))
     text = _lowered_training_step(case, storage)
-    associative = setting == "associative"
-    kernels = [k for k in BACKWARD_KERNELS if not (associative and k == "_state_grad_kernel")]
-    forward = _forward_kernel_count(case) - associative
-    assert text.count("xla.gpu.triton") == 2 * forward - 1 + len(kernels)
-    assert all(f'name = "{kernel}"' in text for kernel in kernels)
-    assert ('name = "_state_grad_kernel"' in text) == (not associative)
+    assert text.count("xla.gpu.triton") == 2 * _forward_kernel_count(case) - 1 + len(BACKWARD_KERNELS)
+    assert all(f'name = "{kernel}"' in text for kernel in BACKWARD_KERNELS)
 
 
 def _lowered_training_step(case, storage):
@@ -410,8 +360,7 @@ def _lowered_training_step(case, storage):
 
 GPU_FORWARD_CONFIGS = {  # chunk_fwd.Config fields of the full-width bf16 test's cases
     "default": {},
-    "low-products": {"low_products": True},
-    "associative": {"state_pass": "associative"},  # XLA's products (TF32 on the GPU) in a log-depth scan
+    "f32-states": {"low_states": False},  # float32 states and U: the state kernels' products in float32
 }
 
 
@@ -420,7 +369,7 @@ GPU_FORWARD_CONFIGS = {  # chunk_fwd.Config fields of the full-width bf16 test's
 @pytest.mark.parametrize("rule", ["gated_delta_rule", "kda", "gdn2", "eda"])
 def test_pallas_on_gpu_bf16(rule, config, monkeypatch):
     """Full-width heads in bf16 against a float32 recurrent run: relative error under 1e-2, no NaN (the
-    default configuration, low_products, the associative state pass)."""
+    default configuration (16-bit products), float32 states)."""
     from edarnn.check_forms import random_inputs
 
     monkeypatch.setattr(chunk_fwd, "DEFAULT_CONFIG", chunk_fwd.Config(**GPU_FORWARD_CONFIGS[config]))
@@ -448,15 +397,11 @@ def test_pallas_decode_step_on_gpu(rule):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("state_pass", ["kernel", "associative"])
 @pytest.mark.parametrize("rule", ["gated_delta_rule", "kda", "gdn2", "eda"])
-def test_pallas_grads_on_gpu_bf16(rule, state_pass, backward_kernels, monkeypatch):
+def test_pallas_grads_on_gpu_bf16(rule, backward_kernels):
     """Gradients of every input and the initial state at full-width heads, q, k, v (and e) in bf16, against a
-    float32 recurrent run: relative error under 2e-2, finite (the state kernels, or chunk_fwd.Config.state_pass
-    "associative")."""
+    float32 recurrent run: relative error under 2e-2, finite."""
     from edarnn.check_forms import random_inputs
-
-    monkeypatch.setattr(chunk_fwd, "DEFAULT_CONFIG", chunk_fwd.Config(state_pass=state_pass))
 
     inputs = random_inputs(rule, 2, 1000, 4, 128, 128)
     keys = jax.random.split(jax.random.key(1), 3)

@@ -51,8 +51,8 @@ VARIANTS = {  # name: chunk_fwd.Config fields ("bf16": the default, 16-bit stora
     "out32": {"output_block_v": 32},
     "state32": {"state_block_v": 32},
     "state16": {"state_block_v": 16},  # more programs for the sequential state pass when B x H is small
-    "lowprod": {"low_products": True},  # the state and output kernels' products on 16-bit operands
-    "assoc": {"state_pass": "associative"},  # XLA's associative scan over the chunks' maps, no state kernel
+    "stages1": {"state_stages": 1},  # no software pipelining of the state kernel's loop
+    "stages3": {"state_stages": 3},
 }
 
 BACKWARDS = {  # name: None (forward only), or (forms.BACKWARD_KERNELS["gpu"], chunk_bwd.Config fields)
@@ -67,6 +67,7 @@ BACKWARDS = {  # name: None (forward only), or (forms.BACKWARD_KERNELS["gpu"], c
     "kernels_state8": (True, {"state_grad_warps": 8}),
     "kernels_stategrad32": (True, {"state_grad_block_v": 32}),
     "kernels_stategrad16": (True, {"state_grad_block_v": 16}),
+    "kernels_stages1": (True, {"state_grad_stages": 1}),  # no software pipelining of the state_grad kernel's loop
 }
 
 

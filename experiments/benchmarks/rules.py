@@ -3,8 +3,7 @@
     python -m experiments.benchmarks.rules                       # full shape, default backend
     python -m experiments.benchmarks.rules --seq 1024 --check    # verify against impl="recurrent" first
 
-Each case is a (rule, impl) pair; impl "chunk_associative" is impl="chunk" with the state passed between chunks
-by an associative scan (`edarnn.core.CHUNK_STATE_PASS`). Besides the seven rules there are two peers:
+Each case is a (rule, impl) pair. Besides the seven rules there are two peers:
 `common_style_gdn` (the chunked gated delta rule as plain-JAX ports commonly write it, see common_style_gdn.py;
 the baseline the ratio columns divide by) and `softmax_attention` (`jax.nn.dot_product_attention`, causal; cuDNN
 on GPU for 16-bit inputs).
@@ -35,11 +34,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from edarnn import core, rules
+from edarnn import rules
 from experiments.benchmarks.common_style_gdn import chunk_gated_delta_rule_common
 
 BASELINE = "common_style_gdn"
-CHUNK_ASSOCIATIVE = "chunk_associative"  # impl="chunk" with core.CHUNK_STATE_PASS "associative"
 SOFTMAX = "softmax_attention"
 ALL_RULES = (*rules.RULES, BASELINE, SOFTMAX)
 DELTA_FAMILY = {"delta_rule", "gated_delta_rule", "kda", "gdn2", "eda"}
@@ -92,22 +90,7 @@ def forward_fn(rule, impl, chunk_size):
         return functools.partial(chunk_gated_delta_rule_common, chunk_size=chunk_size)
     if rule == SOFTMAX:
         return lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
-    if impl == CHUNK_ASSOCIATIVE:
-        return _with_associative_state_pass(functools.partial(rules.RULES[rule], impl="chunk", chunk_size=chunk_size))
     return functools.partial(rules.RULES[rule], impl=impl, chunk_size=chunk_size)
-
-
-def _with_associative_state_pass(fn):
-    """fn traced with core.CHUNK_STATE_PASS = "associative" (it is read when tracing)."""
-
-    def traced(*args):
-        previous, core.CHUNK_STATE_PASS = core.CHUNK_STATE_PASS, "associative"
-        try:
-            return fn(*args)
-        finally:
-            core.CHUNK_STATE_PASS = previous
-
-    return traced
 
 
 def reference_fn(rule):
@@ -314,7 +297,7 @@ def parse_args(argv=None):
         "--impls",
         nargs="+",
         default=None,
-        choices=("chunk", CHUNK_ASSOCIATIVE, "recurrent", "scan"),
+        choices=("chunk", "recurrent", "scan"),
         help=f"forms of the edarnn rules (default: chunk; recurrent if T <= {MAX_RECURRENT_T})",
     )
     p.add_argument("--repeats", type=int, default=20)

@@ -5,12 +5,11 @@ per-token decay's gradient, a reverse cumulative sum inside each chunk, is JAX's
 `pallas_kernels.forms.prepare`). Given the cotangents dO of the output and dS_N of the final state:
 
 0. recompute: Aqk, W, U, T = (I + A)^-1 and each chunk's start state S_n by the forward's pair, solve and state
-   kernels (`chunk_fwd.chunk_states`; the solve kernel also writes T; with chunk_fwd.Config.state_pass
-   "associative", XLA's scan in place of the state kernel); the forward keeps nothing but its inputs.
+   kernels (`chunk_fwd.chunk_states`; the solve kernel also writes T); the forward keeps nothing but its inputs.
 1. `value_grad` (grid B x H x N x V/BV, parallel; body tiles.value_grad_kernel): P_n^T dO_n, the values'
    gradient through the chunk's own queries (P = Aqk).
-2. `state_grad` (grid B x H x V/BV, sequential over the chunks in reverse inside, dS in registers; with
-   chunk_fwd.Config.state_pass "associative" XLA's associative scan instead, `_state_grads_associative`):
+2. `state_grad` (grid B x H x V/BV, sequential over the chunks in reverse inside, dS in registers; Q exp(Gq)
+   and the recompute's X~ = X exp(G_last - G) and exp(G_last) prepared by XLA):
        dU_n = P_n^T dO_n + (X exp(G_last - G))_n dS_{n+1}
        dS_n = Diag(exp G_last) dS_{n+1} + (Q exp Gq)_n^T dO_n - W_n^T dU_n
    storing dU_n and dS_{n+1}; dS_0 is the initial state's gradient.
@@ -42,7 +41,6 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from edarnn import core
 from pallas_kernels.gpu import chunk_fwd
 from pallas_kernels.gpu.chunk_fwd import segment_specs, tile_spec, triton_call
 from pallas_kernels.tiles import (
@@ -52,7 +50,6 @@ from pallas_kernels.tiles import (
     chunk_segments,
     decay_width,
     dot,
-    end_decays,
     in_segment,
     iota,
     pair_mask,
@@ -69,6 +66,7 @@ class Config(NamedTuple):
     score_grad_warps: int = 4
     state_products_warps: int = 4
     key_grad_warps: int = 2
+    state_grad_stages: int = 2  # Triton num_stages of the state_grad kernel (software pipelining of its loop)
     value_grad_block_v: int = 64
     state_grad_block_v: int = 64
     block_v: int = 64  # V blocks of the loops inside score_grad and state_products
@@ -89,36 +87,33 @@ def default_config():
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _state_grad_kernel(*refs, chunk_size, per_token, n_chunks, has_erase, has_segments):
+def _state_grad_kernel(*refs, chunk_size, per_token, n_chunks, has_erase, operands):
+    """The sequential pass over one head's chunks, last first, for one V block (module docstring, kernel 2), on
+    operands XLA prepared: Q exp(Gq) (`_decayed_queries`), X~ and exp(G_last) (chunk_fwd.end_decayed_keys).
+    operands: the dtype dS and dU are rounded to for their products (chunk_fwd.product_operands), None for
+    float32."""
     refs = list(refs)
     take = lambda present=True: refs.pop(0) if present else None  # noqa: E731
-    du_local_ref, q_ref, gq_ref, x_ref, g_ref = take(), take(), take(), take(), take()
+    du_local_ref, q_ref, x_ref, decay_ref = take(), take(), take(), take()
     w_ref, do_ref, d_final_ref = take(has_erase), take(), take()
-    seg_ref, seg_q_ref, prev_ref = take(has_segments), take(has_segments), take(has_segments)
     du_ref, d_ends_ref, d_initial_ref = refs
     f32 = jnp.float32
     b, h, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     block_v = du_ref.shape[-1] // pl.num_programs(2)
     vs = pl.ds(j * block_v, block_v)
     rows = chunk_size * per_token
+    cast = (lambda t: t) if operands is None else (lambda t: t.astype(operands))  # noqa: E731
 
     def chunk(i, d_state):
         n = n_chunks - 1 - i
         ts, qs = pl.ds(n * rows, rows), pl.ds(n * chunk_size, chunk_size)
-        x, g = x_ref[b, ts, h, :].astype(f32), g_ref[b, ts, h, :]
-        g_last = g_ref[b, n * rows + rows - 1, h, :].reshape(1, -1)
-        q_decayed = q_ref[b, qs, h, :].astype(f32) * jnp.exp(gq_ref[b, qs, h, :])
-        segs = ()
-        if has_segments:
-            segs = (seg_ref[b, ts].reshape(rows, 1), seg_ref[b, n * rows + rows - 1], prev_ref[b, n])
-            q_decayed = in_segment(q_decayed, seg_q_ref[b, qs].reshape(chunk_size, 1), prev_ref[b, n])
-        decay_to_end, state_decay = end_decays(g, g_last, *segs)
         d_ends_ref[b, h, n, :, vs] = d_state.astype(d_ends_ref.dtype)
-        du = du_local_ref[b, ts, h, vs].astype(f32) + dot(x * decay_to_end, d_state)
+        du = du_local_ref[b, ts, h, vs].astype(f32) + dot(x_ref[b, ts, h, :], cast(d_state))
         du_ref[b, ts, h, vs] = du.astype(du_ref.dtype)
-        d_state = state_decay * d_state + dot(q_decayed, do_ref[b, qs, h, vs].astype(f32), trans_a=True)
+        decay = decay_ref[b, n, h, :].reshape(-1, 1)  # [D, 1]
+        d_state = decay * d_state + dot(q_ref[b, qs, h, :], do_ref[b, qs, h, vs], trans_a=True)
         if has_erase:
-            d_state = d_state - dot(w_ref[b, ts, h, :].astype(f32), du, trans_a=True)
+            d_state = d_state - dot(w_ref[b, ts, h, :], cast(du), trans_a=True)
         return d_state
 
     d_final = d_final_ref[b, h, :, vs].astype(f32)
@@ -253,40 +248,17 @@ def _key_grad_kernel(*refs, block_tokens, per_token, has_erase, has_segments):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _state_grads_associative(du_local, q, gq, x, gcum, w, d_o, d_final, seg, seg_q, seg_prev, *, chunk_size, rows):
-    """The state_grad kernel's results by XLA (chunk_fwd.Config.state_pass "associative"), float32 throughout:
-    substituting dU_n into dS_n gives the chunk's map of the state's gradient, the transpose of the forward's,
-
-        dS_n = (Diag(exp G_last) - W^T X~) dS_{n+1} + (Q exp Gq)^T dO - W^T (P^T dO)      (X~ = X exp(G_last - G)),
-
-    composed from the last chunk down by `lax.associative_scan` (dS_N = d_final folded into the last map), then
-    dU_n = P^T dO + X~ dS_{n+1} for all chunks at once. Inputs as the kernel's (prepared layout: du_local [B, T P,
-    H, V] = P^T dO, q [B, T, H, K], gq [B, T, H, D], x, w (or None) [B, T P, H, K], gcum [B, T P, H, D], d_o [B, T,
-    H, V], d_final [B, H, K, V]; seg [B, T P], seg_q [B, T], seg_prev [B, N] or None; rows = C P). Returns (du
-    [B, T P, H, V], d_ends [B, H, N, K, V] (each chunk's dS_{n+1}), d_initial [B, H, K, V])."""
-    f32 = jnp.float32
-    by_rows = lambda t: chunk_fwd.to_chunk_major(t, rows).astype(f32)  # noqa: E731  (sub-step rows)
-    by_tokens = lambda t: chunk_fwd.to_chunk_major(t, chunk_size).astype(f32)  # noqa: E731  (query tokens)
-    decay_to_end, state_decay = chunk_fwd.chunk_end_decays(gcum, seg, seg_prev, rows)
-    keys = by_rows(x) * decay_to_end  # X~ [N, B, H, L, K]
-    du_local_c = by_rows(du_local)
-    q_decayed = by_tokens(q) * jnp.exp(by_tokens(gq))
-    if seg is not None:  # queries of a segment that began inside the chunk do not see its start state
-        seg_before = chunk_fwd.to_chunk_major(seg_prev, 1)  # [N, B, 1, 1, 1]
-        q_decayed = jnp.where(chunk_fwd.to_chunk_major(seg_q, chunk_size) == seg_before, q_decayed, 0.0)
-    c = jnp.swapaxes(q_decayed, -1, -2) @ by_tokens(d_o)  # [N, B, H, K, V]
-    w = None if w is None else by_rows(w)
-    if w is not None:
-        c = c - jnp.swapaxes(w, -1, -2) @ du_local_c
-    m_t = core.chunk_transition(jnp.broadcast_to(state_decay[..., 0, :], c.shape[:-1]), keys, w, transpose=True)
-    d_final = d_final.astype(f32)
-    last = core.apply_map(m_t[-1], c[-1], d_final)
-    # reverse=True: the scan's first argument is the composed map of the later chunks, applied to dS first
-    then = lambda later_chunks, earlier_chunks: core.compose(earlier_chunks, later_chunks)  # noqa: E731
-    _, d_states = jax.lax.associative_scan(then, (m_t, c.at[-1].set(last)), reverse=True, axis=0)  # dS_n
-    d_ends = jnp.concatenate([d_states[1:], d_final[None]])  # dS_{n+1}
-    du = du_local_c + keys @ d_ends
-    return chunk_fwd.from_chunk_major(du), jnp.moveaxis(d_ends, 0, 2), d_states[0]
+def _decayed_queries(q, gq, seg_q, seg_prev, chunk_size, dtype):
+    """Q exp(Gq) [B, T, H, K] in dtype, the queries' view of their chunk's start state: zero on the tokens of a
+    segment that began inside their chunk. q [B, T, H, K], gq [B, T, H, D]; seg_q [B, T] and seg_prev [B, N]
+    running segment numbers, or None."""
+    q_decayed = q.astype(jnp.float32) * jnp.exp(gq)
+    if seg_q is not None:
+        batch, length = seg_q.shape
+        by_chunk = seg_q.reshape(batch, length // chunk_size, chunk_size)
+        carry_in = (by_chunk == seg_prev[:, :, None]).reshape(batch, length)
+        q_decayed = jnp.where(carry_in[:, :, None, None], q_decayed, 0.0)
+    return q_decayed.astype(dtype)
 
 
 def chunk_backward(
@@ -313,7 +285,7 @@ def chunk_backward(
     f32 = jnp.float32
     grad_dtype = jnp.dtype(storage) if storage is not None and config.low_grads else f32
     shape = jax.ShapeDtypeStruct
-    scores, w, u, states, _, t = chunk_fwd.chunk_states(
+    recomputed = chunk_fwd.chunk_states(
         q,
         gq,
         x,
@@ -330,6 +302,10 @@ def chunk_backward(
         storage=storage,
         inverse=True,
     )
+    scores, w, u, states, t = recomputed.scores, recomputed.w, recomputed.u, recomputed.states, recomputed.t
+    x_to_end, state_decay = recomputed.x_to_end, recomputed.state_decay
+    low = x_to_end.dtype  # the recompute's intermediates' dtype
+    q_decayed = _decayed_queries(q, gq, seg_q, seg_prev, chunk_size, low)
 
     block_v = min(config.value_grad_block_v, value)
     du_local = triton_call(
@@ -342,33 +318,25 @@ def chunk_backward(
         out_shape=shape(z.shape, grad_dtype),
     )(scores, d_o)
 
-    if forward_config.state_pass == "associative":  # the states' pass by XLA, as the recompute's
-        du, d_ends, d_initial = _state_grads_associative(
-            du_local, q, gq, x, gcum, w, d_o, d_final, seg, seg_q, seg_prev, chunk_size=chunk_size, rows=rows
-        )
-        du, d_ends = du.astype(grad_dtype), d_ends.astype(grad_dtype)
-    else:
-        du, d_ends, d_initial = triton_call(
-            functools.partial(
-                _state_grad_kernel,
-                chunk_size=chunk_size,
-                per_token=per_token,
-                n_chunks=n_chunks,
-                has_erase=has_erase,
-                has_segments=has_segments,
-            ),
-            config.state_grad_warps,
-            interpret,
-            grid=(batch, heads, value // min(config.state_grad_block_v, value)),
-            out_shape=[
-                shape(z.shape, grad_dtype),
-                shape((batch, heads, n_chunks, key, value), grad_dtype),
-                shape((batch, heads, key, value), f32),
-            ],
-        )(
-            *(a for a in (du_local, q, gq, x, gcum, w, d_o, d_final) if a is not None),
-            *((seg, seg_q, seg_prev) if has_segments else ()),
-        )
+    du, d_ends, d_initial = triton_call(
+        functools.partial(
+            _state_grad_kernel,
+            chunk_size=chunk_size,
+            per_token=per_token,
+            n_chunks=n_chunks,
+            has_erase=has_erase,
+            operands=chunk_fwd.product_operands(forward_config, storage),
+        ),
+        config.state_grad_warps,
+        interpret,
+        stages=config.state_grad_stages,
+        grid=(batch, heads, value // min(config.state_grad_block_v, value)),
+        out_shape=[
+            shape(z.shape, grad_dtype),
+            shape((batch, heads, n_chunks, key, value), grad_dtype),
+            shape((batch, heads, key, value), f32),
+        ],
+    )(*(a for a in (du_local, q_decayed, x_to_end, state_decay, w, d_o, d_final) if a is not None))
 
     def block_spec(height, width, blocks_of=1):
         """One block (of `blocks_of` per chunk) of rows, the grid's last index picking it, on (B, H, N, n)."""
@@ -464,8 +432,6 @@ def chunk_backward(
         d_last = jnp.sum(d_last, axis=-1, keepdims=True)
     # each chunk's d G_last: its row blocks' shares and the state's term exp(G_last) rowsum(S * dS'), the latter
     # where the chunk's last segment began before it (the state kernels' masked exp(G_last))
-    _, state_decay = chunk_fwd.chunk_end_decays(gcum, seg, seg_prev, rows)  # [N, B, H, 1, D]
-    state_decay = jnp.moveaxis(state_decay[..., 0, :], 0, 1)  # [B, N, H, D]
     d_state = state_decay * (d_decay if channel else jnp.sum(d_decay, axis=-1, keepdims=True))
     d_last = jnp.sum(d_last.reshape(batch, n_chunks, n_blocks, heads, dim), axis=2) + d_state
     chunks = grads[-1].reshape(batch, n_chunks, rows, heads, dim)

@@ -12,8 +12,8 @@ segments; P sub-steps per token):
    (One fused kernel per chunk for 1 and 2, `tiles.intra_kernel`, the TPU's layout, was 1.08x / 1.48x / 2.83x
    slower here for gated_delta_rule / kda / eda at equal float32 storage, one H200 call each; see Config.)
 3. `state`  (grid B x H x V/BV, sequential over chunks inside): U = U~ - W S, the chunk's start state S, and
-   S <- Diag(exp G_last) S + (X exp(G_last - G))^T U, with S in registers (or, Config.state_pass
-   "associative", the same by XLA's associative scan over the chunks' affine maps).
+   S <- Diag(exp G_last) S + X~^T U, with S in registers; X~ = X exp(G_last - G) and exp(G_last), masked by
+   segments, are prepared by XLA beforehand (`end_decayed_keys`).
 4. `output` (grid B x H x N x V/BV, parallel; body in pallas_kernels.tiles): O = (Q exp Gq) S + Aqk U.
 
 `chunk_states` (kernels 1 to 3) is also the backward's recompute (chunk_bwd.py), which has the solve kernel write
@@ -34,7 +34,6 @@ from edarnn import core
 from pallas_kernels.tiles import (
     BLOCK_TOKENS,
     dot,
-    end_decays,
     output_kernel,
     pair_scores_kernel,
     solve_kernel,
@@ -48,18 +47,18 @@ class Config(NamedTuple):
     eda from 23.9 to 8.45; 16-bit storage (low_*) then 2.27 -> 1.76, 2.99 -> 2.74 (kda), 8.45 -> 7.71 (eda); solve
     with 4 warps for either P (kda 2.98 with 2; eda 7.10 against 7.71 with 8); pair kernel 4 warps (8: kda 3.71,
     eda 8.64; 2: same as 4 for gated_delta_rule); state kernel blocks of 64 values (32: gated_delta_rule 2.00
-    against 1.76); software pipelining of the state kernel's loop (num_stages 2) changed nothing, so every kernel
-    has 1. A later call (session 5) gave the default 1.77 / 2.74 / 7.02 ms again.
-    low_products (untimed, off): with bfloat16 storage of everything (low_*), the state kernel's products W S and
-    (X exp(G_last - G))^T U and the output kernel's (Q exp Gq) S take their computed operands (the running state,
-    U before it is stored, the decayed keys and queries) rounded to bfloat16, as flash-linear-attention's kernels
-    do, for the 16-bit matrix units; products of two stored tiles are 16-bit with or without it (exact).
-    state_pass (untimed, "kernel"): "associative" replaces the state kernel by XLA's batched products: each chunk's
-    affine map S -> (Diag(exp G_last) - X~^T W) S + X~^T U~ composed by `lax.associative_scan`
-    (`edarnn.core.chunk_states_associative`), then U = U~ - W S for all chunks at once; O(log N) depth instead of
-    N sequential steps of B x H x V/64 programs, for when B x H is small and T long (training at 32k: 12 heads).
-    The backward's state_grad kernel is replaced the same way (chunk_bwd._state_grads_associative). Its products
-    are XLA's float32 ones (low_products does not apply to them)."""
+    against 1.76). A later call (session 5) gave the default 1.77 / 2.74 / 7.02 ms again.
+    With bfloat16 storage of everything (low_*), the state kernel's products W S and X~^T U and the output
+    kernel's (Q exp Gq) S take their computed operands (the running state, U before it is stored, the decayed
+    queries) rounded to bfloat16, as flash-linear-attention's kernels do, for the 16-bit matrix units
+    (`product_operands`; session 7: kda's forward 2.74 -> 2.35 ms, fwd+bwd 6.34 -> 6.06 at this shape, 8.44 ->
+    5.90 ms forward at B=2, T=32768, H=6); products of two stored tiles are 16-bit in any case (exact).
+    Session 7: with X~ and exp(G_last) prepared by XLA (`end_decayed_keys`), the state kernel's loop reads only
+    stored tiles and software pipelining pays (state_stages 2, num_stages 1 for the other kernels): kda's forward
+    2.32 -> 2.23 ms, gated_delta_rule 1.67 -> 1.58 (it changed nothing while the loop computed its exponentials).
+    The associative state pass (XLA's `lax.associative_scan` over the chunks' K x K affine maps, in place of the
+    state and state_grad kernels) was measured and deleted: kda 1.67x slower forward at this shape; fwd+bwd
+    15.2 ms against 9.8 at B=2, T=32768, H=6."""
 
     pair_warps: tuple[int, int] = (4, 4)  # pair-scores kernel, by sub-steps per token
     solve_warps: tuple[int, int] = (4, 4)  # solve kernel, by sub-steps per token
@@ -70,8 +69,7 @@ class Config(NamedTuple):
     low_inputs: bool = True  # q, x, y, z read in the storage dtype (cast where XLA makes them)
     low_intermediates: bool = True  # Aqk, W, U~ in the inputs' storage dtype (bf16 inputs: bf16); A stays f32
     low_states: bool = True  # U and the chunks' start states likewise
-    low_products: bool = False  # with bf16 storage: the state and output kernels' products on bf16 operands
-    state_pass: str = "kernel"  # "kernel": the sequential state kernel; "associative": XLA, see the docstring
+    state_stages: int = 2  # Triton num_stages of the state kernel (software pipelining of its loop)
 
 
 DEFAULT_CONFIG = Config()
@@ -84,12 +82,12 @@ def default_config():
 
 def product_operands(config, storage):
     """The dtype the state and output kernels round their products' computed operands to: bfloat16 with
-    config.low_products, bfloat16 storage and every stored operand of those products in it (low_intermediates,
-    low_states: else the products would be float32 anyway), else None (float32). float16 storage leaves it off:
-    the running state could overflow float16's range."""
+    bfloat16 storage and every stored operand of those products in it (low_intermediates, low_states: else the
+    products would be float32 anyway), else None (float32). float16 storage leaves it off: the running state
+    could overflow float16's range."""
     stored_low = config.low_intermediates and config.low_states
     low = storage is not None and jnp.dtype(storage) == jnp.bfloat16 and stored_low
-    return jnp.dtype(jnp.bfloat16) if config.low_products and low else None
+    return jnp.dtype(jnp.bfloat16) if low else None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -97,35 +95,28 @@ def product_operands(config, storage):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _state_kernel(*refs, rows, n_chunks, has_erase, has_segments, operands):
-    """The sequential pass over one head's chunks for one V block (see the module docstring); operands: the dtype
-    the products' computed operands are rounded to (Config.low_products), None for float32."""
+def _state_kernel(*refs, rows, n_chunks, has_erase, operands):
+    """The sequential pass over one head's chunks for one V block (see the module docstring), on the key-side
+    operands that XLA prepared (`end_decayed_keys`): no exponentials and no segment masks in the loop. operands:
+    the dtype the products' computed operands are rounded to (`product_operands`), None for float32."""
     refs = list(refs)
     u_tilde_ref = refs.pop(0)
     w_ref = refs.pop(0) if has_erase else None
-    x_ref, g_ref, s0_ref = refs.pop(0), refs.pop(0), refs.pop(0)
-    seg_ref, prev_ref = (refs.pop(0), refs.pop(0)) if has_segments else (None, None)
-    u_ref, states_ref, final_ref = refs
+    x_ref, decay_ref, s0_ref, u_ref, states_ref, final_ref = refs
     b, h, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     block_v = u_ref.shape[-1] // pl.num_programs(2)
     vs = pl.ds(j * block_v, block_v)
-
     cast = (lambda t: t) if operands is None else (lambda t: t.astype(operands))  # noqa: E731
 
     def chunk(n, state):
         ts = pl.ds(n * rows, rows)
-        x, g = x_ref[b, ts, h, :].astype(jnp.float32), g_ref[b, ts, h, :]
         u = u_tilde_ref[b, ts, h, vs].astype(jnp.float32)
         if has_erase:
             u = u - dot(w_ref[b, ts, h, :], cast(state))
-        g_last = g_ref[b, n * rows + rows - 1, h, :].reshape(1, -1)
-        segs = (
-            (seg_ref[b, ts].reshape(rows, 1), seg_ref[b, n * rows + rows - 1], prev_ref[b, n]) if has_segments else ()
-        )
-        decay_to_end, state_decay = end_decays(g, g_last, *segs)
         u_ref[b, ts, h, vs] = u.astype(u_ref.dtype)
         states_ref[b, h, n, :, vs] = state.astype(states_ref.dtype)
-        return state_decay * state + dot(cast((x * decay_to_end).T), cast(u))
+        decay = decay_ref[b, n, h, :].reshape(-1, 1)  # [D, 1]
+        return decay * state + dot(x_ref[b, ts, h, :], cast(u), trans_a=True)
 
     final_ref[b, h, :, vs] = jax.lax.fori_loop(0, n_chunks, chunk, s0_ref[b, h, :, vs].astype(jnp.float32))
 
@@ -143,9 +134,10 @@ def tile_spec(rows, width, grid_rank=3, v_block=False):
     return pl.BlockSpec((None, rows, None, width), lambda b, h, n, j: (b, n, h, j if v_block else 0))
 
 
-def triton_call(kernel, warps, interpret, **kwargs):
-    """pl.pallas_call with the Triton compiler parameters (no software pipelining of loops: see Config)."""
-    params = plt.CompilerParams(num_warps=warps, num_stages=1)
+def triton_call(kernel, warps, interpret, stages=1, **kwargs):
+    """pl.pallas_call with the Triton compiler parameters (by default no software pipelining of loops: see
+    Config)."""
+    params = plt.CompilerParams(num_warps=warps, num_stages=stages)
     return pl.pallas_call(kernel, interpret=interpret, compiler_params=params, **kwargs)
 
 
@@ -180,6 +172,20 @@ def pair_specs(chunk_size, rows, n_blocks, key, dim, has_erase, has_segments):
     return ins, outs
 
 
+class ChunkStates(NamedTuple):
+    """What the pair-scores, solve and state kernels give (`chunk_states`): the forward's intermediates and the
+    backward's recompute. P sub-steps per token, R = C P rows per chunk, N chunks."""
+
+    scores: jax.Array  # [B, T, H, C P]: each token's query scores against its chunk's sub-steps (Aqk)
+    w: jax.Array | None  # [B, T P, H, K], W = T (Y exp G); None without an erase address
+    u: jax.Array  # [B, T P, H, V], U = U~ - W S
+    states: jax.Array  # [B, H, N, K, V], each chunk's start state
+    final_state: jax.Array  # [B, H, K, V] float32
+    t: jax.Array | None  # [B, T P, H, R], each chunk's (I + A)^-1 (zeros above its diagonal blocks), or None
+    x_to_end: jax.Array  # [B, T P, H, K], X exp(G_last - G), zero before the chunk's last segment
+    state_decay: jax.Array  # [B, N, H, D] float32, exp(G_last), zero where the last segment began in the chunk
+
+
 def chunk_states(
     q,
     gq,
@@ -198,13 +204,10 @@ def chunk_states(
     storage=None,
     inverse=False,
 ):
-    """The pair-scores, solve and state kernels on prepared inputs (see chunk_forward).
-    Returns (scores [B, T, H, C P], each token's query scores against its chunk's sub-steps; w [B, T P, H, K],
-    None without an erase address; u [B, T P, H, V]; states [B, H, N, K, V], each chunk's start state;
-    final_state [B, H, K, V] f32; t [B, T P, H, C P], each chunk's T = (I + A)^-1 (zeros above its diagonal
-    blocks) when `inverse` (the backward's recompute) and there is an erase address, else
-    None). The scores, w, u~ and t are in `storage` (default float32) when config.low_intermediates, u and the
-    states when config.low_states, else float32."""
+    """The pair-scores, solve and state kernels on prepared inputs (see chunk_forward) -> ChunkStates. t only
+    when `inverse` (the backward's recompute) and there is an erase address. The scores, w, u~, t and x_to_end
+    are in `storage` (default float32) when config.low_intermediates, u and the states when config.low_states,
+    else float32."""
     config = config or default_config()
     batch, length, heads, key = q.shape
     per_token = x.shape[1] // length
@@ -258,72 +261,36 @@ def chunk_states(
         )(pair_outs[1], y, z, gcum, *((seg, seg_prev) if has_segments else ()))
         t = t[0] if inverse else None
 
-    if config.state_pass not in ("kernel", "associative"):
-        raise ValueError(f'chunk_fwd.Config.state_pass: expected "kernel" or "associative"; got {config.state_pass!r}')
-    if config.state_pass == "associative":
-        u, states, final_state = _states_associative(
-            u_tilde, w, x, gcum, initial_state, seg, seg_prev, rows=rows, state_dtype=state_dtype
-        )
-        return scores, w, u, states, final_state, t
+    x_to_end, state_decay = end_decayed_keys(x, gcum, seg, seg_prev, rows, low)
     state_block_v = min(config.state_block_v, value)
     u, states, final_state = triton_call(
-        functools.partial(
-            _state_kernel,
-            rows=rows,
-            n_chunks=n_chunks,
-            has_erase=w is not None,
-            has_segments=has_segments,
-            operands=operands,
-        ),
+        functools.partial(_state_kernel, rows=rows, n_chunks=n_chunks, has_erase=w is not None, operands=operands),
         config.state_warps,
         interpret,
+        stages=config.state_stages,
         grid=(batch, heads, value // state_block_v),
         out_shape=[
             jax.ShapeDtypeStruct(z.shape, state_dtype),
             jax.ShapeDtypeStruct((batch, heads, n_chunks, key, value), state_dtype),
             jax.ShapeDtypeStruct((batch, heads, key, value), f32),
         ],
-    )(*(t for t in (u_tilde, w, x, gcum, initial_state) if t is not None), *((seg, seg_prev) if has_segments else ()))
-    return scores, w, u, states, final_state, t
+    )(*(t for t in (u_tilde, w, x_to_end, state_decay, initial_state) if t is not None))
+    return ChunkStates(scores, w, u, states, final_state, t, x_to_end, state_decay)
 
 
-def to_chunk_major(t, rows):
-    """[B, N R, H, D] -> [N, B, H, R, D] (R rows per chunk); running segment numbers [B, N R] -> [N, B, 1, R, 1]."""
-    t = t.reshape(t.shape[0], t.shape[1] // rows, rows, *t.shape[2:])
-    return jnp.moveaxis(t, (1, 3), (0, 2)) if t.ndim == 5 else jnp.moveaxis(t, 1, 0)[:, :, None, :, None]
-
-
-def from_chunk_major(t):
-    """[N, B, H, R, D] -> [B, N R, H, D]."""
-    chunks, batch, heads, rows, width = t.shape
-    return jnp.moveaxis(t, (0, 2), (1, 3)).reshape(batch, chunks * rows, heads, width)
-
-
-def chunk_end_decays(gcum, seg, seg_prev, rows):
-    """`edarnn.core.chunk_end_decays` on the kernels' layout: gcum [B, N R, H, D], seg [B, N R] and seg_prev
-    [B, N] running segment numbers (or None) -> (decay_to_end [N, B, H, R, D], state_decay [N, B, H, 1, D]), the
-    state kernels' masks (tiles.end_decays)."""
-    segs = () if seg is None else (to_chunk_major(seg, rows), to_chunk_major(seg_prev, 1))
-    return core.chunk_end_decays(to_chunk_major(gcum, rows), *segs)
-
-
-def _states_associative(u_tilde, w, x, gcum, initial_state, seg, seg_prev, *, rows, state_dtype):
-    """The state kernel's results by `edarnn.core.chunk_states_associative` on the kernels' layout
-    (Config.state_pass "associative"), float32 throughout.
-
-    u_tilde [B, T P, H, V], w (None without an erase address) and x [B, T P, H, K], gcum [B, T P, H, D],
-    initial_state [B, H, K, V]; seg [B, T P] and seg_prev [B, N] running segment numbers, or None; rows = C P.
-    Returns (u [B, T P, H, V] and states [B, H, N, K, V] in state_dtype, final_state [B, H, K, V] float32)."""
-    f32 = jnp.float32
-    decay_to_end, state_decay = chunk_end_decays(gcum, seg, seg_prev, rows)
-    u, start, final_state = core.chunk_states_associative(
-        initial_state.astype(f32),
-        to_chunk_major(u_tilde, rows).astype(f32),
-        None if w is None else to_chunk_major(w, rows).astype(f32),
-        to_chunk_major(x, rows).astype(f32) * decay_to_end,
-        state_decay,
-    )
-    return from_chunk_major(u).astype(state_dtype), jnp.moveaxis(start, 0, 2).astype(state_dtype), final_state
+def end_decayed_keys(x, gcum, seg, seg_prev, rows, dtype):
+    """The state kernels' key-side operands, by XLA in one element-wise pass (parallel over chunks, so the
+    sequential kernels take no exponentials or segment masks): `edarnn.core.chunk_end_decays` on the kernels'
+    layout. x [B, T P, H, K], gcum [B, T P, H, D]; seg [B, T P] and seg_prev [B, N] running segment numbers, or
+    None; rows = C P. Returns (x_to_end = X exp(G_last - G) [B, T P, H, K] in dtype, state_decay = exp(G_last)
+    [B, N, H, D] float32), masked by segments."""
+    batch, length, heads, dim = gcum.shape
+    by_chunk = lambda t: t.reshape(batch, length // rows, rows, *t.shape[2:])  # noqa: E731
+    g = jnp.swapaxes(by_chunk(gcum), 2, 3)  # [B, N, H, R, D]
+    segs = () if seg is None else (by_chunk(seg)[:, :, None, :, None], seg_prev[:, :, None, None, None])
+    decay_to_end, state_decay = core.chunk_end_decays(g, *segs)
+    x_to_end = by_chunk(x).astype(jnp.float32) * jnp.swapaxes(decay_to_end, 2, 3)
+    return x_to_end.reshape(x.shape).astype(dtype), state_decay[:, :, :, 0]
 
 
 def chunk_forward(
@@ -346,7 +313,7 @@ def chunk_forward(
     rows, value, dim = x.shape[1] // length * chunk_size, z.shape[-1], gcum.shape[-1]
     n_chunks = length // chunk_size
     has_segments = seg is not None
-    scores, _, u, states, final_state, _ = chunk_states(
+    scores, _, u, states, final_state, *_ = chunk_states(
         q,
         gq,
         x,
