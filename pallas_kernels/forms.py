@@ -54,8 +54,8 @@ def prepare(q, sub: core.Substeps, segment_ids, chunk_size):
 def _chunk_kernels(q, gq, x, y, z, gcum, initial_state, seg, seg_q, seg_prev, chunk_size, interpret, platform, storage):
     """The chunkwise forward kernels of `platform` on prepared inputs (`prepare`), with that platform's backward
     kernels as their VJP. storage (GPU): the dtype name the kernels read q, x, y, z in and store their
-    intermediates in (the caller's input dtype), or None for float32. Returns (o [B, T, H, V] f32, final_state
-    [B, H, K, V] f32), T padded."""
+    intermediates in (the caller's input dtype), or None for float32. Returns (o [B, T, H, V], float32 or on the
+    GPU in storage, final_state [B, H, K, V] f32), T padded."""
     args = (q, gq, x, y, z, gcum, initial_state, seg, seg_q, seg_prev)
     if platform == "tpu":
         return tpu_chunk_fwd.chunk_forward(*args, chunk_size=chunk_size, interpret=interpret)

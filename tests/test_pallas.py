@@ -73,7 +73,7 @@ def test_pallas_forward_in_value_blocks(variant, rng, monkeypatch):
 
 
 @pytest.mark.parametrize("variant", ["gated_delta_rule", "kda", "eda"])
-def test_pallas_bf16_storage_interpret(variant, rng):
+def test_pallas_bf16_storage_interpret(variant, rng, monkeypatch):
     """bf16 inputs: the kernels read q, x, y, z and store Aqk, W, U~, X~, U and the states in bf16, and round the
     state and output kernels' computed product operands to bf16 (chunk_fwd.product_operands); output and state
     within 2e-2 (max-abs over max) of the float64 recurrent form on the same bf16 inputs, chunks of 32. The test's
@@ -89,9 +89,12 @@ def test_pallas_bf16_storage_interpret(variant, rng):
     expected_o, expected_state = reference(rule, low)
     assert o.dtype == jnp.bfloat16
     assert relative_error(o, expected_o) < 2e-2 and relative_error(state, expected_state) < 2e-2
+    monkeypatch.setattr(chunk_fwd, "product_operands", lambda config, storage: None)  # float32 products instead
+    _, float32_products = jit(lambda i: rules.RULES[rule](**i, impl="pallas", chunk_size=32))(low)  # a fresh trace
+    assert relative_error(state, float32_products) > 0  # the rounding took place
 
 
-def test_low_products_only_with_bfloat16_storage_of_everything():
+def test_product_operands_bfloat16_only_with_bfloat16_storage_of_everything():
     """The state kernels round their products' computed operands to bfloat16 only where every stored operand is
     bfloat16 (else the products stay float32 anyway) and never for float16 storage (the running state's range)."""
     config = chunk_fwd.Config()
@@ -100,6 +103,47 @@ def test_low_products_only_with_bfloat16_storage_of_everything():
     assert chunk_fwd.product_operands(config, None) is None
     assert chunk_fwd.product_operands(config._replace(low_states=False), "bfloat16") is None
     assert chunk_fwd.product_operands(config._replace(low_intermediates=False), "bfloat16") is None
+
+
+def test_state_kernels_prepared_operands_match_a_loop_over_chunks(rng):
+    """chunk_fwd.end_decayed_keys and chunk_bwd._decayed_queries (XLA, the kernels' layout) against a loop over
+    chunks and sub-step rows: X exp(G_last - G) on the rows of each chunk's last segment, exp(G_last) where that
+    segment began before the chunk, Q exp(Gq) on the tokens of the segment that began before it. Two sub-steps per
+    token, chunks of 4 tokens, channel-wise and scalar decays; segments: one boundary inside a chunk, one exactly
+    at a chunk's start (the chunk's last segment began at its first row: no state decay), one chunk whole."""
+    batch, chunks, chunk, per_token, heads, key = 1, 4, 4, 2, 2, 3
+    rows, length = chunk * per_token, chunks * chunk
+    seg_q = np.array([[0, 0, 0, 0, 0, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2]])  # boundaries at token 5 and 8
+    seg = np.repeat(seg_q, per_token, axis=1)
+    seg_prev = np.concatenate([seg_q[:, :1], seg_q[:, chunk - 1 :: chunk][:, :-1]], axis=1)  # [B, N]
+    x = rng.standard_normal((batch, length * per_token, heads, key))
+    q = rng.standard_normal((batch, length, heads, key))
+    for dim in (key, 1):
+        g = -rng.uniform(0, 1, (batch, chunks, rows, heads, dim))
+        gcum = np.cumsum(g, axis=2).reshape(batch, length * per_token, heads, dim)
+        gq = gcum[:, per_token - 1 :: per_token]
+        x_to_end, state_decay = chunk_fwd.end_decayed_keys(
+            jnp.asarray(x), jnp.asarray(gcum), jnp.asarray(seg), jnp.asarray(seg_prev), rows, jnp.float32
+        )
+        q_decayed = chunk_bwd._decayed_queries(
+            jnp.asarray(q), jnp.asarray(gq), jnp.asarray(seg_q), jnp.asarray(seg_prev), chunk, jnp.float32
+        )
+        expected_x, expected_q = np.zeros_like(x), np.zeros_like(q)
+        expected_decay = np.zeros((batch, chunks, heads, dim))
+        for n in range(chunks):
+            last = (n + 1) * rows - 1
+            if seg[0, last] == seg_prev[0, n]:
+                expected_decay[:, n] = np.exp(gcum[:, last])
+            for r in range(n * rows, last + 1):
+                if seg[0, r] == seg[0, last]:
+                    expected_x[:, r] = x[:, r] * np.exp(gcum[:, last] - gcum[:, r])
+            for t in range(n * chunk, (n + 1) * chunk):
+                if seg_q[0, t] == seg_prev[0, n]:
+                    expected_q[:, t] = q[:, t] * np.exp(gq[:, t])
+        assert expected_decay[0, 1].sum() == 0 and expected_decay[0, 2].sum() == 0 and expected_decay[0, 3].all()
+        np.testing.assert_allclose(x_to_end, expected_x, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(state_decay, expected_decay, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(q_decayed, expected_q, rtol=1e-5, atol=1e-6)
 
 
 @pytest.fixture

@@ -30,7 +30,9 @@ docs/performance.md has the work and bytes).
 With 16-bit inputs (`storage`), the recompute stores as the forward does (chunk_fwd.Config), dO is read in 16 bits
 and dU, P^T dO, the dS_{n+1}, dZ and the gradients of q, x, y are stored in 16 bits (Config.low_grads: the rule's
 input gradients end in that dtype anyway, so this adds one rounding before the preparation's VJP); dP, dA, the
-log-decays' gradients and dS_0 are float32.
+log-decays' gradients and dS_0 are float32. Q exp(Gq) is prepared in the recompute's intermediates' dtype, and with
+low_grads and bf16 products in the forward (chunk_fwd.product_operands) state_grad's products take dS and dU
+rounded to bf16, as the forward's take S and U.
 Segment masks are the forward's. Arrays keep the public [B, T, H, D] layout, as in chunk_fwd.
 """
 
@@ -325,7 +327,7 @@ def chunk_backward(
             per_token=per_token,
             n_chunks=n_chunks,
             has_erase=has_erase,
-            operands=chunk_fwd.product_operands(forward_config, storage),
+            operands=chunk_fwd.product_operands(forward_config, storage) if config.low_grads else None,
         ),
         config.state_grad_warps,
         interpret,

@@ -83,8 +83,8 @@ def default_config():
 def product_operands(config, storage):
     """The dtype the state and output kernels round their products' computed operands to: bfloat16 with
     bfloat16 storage and every stored operand of those products in it (low_intermediates, low_states: else the
-    products would be float32 anyway), else None (float32). float16 storage leaves it off: the running state
-    could overflow float16's range."""
+    products are float32, on X~ stored with the intermediates), else None (float32). float16 storage leaves it
+    off: the running state could overflow float16's range."""
     stored_low = config.low_intermediates and config.low_states
     low = storage is not None and jnp.dtype(storage) == jnp.bfloat16 and stored_low
     return jnp.dtype(jnp.bfloat16) if low else None
@@ -304,7 +304,8 @@ def chunk_forward(
     those of the tokens and seg_prev [B, N] the number before each chunk, or all three None. T is a multiple
     of chunk_size. storage: the dtype q, x, y, z are read in (config.low_inputs) and the intermediates are stored
     in (config.low_intermediates, low_states), e.g. bfloat16 for bf16 inputs; None: float32.
-    Returns (o [B, T, H, V] f32, final_state [B, H, K, V] f32).
+    Returns (o [B, T, H, V] in storage (the caller's output dtype; rounded once, in the kernel), final_state
+    [B, H, K, V] f32).
     """
     config = config or default_config()
     if storage is not None and config.low_inputs:
@@ -344,6 +345,6 @@ def chunk_forward(
         ]
         + (segment_specs(4, chunk_size, 1) if has_segments else []),
         out_specs=tile_spec(chunk_size, output_block_v, 4, v_block=True),
-        out_shape=jax.ShapeDtypeStruct((batch, length, heads, value), jnp.float32),
+        out_shape=jax.ShapeDtypeStruct((batch, length, heads, value), jnp.dtype(storage or jnp.float32)),
     )(q, gq, scores, u, states, *((seg_q, seg_prev) if has_segments else ()))
     return o, final_state
