@@ -7,6 +7,8 @@ segments; P sub-steps per token):
 
 1. `pair`   (grid B x H x N x n^2, parallel; body tiles.pair_scores_kernel): one program per block pair (i, j)
    of 16-token blocks: the query scores Aqk_ij and, with an erase address, the pair scores A_ij (zeros for j > i).
+   (Config.pair_layout "rows", untimed: grid B x H x N x n, one program per row block i and all its pairs, the
+   row side loaded once; body tiles.pair_row_kernel.)
 2. `solve`  (grid B x H x N, only with an erase address; body tiles.solve_kernel): T = (I + A)^-1 from A by block
    substitution, W = T (Y exp G) and U~ = T Z.
    (One fused kernel per chunk for 1 and 2, `tiles.intra_kernel`, the TPU's layout, was 1.08x / 1.48x / 2.83x
@@ -35,6 +37,7 @@ from pallas_kernels.tiles import (
     BLOCK_TOKENS,
     dot,
     output_kernel,
+    pair_row_kernel,
     pair_scores_kernel,
     solve_kernel,
 )
@@ -58,7 +61,11 @@ class Config(NamedTuple):
     2.32 -> 2.23 ms, gated_delta_rule 1.67 -> 1.58 (it changed nothing while the loop computed its exponentials).
     The associative state pass (XLA's `lax.associative_scan` over the chunks' K x K affine maps, in place of the
     state and state_grad kernels) was measured and deleted: kda 1.67x slower forward at this shape; fwd+bwd
-    15.2 ms against 9.8 at B=2, T=32768, H=6."""
+    15.2 ms against 9.8 at B=2, T=32768, H=6.
+    pair_layout "rows" (written after session 7's GPU calls, untimed): one pair-kernel program per row block with
+    its key blocks j <= i in a loop (`tiles.pair_row_kernel`, the TPU intra kernel's references: every factor
+    <= 1), n programs per chunk instead of n^2, the row side and each key block loaded once per program; against
+    "pairs", whose programs load ~3x the kernel's unique bytes (docs/performance.md, session 3's profile)."""
 
     pair_warps: tuple[int, int] = (4, 4)  # pair-scores kernel, by sub-steps per token
     solve_warps: tuple[int, int] = (4, 4)  # solve kernel, by sub-steps per token
@@ -70,6 +77,7 @@ class Config(NamedTuple):
     low_intermediates: bool = True  # Aqk, W, U~ in the inputs' storage dtype (bf16 inputs: bf16); A stays f32
     low_states: bool = True  # U and the chunks' start states likewise
     state_stages: int = 2  # Triton num_stages of the state kernel (software pipelining of its loop)
+    pair_layout: str = "pairs"  # pair kernel: one program per block pair, or "rows": per row block (untimed)
 
 
 DEFAULT_CONFIG = Config()
@@ -148,27 +156,41 @@ def segment_specs(grid_rank, *widths):
     return [pl.BlockSpec((None, r), lambda b, h, n, *_: (b, n)) for r in widths]
 
 
-def pair_specs(chunk_size, rows, n_blocks, key, dim, has_erase, has_segments):
-    """BlockSpecs of the pair-scores kernel on the grid (B, H, N, n_blocks^2): pair p is row block i = p // n,
-    key block j = p % n. Inputs q, gq (query block i), x, g (key block j), then y, g (row block i), then the
-    segment numbers of block i's tokens and rows and of block j's rows; outputs Aqk, then A."""
+def pair_specs(chunk_size, rows, n_blocks, key, dim, has_erase, has_segments, layout):
+    """BlockSpecs of the pair-scores kernel. layout "pairs": grid (B, H, N, n_blocks^2), pair p is row block
+    i = p // n, key block j = p % n; inputs q, gq (query block i), x, g (key block j), then y, g (row block i), then
+    the segment numbers of block i's tokens and rows and of block j's rows; outputs Aqk, then A, block (i, j).
+    layout "rows": grid (B, H, N, n_blocks), program i takes the whole chunk in place of key block j and writes
+    row block i's whole width."""
     block_tokens, block = chunk_size // n_blocks, rows // n_blocks
+    if layout == "pairs":
+        pick_i, pick_j = (lambda p: p // n_blocks), (lambda p: p % n_blocks)
+    else:
+        pick_i, pick_j = (lambda p: p), None
 
     def spec(height, width, which):
-        pick = (lambda p: p // n_blocks) if which == "i" else (lambda p: p % n_blocks)
+        if which == "j" and pick_j is None:  # the whole chunk
+            return pl.BlockSpec((None, rows, None, width), lambda b, h, n, p: (b, n, h, 0))
+        pick = pick_i if which == "i" else pick_j
         return pl.BlockSpec((None, height, None, width), lambda b, h, n, p: (b, n * n_blocks + pick(p), h, 0))
 
     def seg_spec(width, which):
-        pick = (lambda p: p // n_blocks) if which == "i" else (lambda p: p % n_blocks)
+        if which == "j" and pick_j is None:
+            return pl.BlockSpec((None, rows), lambda b, h, n, p: (b, n))
+        pick = pick_i if which == "i" else pick_j
         return pl.BlockSpec((None, width), lambda b, h, n, p: (b, n * n_blocks + pick(p)))
 
     ins = [spec(block_tokens, key, "i"), spec(block_tokens, dim, "i"), spec(block, key, "j"), spec(block, dim, "j")]
     ins += [spec(block, key, "i"), spec(block, dim, "i")] if has_erase else []
     ins += [seg_spec(block_tokens, "i"), seg_spec(block, "i"), seg_spec(block, "j")] if has_segments else []
-    outs = [
-        pl.BlockSpec((None, height, None, block), lambda b, h, n, p: (b, n * n_blocks + p // n_blocks, h, p % n_blocks))
-        for height in ((block_tokens, block) if has_erase else (block_tokens,))
-    ]
+    heights = (block_tokens, block) if has_erase else (block_tokens,)
+    if layout == "pairs":
+        outs = [
+            pl.BlockSpec((None, h_, None, block), lambda b, h, n, p: (b, n * n_blocks + pick_i(p), h, pick_j(p)))
+            for h_ in heights
+        ]
+    else:
+        outs = [pl.BlockSpec((None, h_, None, rows), lambda b, h, n, p: (b, n * n_blocks + p, h, 0)) for h_ in heights]
     return ins, outs
 
 
@@ -222,20 +244,24 @@ def chunk_states(
     state_dtype = storage if config.low_states else f32
     operands = product_operands(config, storage)
     t = None
-    ins, outs = pair_specs(chunk_size, rows, n_blocks, key, dim, has_erase, has_segments)
+    if config.pair_layout not in ("pairs", "rows"):
+        raise ValueError(f'chunk_fwd.Config.pair_layout: expected "pairs" or "rows"; got {config.pair_layout!r}')
+    ins, outs = pair_specs(chunk_size, rows, n_blocks, key, dim, has_erase, has_segments, config.pair_layout)
+    flags = {"per_token": per_token, "has_erase": has_erase, "has_segments": has_segments}
 
     def pair_kernel(*refs):
         p = pl.program_id(3)
-        kernel = functools.partial(
-            pair_scores_kernel, per_token=per_token, has_erase=has_erase, has_segments=has_segments
-        )
-        kernel(*refs, i=p // n_blocks, j=p % n_blocks)
+        if config.pair_layout == "pairs":
+            pair_scores_kernel(*refs, i=p // n_blocks, j=p % n_blocks, **flags)
+            return
+        for i in range(n_blocks):  # one static body per row block, the grid's last axis picking it
+            pl.when(p == i)(functools.partial(pair_row_kernel, *refs, i=i, **flags))
 
     pair_outs = triton_call(
         pair_kernel,
         config.pair_warps[per_token - 1],
         interpret,
-        grid=(batch, heads, n_chunks, n_blocks * n_blocks),
+        grid=(batch, heads, n_chunks, n_blocks * n_blocks if config.pair_layout == "pairs" else n_blocks),
         in_specs=ins,
         out_specs=outs,
         out_shape=[jax.ShapeDtypeStruct((batch, length, heads, rows), low)]
