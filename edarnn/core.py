@@ -107,7 +107,7 @@ def recurrent(q: Array, sub: Substeps, initial_state: Array, segment_ids: Array 
 # ----------------------------------------------------------------------------------------------------------
 
 
-def compose(later: tuple[Array, Array], earlier: tuple[Array, Array]) -> tuple[Array, Array]:
+def _compose(later: tuple[Array, Array], earlier: tuple[Array, Array]) -> tuple[Array, Array]:
     """(M2, N2) o (M1, N1) = (M2 M1, M2 N1 + N2). M is [..., K] (diagonal) or [..., K, K]; N is [..., K, V]."""
     (m2, n2), (m1, n1) = later, earlier
     if m2.ndim == n2.ndim - 1:  # diagonal transition
@@ -115,8 +115,8 @@ def compose(later: tuple[Array, Array], earlier: tuple[Array, Array]) -> tuple[A
     return m2 @ m1, m2 @ n1 + n2
 
 
-def apply_map(m: Array, n: Array, state: Array) -> Array:
-    """M S + N for the affine map (M, N) of `compose` (M diagonal [..., K] or [..., K, K]) and S [..., K, V]."""
+def _apply_map(m: Array, n: Array, state: Array) -> Array:
+    """M S + N for the affine map (M, N) of `_compose` (M diagonal [..., K] or [..., K, K]) and S [..., K, V]."""
     return (m[..., None] * state if m.ndim == n.ndim - 1 else m @ state) + n
 
 
@@ -139,14 +139,14 @@ def associative_scan(q: Array, sub: Substeps, initial_state: Array, segment_ids:
     for p in range(sub.g.shape[2]):
         y_p = None if sub.y is None else sub.y[:, :, p]
         step_map = _substep_map(sub.g[:, :, p], sub.x[:, :, p], y_p, sub.z[:, :, p])
-        token_map = step_map if token_map is None else compose(step_map, token_map)
+        token_map = step_map if token_map is None else _compose(step_map, token_map)
     m, n = token_map
     reset = resets(segment_ids, q.shape[1])
     if reset is not None:  # a reset zeroes the incoming state: M -> M 0
         keep = jnp.where(reset, 0.0, 1.0).astype(m.dtype)
         m = m * keep.reshape(keep.shape + (1,) * (m.ndim - 2))
-    m, n = jax.lax.associative_scan(lambda a, b: compose(b, a), (m, n), axis=1)
-    states = apply_map(m, n, initial_state[:, None])
+    m, n = jax.lax.associative_scan(lambda a, b: _compose(b, a), (m, n), axis=1)
+    states = _apply_map(m, n, initial_state[:, None])
     o = jnp.einsum("bthk,bthkv->bthv", q, states)
     return o, states[:, -1]
 
@@ -243,9 +243,8 @@ def pair_scores(a: Array, ga: Array, b: Array, gb: Array, mask: Array) -> Array:
 
 def chunkwise(q: Array, sub: Substeps, initial_state: Array, segment_ids: Array | None, chunk_size: int):
     """Chunks of `chunk_size` tokens: intra-chunk work as matrix products, only the state passes between
-    chunks (`lax.scan`). Any T: the tail is padded
-    with identity sub-steps (g = 0, x = 0). Internally chunk-major, [N, B, H, rows, D], so the loop over chunks
-    slices its leading axis."""
+    chunks (`lax.scan`). Any T: the tail is padded with identity sub-steps (g = 0, x = 0). Internally
+    chunk-major, [N, B, H, rows, D], so the loop over chunks slices its leading axis."""
     batch, length, heads, key = q.shape
     n_sub, value = sub.g.shape[1] // length, sub.z.shape[-1]
     n_chunks = -(-length // chunk_size)

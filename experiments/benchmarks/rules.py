@@ -3,10 +3,9 @@
     python -m experiments.benchmarks.rules                       # full shape, default backend
     python -m experiments.benchmarks.rules --seq 1024 --check    # verify against impl="recurrent" first
 
-Each case is a (rule, impl) pair. Besides the seven rules there are two peers:
-`common_style_gdn` (the chunked gated delta rule as plain-JAX ports commonly write it, see common_style_gdn.py;
-the baseline the ratio columns divide by) and `softmax_attention` (`jax.nn.dot_product_attention`, causal; cuDNN
-on GPU for 16-bit inputs).
+Each case is a (rule, impl) pair. Besides the seven rules there are two peers: `common_style_gdn` (the chunked
+gated delta rule as plain-JAX ports commonly write it, see common_style_gdn.py; the baseline the ratio columns
+divide by) and `softmax_attention` (`jax.nn.dot_product_attention`, causal; cuDNN on GPU for 16-bit inputs).
 
 Forward is the jitted rule (output and final state); fwd+bwd is `jax.grad` of sum(o * do) with a fixed random
 cotangent `do`, w.r.t. every input. Functions are compiled ahead of time; warm-up calls are not timed; each
@@ -209,7 +208,7 @@ def run_case(rule, impl, args):
 
 COLUMNS = (
     ("rule", 18),
-    ("impl", 17),
+    ("impl", 9),
     ("fwd ms", 17),
     ("fwd+bwd ms", 17),
     ("fwd x", 7),

@@ -157,41 +157,41 @@ def segment_specs(grid_rank, *widths):
 
 
 def pair_specs(chunk_size, rows, n_blocks, key, dim, has_erase, has_segments, layout):
-    """BlockSpecs of the pair-scores kernel. layout "pairs": grid (B, H, N, n_blocks^2), pair p is row block
-    i = p // n, key block j = p % n; inputs q, gq (query block i), x, g (key block j), then y, g (row block i), then
-    the segment numbers of block i's tokens and rows and of block j's rows; outputs Aqk, then A, block (i, j).
-    layout "rows": grid (B, H, N, n_blocks), program i takes the whole chunk in place of key block j and writes
-    row block i's whole width."""
+    """(in_specs, out_specs, programs per chunk) of the pair-scores kernel on the grid (B, H, N, programs).
+    layout "pairs": n_blocks^2 programs, program p is row block i = p // n and key block j = p % n, and writes
+    block (i, j); "rows": n_blocks programs, program p is row block i = p with the whole chunk as its key side,
+    and writes row block i's whole width. Inputs q, gq (query block i), x, g (the key side), then y, g (row
+    block i), then the segment numbers of block i's tokens and rows and of the key side's rows; outputs Aqk,
+    then A."""
     block_tokens, block = chunk_size // n_blocks, rows // n_blocks
     if layout == "pairs":
-        pick_i, pick_j = (lambda p: p // n_blocks), (lambda p: p % n_blocks)
+        programs, row_block, key_rows = n_blocks * n_blocks, (lambda p: p // n_blocks), block
+        key_block, out_column = (lambda n, p: n * n_blocks + p % n_blocks), (lambda p: p % n_blocks)
     else:
-        pick_i, pick_j = (lambda p: p), None
+        programs, row_block, key_rows = n_blocks, (lambda p: p), rows
+        key_block, out_column = (lambda n, p: n), (lambda p: 0)
 
-    def spec(height, width, which):
-        if which == "j" and pick_j is None:  # the whole chunk
-            return pl.BlockSpec((None, rows, None, width), lambda b, h, n, p: (b, n, h, 0))
-        pick = pick_i if which == "i" else pick_j
-        return pl.BlockSpec((None, height, None, width), lambda b, h, n, p: (b, n * n_blocks + pick(p), h, 0))
+    def row_side(height, width):
+        return pl.BlockSpec((None, height, None, width), lambda b, h, n, p: (b, n * n_blocks + row_block(p), h, 0))
 
-    def seg_spec(width, which):
-        if which == "j" and pick_j is None:
-            return pl.BlockSpec((None, rows), lambda b, h, n, p: (b, n))
-        pick = pick_i if which == "i" else pick_j
-        return pl.BlockSpec((None, width), lambda b, h, n, p: (b, n * n_blocks + pick(p)))
+    def key_side(width):
+        return pl.BlockSpec((None, key_rows, None, width), lambda b, h, n, p: (b, key_block(n, p), h, 0))
 
-    ins = [spec(block_tokens, key, "i"), spec(block_tokens, dim, "i"), spec(block, key, "j"), spec(block, dim, "j")]
-    ins += [spec(block, key, "i"), spec(block, dim, "i")] if has_erase else []
-    ins += [seg_spec(block_tokens, "i"), seg_spec(block, "i"), seg_spec(block, "j")] if has_segments else []
-    heights = (block_tokens, block) if has_erase else (block_tokens,)
-    if layout == "pairs":
-        outs = [
-            pl.BlockSpec((None, h_, None, block), lambda b, h, n, p: (b, n * n_blocks + pick_i(p), h, pick_j(p)))
-            for h_ in heights
-        ]
-    else:
-        outs = [pl.BlockSpec((None, h_, None, rows), lambda b, h, n, p: (b, n * n_blocks + p, h, 0)) for h_ in heights]
-    return ins, outs
+    def row_segments(height):
+        return pl.BlockSpec((None, height), lambda b, h, n, p: (b, n * n_blocks + row_block(p)))
+
+    ins = [row_side(block_tokens, key), row_side(block_tokens, dim), key_side(key), key_side(dim)]
+    ins += [row_side(block, key), row_side(block, dim)] if has_erase else []
+    if has_segments:
+        ins += [row_segments(block_tokens), row_segments(block)]
+        ins += [pl.BlockSpec((None, key_rows), lambda b, h, n, p: (b, key_block(n, p)))]
+    outs = [
+        pl.BlockSpec(
+            (None, height, None, key_rows), lambda b, h, n, p: (b, n * n_blocks + row_block(p), h, out_column(p))
+        )
+        for height in ((block_tokens, block) if has_erase else (block_tokens,))
+    ]
+    return ins, outs, programs
 
 
 class ChunkStates(NamedTuple):
@@ -246,7 +246,7 @@ def chunk_states(
     t = None
     if config.pair_layout not in ("pairs", "rows"):
         raise ValueError(f'chunk_fwd.Config.pair_layout: expected "pairs" or "rows"; got {config.pair_layout!r}')
-    ins, outs = pair_specs(chunk_size, rows, n_blocks, key, dim, has_erase, has_segments, config.pair_layout)
+    ins, outs, programs = pair_specs(chunk_size, rows, n_blocks, key, dim, has_erase, has_segments, config.pair_layout)
     flags = {"per_token": per_token, "has_erase": has_erase, "has_segments": has_segments}
 
     def pair_kernel(*refs):
@@ -261,7 +261,7 @@ def chunk_states(
         pair_kernel,
         config.pair_warps[per_token - 1],
         interpret,
-        grid=(batch, heads, n_chunks, n_blocks * n_blocks if config.pair_layout == "pairs" else n_blocks),
+        grid=(batch, heads, n_chunks, programs),
         in_specs=ins,
         out_specs=outs,
         out_shape=[jax.ShapeDtypeStruct((batch, length, heads, rows), low)]
