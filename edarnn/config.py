@@ -60,7 +60,7 @@ def defaults() -> ml_collections.ConfigDict:
             tie_embeddings=True,
             norm_eps=1e-6,
             rule_impl="auto",
-            chunk_size=64,
+            chunk_size=ml_collections.config_dict.placeholder(int),  # None: the rule's (rules.chunk_tokens)
             dtype="float32",
             remat=False,
         )

@@ -21,6 +21,7 @@ of the sub-step axis, so that a chunk of C tokens is one contiguous tile of C P 
 Each form returns (o [B, T, H, V], final_state [B, H, K, V]) in the compute dtype.
 """
 
+import math
 from typing import NamedTuple
 
 import jax
@@ -51,6 +52,20 @@ def resets(segment_ids: Array | None, length: int) -> Array | None:
         return None
     change = segment_ids[:, 1:] != segment_ids[:, :-1]
     return jnp.pad(change, ((0, 0), (1, 0)))[:, :length]
+
+
+def blocked_cumsum(x: Array, axis: int, block: int = 8) -> Array:
+    """jnp.cumsum(x, axis) in two levels: sums within blocks of `block` elements (or of gcd(length, block)), then
+    of the blocks' totals. XLA lowers a cumulative sum to a reduce-window whose work grows with its length (64
+    adds per element along chunks of 64: 0.21 ms of kda's Pallas forward at B=4, T=4096, H=16, K=128 on an H200,
+    session 8); two short ones take block + length / block."""
+    axis = axis % x.ndim
+    length = x.shape[axis]
+    block = math.gcd(length, block)
+    blocks = x.reshape(*x.shape[:axis], length // block, block, *x.shape[axis + 1 :])
+    within = jnp.cumsum(blocks, axis=axis + 1)
+    totals = jax.lax.slice_in_dim(within, block - 1, block, axis=axis + 1)
+    return (within + jnp.cumsum(totals, axis=axis) - totals).reshape(x.shape)
 
 
 def segment_numbers(segment_ids: Array, length: int) -> Array:
@@ -261,7 +276,7 @@ def chunkwise(q: Array, sub: Substeps, initial_state: Array, segment_ids: Array 
     qc = to_chunks(q)
     g, x, z = to_chunks(sub.g), to_chunks(sub.x), to_chunks(sub.z)
     y = None if sub.y is None else to_chunks(sub.y)
-    gcum = jnp.cumsum(g, axis=-2)  # [N, B, H, L, D], inclusive, relative to the chunk start
+    gcum = blocked_cumsum(g, axis=-2)  # [N, B, H, L, D], inclusive, relative to the chunk start
     gq = gcum[..., n_sub - 1 :: n_sub, :]  # decay seen by each query (after its token's last sub-step)
 
     # Masks: causal in sub-step positions, and within one segment.

@@ -535,10 +535,13 @@ def layer_kinds(config) -> list[str]:
 
 def check_config(config) -> None:
     """Raise ValueError naming the first invalid field of a model config (config.model)."""
-    for field in ("vocab_size", "d_model", "n_layers", "n_heads", "head_dim_k", "head_dim_v", "d_ff", "chunk_size"):
+    for field in ("vocab_size", "d_model", "n_layers", "n_heads", "head_dim_k", "head_dim_v", "d_ff"):
         value = config[field]
         if type(value) is not int or value < 1:
             raise ValueError(f"config.model.{field} must be a positive int; got {value!r}")
+    chunk = config.chunk_size
+    if chunk is not None and (type(chunk) is not int or chunk < 1 or chunk & (chunk - 1)):
+        raise ValueError(f"config.model.chunk_size must be a power of two or None (the rule's); got {chunk!r}")
     if type(config.conv_size) is not int or config.conv_size < 0:
         raise ValueError(f"config.model.conv_size must be an int >= 0 (0: no convolution); got {config.conv_size!r}")
     layers = list(config.layers)
@@ -634,7 +637,7 @@ def _mixer_flops(kind: str, config, seq_len: int) -> float:
     spec = RECURRENT[kind]
     per_token = 2 if spec.erase else 1
     delta = spec.rule not in ("linear_attention", "gla")
-    rows = min(config.chunk_size, seq_len) * per_token
+    rows = min(rules.chunk_tokens(config.chunk_size, per_token), seq_len) * per_token
     state = 2 * key * value * (1 + per_token + delta * per_token)
     intra = 2 * rows * (key + value) + delta * per_token * (4 * rows * key + 2 * rows * value + 2 * rows**2 / 3)
     return heads * (state + intra)

@@ -40,7 +40,7 @@ def prepare(q, sub: core.Substeps, segment_ids, chunk_size):
     q = pad_time(q, pad)
     g, x, y, z = (None if t is None else pad_time(t, pad * per_token) for t in sub)
     rows = chunk_size * per_token
-    gcum = jnp.cumsum(g.reshape(batch, -1, rows, heads, g.shape[-1]), axis=2).reshape(g.shape)
+    gcum = core.blocked_cumsum(g.reshape(batch, -1, rows, heads, g.shape[-1]), axis=2).reshape(g.shape)
     gq = gcum[:, per_token - 1 :: per_token]
     if segment_ids is None:
         return q, gq, x, y, z, gcum, None, None, None

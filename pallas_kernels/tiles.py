@@ -155,10 +155,9 @@ class KeyBlocks(NamedTuple):
     last: list | None
 
 
-def key_blocks(x_ref, g_ref, block, count=None):
-    """KeyBlocks of the rows of x_ref [L, K], g_ref [L, D] in blocks of `block` rows (the first `count` blocks, or
-    all)."""
-    n = x_ref.shape[0] // block if count is None else count
+def key_blocks(x_ref, g_ref, block):
+    """KeyBlocks of the rows of x_ref [L, K], g_ref [L, D] in blocks of `block` rows."""
+    n = x_ref.shape[0] // block
     x = [x_ref[pl.ds(j * block, block), :].astype(jnp.float32) for j in range(n)]
     g = [g_ref[pl.ds(j * block, block), :] for j in range(n)]
     if g_ref.shape[1] == 1:
@@ -280,37 +279,6 @@ def intra_kernel(q_ref, gq_ref, x_ref, g_ref, *refs, block_tokens, per_token, ha
         return
     t = inverse_blocks(keys, y_ref, seg, seg_t, block)
     write_w_u(t, y_ref, z_ref, g_ref, *erase_outs, block, seg if has_segments else None, prev_ref, g=keys.g)
-
-
-def pair_row_kernel(q_ref, gq_ref, x_ref, g_ref, *refs, i, per_token, has_erase, has_segments):
-    """Row block i of one chunk against all its key blocks in one program: the query scores Aqk_i. [c_q, L] and,
-    with an erase address, A_i. [c, L] (`row_block_scores` for j <= i, zeros right of block i), the row side
-    loaded once. i: the block index, static (one program body per row block).
-
-    Refs are blocks: q [c_q, K], gq [c_q, D] (query block i), x [L, K], g [L, D] (the chunk's sub-step rows); with
-    an erase address y [c, K], gy [c, D] (rows of block i); with segments seg_q [c_q] (block i's tokens), seg_y [c]
-    (block i's rows), seg_x [L] (the chunk's rows); then the outputs aqk [c_q, L] and, with an erase address,
-    a [c, L] (float32: it is inverted next)."""
-    refs = list(refs)
-    take = lambda present=True: refs.pop(0) if present else None  # noqa: E731
-    y_ref, gy_ref = take(has_erase), take(has_erase)
-    seg_q_ref, seg_y_ref, seg_x_ref = take(has_segments), take(has_segments), take(has_segments)
-    aqk_ref, a_ref = take(), take(has_erase)
-    block = q_ref.shape[0] * per_token
-    n = x_ref.shape[0] // block
-    cols = [pl.ds(j * block, block) for j in range(n)]
-    keys = key_blocks(x_ref, g_ref, block, count=i + 1)
-    seg_x = [segment_row(seg_x_ref, cols[j]) if has_segments else None for j in range(i + 1)]
-    sides = [(q_ref, gq_ref, causal_query_mask(q_ref.shape[0], per_token), seg_q_ref, aqk_ref)]
-    if has_erase:
-        sides.append((y_ref, gy_ref, iota(block) > iota(block, 1), seg_y_ref, a_ref))
-    for a_side, ga_ref, local, seg_a_ref, out in sides:
-        seg_a = segment_column(seg_a_ref) if has_segments else None
-        masks = [pair_mask(local, i, j, seg_a, seg_x[j]) for j in range(i + 1)]
-        for j, scores in enumerate(row_block_scores(a_side[...].astype(jnp.float32), ga_ref[...], i, keys, masks)):
-            out[:, cols[j]] = scores.astype(out.dtype)
-        for j in range(i + 1, n):
-            out[:, cols[j]] = jnp.zeros((out.shape[0], block), out.dtype)
 
 
 def pair_scores_kernel(q_ref, gq_ref, x_ref, g_ref, *refs, i, j, per_token, has_erase, has_segments):

@@ -108,6 +108,7 @@ def _set(config, path: str, value):
         ("model.layers", ("eda", "edaa"), 1, "config.model.layers"),
         ("model.d_model", 0, 1, "config.model.d_model"),
         ("model.dtype", "float16", 1, "config.model.dtype"),
+        ("model.chunk_size", 48, 1, "config.model.chunk_size"),
         ("data.source", "wiki", 1, "data.source"),
         ("train.steps", 0, 1, "config.train.steps"),
         ("train.lr", 0.0, 1, "config.train.lr"),
@@ -162,8 +163,10 @@ def test_command_line_overrides():
             "--config.train.steps=7",
             "--config.model.layers=('gdn2', 'swa')",
             "--config.data.mqar.num_pairs=4",
+            "--config.model.chunk_size=16",  # None (the rule's) in the defaults: an int field all the same
         ]
     )
     assert (config.train.steps, tuple(config.model.layers), config.data.mqar.num_pairs) == (7, ("gdn2", "swa"), 4)
+    assert config.model.chunk_size == 16
     with pytest.raises(Exception, match="stepz"):
         _parse([f"--config={CONFIGS / 'default.py'}", "--config.train.stepz=7"])

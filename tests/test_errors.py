@@ -121,7 +121,7 @@ def test_unknown_impl(rng):
 
 @pytest.mark.parametrize("chunk_size", [48, 0, -16])
 def test_chunk_size_not_a_power_of_two(chunk_size, rng):
-    message = re.escape(f"`chunk_size` must be a positive power of two; got {chunk_size}")
+    message = re.escape(f"`chunk_size` must be a positive power of two or None; got {chunk_size}")
     with pytest.raises(ValueError, match=message):
         call("kda", rng, chunk_size=chunk_size)
 

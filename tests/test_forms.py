@@ -1,6 +1,7 @@
 """Every form (scan, chunk, auto) computes what the recurrent definition computes, for every rule variant."""
 
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from conftest import (
     SEGMENTS,
@@ -128,3 +129,25 @@ def test_auto_reads_the_sizes_from_the_arguments(key, value, length, grouped, ex
         rules.kda(**low, impl="auto", chunk_size=64, normalize_qk=True)
         rules.kda(**{**low, "v": low["v"].astype(jnp.float32)}, impl="auto", chunk_size=64)
         assert called[1:] == [jnp.bfloat16, jnp.float32]
+
+
+@pytest.mark.parametrize(("shape", "axis"), [((3, 64, 2), 1), ((2, 5, 48), -1), ((4, 6), 1), ((2, 1, 3), 1)])
+def test_blocked_cumsum_is_the_cumulative_sum(shape, axis, rng):
+    """Two-level sums (blocks of 8, of gcd(length, 8) for other lengths) against numpy's running sum."""
+    x = rng.standard_normal(shape)
+    np.testing.assert_allclose(core.blocked_cumsum(jnp.asarray(x), axis), np.cumsum(x, axis), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(("variant", "chunk_size", "expected"), [("kda", None, 64), ("eda", None, 32), ("eda", 16, 16)])
+def test_default_chunk_is_64_sub_steps(variant, chunk_size, expected, rng, monkeypatch):
+    """chunk_size=None: 64 sub-steps per chunk, so 64 tokens for kda and 32 for eda (two sub-steps per token); a
+    given chunk_size is taken as it is. The chunk form is replaced by a spy that records its chunk size."""
+    sizes = []
+
+    def spy(q, sub, initial_state, segment_ids, chunk_size):
+        sizes.append(chunk_size)
+        return core.recurrent(q, sub, initial_state, segment_ids)
+
+    monkeypatch.setattr(core, "chunkwise", spy)
+    rules.RULES[rule_of(variant)](**make_inputs(variant, rng, T=8), impl="chunk", chunk_size=chunk_size)
+    assert sizes == [expected]

@@ -191,34 +191,6 @@ def test_pallas_grads_match_chunk(variant, with_segments, rng, backward_kernels)
     assert_close(actual, expected, KERNEL_RTOL, f"{variant} pallas grad")
 
 
-@pytest.mark.parametrize("variant", ["gla-channel", "gated_delta_rule", "kda", "eda-bw"])
-def test_pallas_pair_rows_layout(variant, rng, backward_kernels, monkeypatch, fresh_traces):
-    """chunk_fwd.Config.pair_layout "rows" (one program per row block and all its block pairs): the recurrent
-    form's output and final state and the chunk form's gradients (the backward's recompute runs it too); chunks
-    of 64 (four 16-token blocks), odd T, an initial state, segments across blocks and one starting at a chunk."""
-    monkeypatch.setattr(chunk_fwd, "DEFAULT_CONFIG", chunk_fwd.Config(pair_layout="rows"))
-    rule = rule_of(variant)
-    inputs, state = make_inputs(variant, rng, T=101), make_state(rng)
-    segment_ids = make_segment_ids(rng, [[30, 1, 40, 30], [64, 37]])
-    cotangents = random_cotangents(rng, inputs)
-
-    def forward(i, s, seg):  # a fresh jit: conftest's `run` is cached across configurations
-        return rules.RULES[rule](**i, initial_state=s, segment_ids=seg, impl="pallas", chunk_size=64)
-
-    actual = jax.jit(forward)(inputs, state, segment_ids)
-    assert_close(actual, reference(rule, inputs, state, segment_ids), KERNEL_RTOL, f"{variant} pair rows")
-    actual = grad_runner(rule, "pallas", 64)(cotangents, inputs, state, segment_ids)
-    expected = grad_runner(rule, "chunk", 64)(cotangents, inputs, state, segment_ids)
-    assert_close(actual, expected, KERNEL_RTOL, f"{variant} pair rows grad")
-
-
-def test_pallas_unknown_pair_layout_is_refused(rng, monkeypatch):
-    monkeypatch.setattr(chunk_fwd, "DEFAULT_CONFIG", chunk_fwd.Config(pair_layout="columns"))
-    inputs = make_inputs("kda", rng, T=T)
-    with pytest.raises(ValueError, match="pair_layout"):
-        rules.kda(**inputs, impl="pallas", chunk_size=16)
-
-
 @pytest.mark.parametrize("variant", [*SEGMENT_VARIANTS, "kda"])
 def test_pallas_grads_across_the_blocks_of_a_chunk(variant, rng, backward_kernels, fresh_traces):
     """Chunks of 32 tokens (two 16-token blocks: the block pairs below the diagonal),
@@ -379,9 +351,8 @@ LOWERING_SETTINGS = {  # (storage, chunk_fwd.Config fields) of the lowering test
     "f32": (None, {}),
     "bf16": (jnp.bfloat16, {}),
     "f32-states": (jnp.bfloat16, {"low_states": False}),  # bf16 inputs against float32 states: mixed products
-    "pair-rows": (jnp.bfloat16, {"pair_layout": "rows"}),
 }
-FORWARD_LOWERING = ["f32", "bf16", "pair-rows"]
+FORWARD_LOWERING = ["f32", "bf16"]
 BACKWARD_LOWERING = ["f32", "bf16", "f32-states"]
 
 
@@ -434,7 +405,6 @@ def _lowered_training_step(case, storage):
 GPU_FORWARD_CONFIGS = {  # chunk_fwd.Config fields of the full-width bf16 test's cases
     "default": {},
     "f32-states": {"low_states": False},  # float32 states and U: the state kernels' products in float32
-    "pair-rows": {"pair_layout": "rows"},
 }
 
 

@@ -397,7 +397,9 @@ def parse_args(argv=None):
     p.add_argument("--key", type=int, default=128)
     p.add_argument("--value", type=int, default=128)
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
-    p.add_argument("--chunk-size", type=int, default=64, help="edarnn's (fla's ops use 64)")
+    p.add_argument(
+        "--chunk-size", type=int, help="edarnn's; default: 64 sub-steps (32 tokens for eda), fla's ops use 64"
+    )
     p.add_argument("--rules", nargs="+", default=[*RULES, SOFTMAX], choices=[*RULES, SOFTMAX])
     p.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS, help="default: all")
     p.add_argument("--decode-batch", type=int, default=64, help="B of the T=1 decode rows; 0: none")
@@ -433,8 +435,8 @@ def main(argv=None):
     )
     print(
         f"# H={args.heads} K={args.key} V={args.value} {args.dtype.name}, gates f32, edarnn chunk "
-        f"{args.chunk_size}; median ms of up to {args.repeats} calls; MiB beyond the inputs; check: the largest "
-        "relative error at --check (! = over its tolerance or nothing compared, * = a phase refused)"
+        f"{args.chunk_size or 'default'}; median ms of up to {args.repeats} calls; MiB beyond the inputs; check: the "
+        "largest relative error at --check (! = over its tolerance or nothing compared, * = a phase refused)"
     )
 
     check_errors, failed = {}, []

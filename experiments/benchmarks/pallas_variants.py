@@ -51,7 +51,6 @@ VARIANTS = {  # name: chunk_fwd.Config fields ("bf16": the default, 16-bit stora
     "out32": {"output_block_v": 32},
     "state32": {"state_block_v": 32},
     "state16": {"state_block_v": 16},  # more programs for the sequential state pass when B x H is small
-    "pairrows": {"pair_layout": "rows"},  # the pair kernel: one program per row block and all its pairs
     "stages1": {"state_stages": 1},  # no software pipelining of the state kernel's loop
     "stages3": {"state_stages": 3},
 }

@@ -7,8 +7,8 @@ segments; P sub-steps per token):
 
 1. `pair`   (grid B x H x N x n^2, parallel; body tiles.pair_scores_kernel): one program per block pair (i, j)
    of 16-token blocks: the query scores Aqk_ij and, with an erase address, the pair scores A_ij (zeros for j > i).
-   (Config.pair_layout "rows", untimed: grid B x H x N x n, one program per row block i and all its pairs, the
-   row side loaded once; body tiles.pair_row_kernel.)
+   (Session 8, kda's forward: one program per row block i and all its key blocks j <= i, the row side loaded
+   once, was 1.9x slower; one per chunk with the key channels in blocks of 32, 1.6x.)
 2. `solve`  (grid B x H x N, only with an erase address; body tiles.solve_kernel): T = (I + A)^-1 from A by block
    substitution, W = T (Y exp G) and U~ = T Z.
    (One fused kernel per chunk for 1 and 2, `tiles.intra_kernel`, the TPU's layout, was 1.08x / 1.48x / 2.83x
@@ -37,7 +37,6 @@ from pallas_kernels.tiles import (
     BLOCK_TOKENS,
     dot,
     output_kernel,
-    pair_row_kernel,
     pair_scores_kernel,
     solve_kernel,
 )
@@ -62,10 +61,12 @@ class Config(NamedTuple):
     The associative state pass (XLA's `lax.associative_scan` over the chunks' K x K affine maps, in place of the
     state and state_grad kernels) was measured and deleted: kda 1.67x slower forward at this shape; fwd+bwd
     15.2 ms against 9.8 at B=2, T=32768, H=6.
-    pair_layout "rows" (written after session 7's GPU calls, untimed): one pair-kernel program per row block with
-    its key blocks j <= i in a loop (`tiles.pair_row_kernel`, the TPU intra kernel's references: every factor
-    <= 1), n programs per chunk instead of n^2, the row side and each key block loaded once per program; against
-    "pairs", whose programs load ~3x the kernel's unique bytes (docs/performance.md, session 3's profile)."""
+    Session 8, fewer and larger pair-kernel programs, measured and deleted: one per row block with its key blocks
+    in a loop (n programs per chunk instead of n^2, the row side loaded once) took kda's forward from 2.11 to
+    3.97 ms (gated_delta_rule 1.56 -> 1.58); one per chunk with the key channels in blocks of 32 (fla's layout)
+    from 2.03 to 3.33 ms (2.85 with 2 warps; gated_delta_rule 1.45 -> 2.21, eda 3.89 -> 5.43). Reading the row
+    block's log-decays once for both sides (one sub-step per token: gq is gy) left the pair kernel at 559 us
+    against 561 (profile): not kept."""
 
     pair_warps: tuple[int, int] = (4, 4)  # pair-scores kernel, by sub-steps per token
     solve_warps: tuple[int, int] = (4, 4)  # solve kernel, by sub-steps per token
@@ -77,7 +78,6 @@ class Config(NamedTuple):
     low_intermediates: bool = True  # Aqk, W, U~ in the inputs' storage dtype (bf16 inputs: bf16); A stays f32
     low_states: bool = True  # U and the chunks' start states likewise
     state_stages: int = 2  # Triton num_stages of the state kernel (software pipelining of its loop)
-    pair_layout: str = "pairs"  # pair kernel: one program per block pair, or "rows": per row block (untimed)
 
 
 DEFAULT_CONFIG = Config()
@@ -156,42 +156,33 @@ def segment_specs(grid_rank, *widths):
     return [pl.BlockSpec((None, r), lambda b, h, n, *_: (b, n)) for r in widths]
 
 
-def pair_specs(chunk_size, rows, n_blocks, key, dim, has_erase, has_segments, layout):
-    """(in_specs, out_specs, programs per chunk) of the pair-scores kernel on the grid (B, H, N, programs).
-    layout "pairs": n_blocks^2 programs, program p is row block i = p // n and key block j = p % n, and writes
-    block (i, j); "rows": n_blocks programs, program p is row block i = p with the whole chunk as its key side,
-    and writes row block i's whole width. Inputs q, gq (query block i), x, g (the key side), then y, g (row
-    block i), then the segment numbers of block i's tokens and rows and of the key side's rows; outputs Aqk,
-    then A."""
+def pair_specs(chunk_size, rows, n_blocks, key, dim, has_erase, has_segments):
+    """(in_specs, out_specs) of the pair-scores kernel on the grid (B, H, N, n_blocks^2): program p is row block
+    i = p // n_blocks and key block j = p % n_blocks, and writes block (i, j). Inputs q, gq (query block i), x, g
+    (key block j), then y, g (row block i), then the segment numbers of block i's tokens and rows and of block j's
+    rows; outputs Aqk, then A."""
     block_tokens, block = chunk_size // n_blocks, rows // n_blocks
-    if layout == "pairs":
-        programs, row_block, key_rows = n_blocks * n_blocks, (lambda p: p // n_blocks), block
-        key_block, out_column = (lambda n, p: n * n_blocks + p % n_blocks), (lambda p: p % n_blocks)
-    else:
-        programs, row_block, key_rows = n_blocks, (lambda p: p), rows
-        key_block, out_column = (lambda n, p: n), (lambda p: 0)
+    row_block = lambda n, p: n * n_blocks + p // n_blocks  # noqa: E731
+    key_block = lambda n, p: n * n_blocks + p % n_blocks  # noqa: E731
 
     def row_side(height, width):
-        return pl.BlockSpec((None, height, None, width), lambda b, h, n, p: (b, n * n_blocks + row_block(p), h, 0))
+        return pl.BlockSpec((None, height, None, width), lambda b, h, n, p: (b, row_block(n, p), h, 0))
 
     def key_side(width):
-        return pl.BlockSpec((None, key_rows, None, width), lambda b, h, n, p: (b, key_block(n, p), h, 0))
+        return pl.BlockSpec((None, block, None, width), lambda b, h, n, p: (b, key_block(n, p), h, 0))
 
-    def row_segments(height):
-        return pl.BlockSpec((None, height), lambda b, h, n, p: (b, n * n_blocks + row_block(p)))
+    def segments(height, block_of):
+        return pl.BlockSpec((None, height), lambda b, h, n, p: (b, block_of(n, p)))
 
     ins = [row_side(block_tokens, key), row_side(block_tokens, dim), key_side(key), key_side(dim)]
     ins += [row_side(block, key), row_side(block, dim)] if has_erase else []
     if has_segments:
-        ins += [row_segments(block_tokens), row_segments(block)]
-        ins += [pl.BlockSpec((None, key_rows), lambda b, h, n, p: (b, key_block(n, p)))]
+        ins += [segments(block_tokens, row_block), segments(block, row_block), segments(block, key_block)]
     outs = [
-        pl.BlockSpec(
-            (None, height, None, key_rows), lambda b, h, n, p: (b, n * n_blocks + row_block(p), h, out_column(p))
-        )
+        pl.BlockSpec((None, height, None, block), lambda b, h, n, p: (b, row_block(n, p), h, p % n_blocks))
         for height in ((block_tokens, block) if has_erase else (block_tokens,))
     ]
-    return ins, outs, programs
+    return ins, outs
 
 
 class ChunkStates(NamedTuple):
@@ -244,29 +235,31 @@ def chunk_states(
     state_dtype = storage if config.low_states else f32
     operands = product_operands(config, storage)
     t = None
-    if config.pair_layout not in ("pairs", "rows"):
-        raise ValueError(f'chunk_fwd.Config.pair_layout: expected "pairs" or "rows"; got {config.pair_layout!r}')
-    ins, outs, programs = pair_specs(chunk_size, rows, n_blocks, key, dim, has_erase, has_segments, config.pair_layout)
-    flags = {"per_token": per_token, "has_erase": has_erase, "has_segments": has_segments}
+    ins, outs = pair_specs(chunk_size, rows, n_blocks, key, dim, has_erase, has_segments)
 
     def pair_kernel(*refs):
         p = pl.program_id(3)
-        if config.pair_layout == "pairs":
-            pair_scores_kernel(*refs, i=p // n_blocks, j=p % n_blocks, **flags)
-            return
-        for i in range(n_blocks):  # one static body per row block, the grid's last axis picking it
-            pl.when(p == i)(functools.partial(pair_row_kernel, *refs, i=i, **flags))
+        pair_scores_kernel(
+            *refs, i=p // n_blocks, j=p % n_blocks, per_token=per_token, has_erase=has_erase, has_segments=has_segments
+        )
 
     pair_outs = triton_call(
         pair_kernel,
         config.pair_warps[per_token - 1],
         interpret,
-        grid=(batch, heads, n_chunks, programs),
+        grid=(batch, heads, n_chunks, n_blocks * n_blocks),
         in_specs=ins,
         out_specs=outs,
         out_shape=[jax.ShapeDtypeStruct((batch, length, heads, rows), low)]
         + ([jax.ShapeDtypeStruct((batch, length * per_token, heads, rows), f32)] if has_erase else []),
-    )(q, gq, x, gcum, *((y, gcum) if has_erase else ()), *((seg_q, seg, seg) if has_segments else ()))
+    )(
+        q,
+        gq,
+        x,
+        gcum,
+        *((y, gcum) if has_erase else ()),
+        *((seg_q, seg, seg) if has_segments else ()),
+    )
     scores, w, u_tilde = pair_outs[0], None, z
     if has_erase:
         w, u_tilde, *t = triton_call(
