@@ -60,7 +60,9 @@ def defaults() -> ml_collections.ConfigDict:
             tie_embeddings=True,
             norm_eps=1e-6,
             rule_impl="auto",
-            chunk_size=ml_collections.config_dict.placeholder(int),  # None: the rule's (rules.chunk_tokens)
+            # None: the rule's (rules.chunk_tokens); an int field: --config.model.chunk_size=32 sets it, None is
+            # only set in a config file
+            chunk_size=ml_collections.config_dict.placeholder(int),
             dtype="float32",
             remat=False,
         )

@@ -46,7 +46,8 @@ def chunk_tokens(chunk_size: int | None, per_token: int) -> int:
     """The chunk size in tokens: chunk_size, or for None CHUNK_ROWS sub-steps (per_token sub-steps per token).
     Measured (H200, B=4, T=4096, H=16, K=V=128, bf16, session 8): eda's Pallas kernels at chunks of 32 tokens
     4.46 / 9.01 ms forward / fwd+bwd against 5.78 / 14.61 at 64 (the intra-chunk work grows with the rows
-    squared); its plain-JAX chunk form on the CPU likewise."""
+    squared); its plain-JAX chunk form on a 2-core CPU (B=2, T=1024, H=4, K=V=64, float32) 41 / 144 ms against
+    59 / 209."""
     return max(1, CHUNK_ROWS // per_token) if chunk_size is None else chunk_size
 
 
@@ -82,7 +83,8 @@ def resolve_impl(
     kernels were tested and timed at (head sizes `key` and `value` powers of two from 16 to 128, `chunk_size` 16 to
     64, float32 `compute`, at least one chunk of `length` tokens: shorter sequences would take the token-by-token
     kernel, whose backward keeps every state), "chunk" otherwise (the TPU kernels are unmeasured).
-    On an H200 (B=4, T=4096, H=16, K=V=128, bf16; docs/performance.md, "impl=auto") the kernels' forward is faster
+    On an H200 (B=4, T=4096, H=16, K=V=128, bf16; docs/performance.md, "impl=auto": session 4's kernels, eda at
+    chunks of 64 tokens) the kernels' forward is faster
     than the chunk form's (gated_delta_rule 1.8 against 3.0 ms), their forward + backward about even with it
     (gated_delta_rule, kda) to 1.2x slower (eda); the training job (remat) does not recompute the kernels' forward,
     where it recomputes the chunk form's."""
@@ -494,4 +496,4 @@ RULES = {
     "eda": eda,
 }
 
-__all__ = ["IMPLS", "RULES", "resolve_impl", *RULES, *(f"{name}_step" for name in RULES)]
+__all__ = ["CHUNK_ROWS", "IMPLS", "RULES", "chunk_tokens", "resolve_impl", *RULES, *(f"{name}_step" for name in RULES)]

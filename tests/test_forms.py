@@ -1,5 +1,6 @@
 """Every form (scan, chunk, auto) computes what the recurrent definition computes, for every rule variant."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -131,11 +132,17 @@ def test_auto_reads_the_sizes_from_the_arguments(key, value, length, grouped, ex
         assert called[1:] == [jnp.bfloat16, jnp.float32]
 
 
-@pytest.mark.parametrize(("shape", "axis"), [((3, 64, 2), 1), ((2, 5, 48), -1), ((4, 6), 1), ((2, 1, 3), 1)])
+@pytest.mark.parametrize(
+    ("shape", "axis"), [((3, 64, 2), 1), ((2, 5, 48), -1), ((4, 6), 1), ((3, 5), 1), ((2, 1, 3), 1)]
+)
 def test_blocked_cumsum_is_the_cumulative_sum(shape, axis, rng):
-    """Two-level sums (blocks of 8, of gcd(length, 8) for other lengths) against numpy's running sum."""
+    """Two-level sums (blocks of 8, of gcd(length, 8) for other lengths) against numpy's running sum, and its
+    gradient against jnp.cumsum's."""
     x = rng.standard_normal(shape)
     np.testing.assert_allclose(core.blocked_cumsum(jnp.asarray(x), axis), np.cumsum(x, axis), rtol=1e-12, atol=1e-12)
+    weights = jnp.asarray(rng.standard_normal(shape))
+    grad = lambda f: jax.grad(lambda t: jnp.sum(weights * f(t, axis)))(jnp.asarray(x))  # noqa: E731
+    np.testing.assert_allclose(grad(core.blocked_cumsum), grad(jnp.cumsum), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize(("variant", "chunk_size", "expected"), [("kda", None, 64), ("eda", None, 32), ("eda", 16, 16)])

@@ -422,6 +422,7 @@ def main(argv=None):
     fla, versions = load_fla() if {"fla_chunk", "fla_recurrent"} & set(args.impls) else ("not selected", {})
     info = {**rb.machine(), "gpu": versions.get("torch_gpu", jax.devices()[0].device_kind), **versions}
     config = {k: v for k, v in vars(args).items() if k not in ("dtype",)} | {"dtype": args.dtype.name}
+    config["chunk_rows_default"] = rules.CHUNK_ROWS  # chunk_size None: 64 sub-steps (rules.chunk_tokens)
     fla_state = fla if isinstance(fla, str) else {r: op if isinstance(op, str) else "ok" for r, op in fla.items()}
     report = {"machine": info, "config": config, "fla": fla_state, "cases": []}
 

@@ -68,6 +68,8 @@ BACKWARDS = {  # name: None (forward only), or (forms.BACKWARD_KERNELS["gpu"], c
     "kernels_stategrad32": (True, {"state_grad_block_v": 32}),
     "kernels_stategrad16": (True, {"state_grad_block_v": 16}),
     "kernels_stages1": (True, {"state_grad_stages": 1}),  # no software pipelining of the state_grad kernel's loop
+    "kernels_factored": (True, {"key_grad_factored": True}),  # key_grad: one reference per row block off the diagonal
+    "kernels_factored_key4": (True, {"key_grad_factored": True, "key_grad_warps": 4}),
 }
 
 
@@ -147,6 +149,7 @@ def main(argv=None):
     parser.add_argument("--out", default="variants.json")
     args = parser.parse_args(argv)
     report = {"device": str(jax.devices()[0]), "shape": args.shape, "dtype": args.dtype, "cases": []}
+    report["chunk_rows"] = rules.CHUNK_ROWS  # the rules' default chunks: 64 sub-steps (rules.chunk_tokens)
     default_backward = forms.BACKWARD_KERNELS["gpu"]
     out_dir = os.path.dirname(os.path.abspath(args.out))
 

@@ -330,7 +330,8 @@ def main(argv=None):
         "shape": dict(zip(("batch", "seq", "heads", "key", "value"), args.shape, strict=True)),
         "dtype": args.dtype.name,
         "gate_dtype": "float32",
-        "chunk_size": args.chunk_size,
+        "chunk_size": args.chunk_size,  # None: CHUNK_ROWS sub-steps per chunk (rules.chunk_tokens)
+        "chunk_rows_default": rules.CHUNK_ROWS,
         "repeats": args.repeats,
         "warmup": args.warmup,
         "input_sets": args.input_sets,
@@ -348,7 +349,7 @@ def main(argv=None):
         f"flax {info['flax']}, python {info['python']}"
     )
     print(
-        f"# B,T,H,K,V = {args.shape}, {args.dtype.name}, chunk {args.chunk_size}; "
+        f"# B,T,H,K,V = {args.shape}, {args.dtype.name}, chunk {args.chunk_size or 'default'}; "
         f"median (min) ms of up to {args.repeats} calls; x = time / {BASELINE}'s"
     )
 

@@ -74,6 +74,7 @@ class Config(NamedTuple):
     block_v: int = 64  # V blocks of the loops inside score_grad and state_products
     block_k: int = 64  # K blocks of the state_products and key_grad grids
     low_grads: bool = True  # with 16-bit inputs: P^T dO, dU, the dS_{n+1} and dq, dx, dy, dz in 16 bits
+    key_grad_factored: bool = False  # key_grad's off-diagonal pairs with one reference per row block (untimed)
 
 
 DEFAULT_CONFIG = Config()
@@ -173,7 +174,7 @@ def _state_products_kernel(*refs, block_v, has_erase):
         y_out[...] = y_state
 
 
-def _key_grad_kernel(*refs, block_tokens, per_token, has_erase, has_segments):
+def _key_grad_kernel(*refs, block_tokens, per_token, has_erase, has_segments, factored=False):
     """Row block k (the grid's last axis) of one chunk's gradients on one block of BK key channels (c = 16 P rows):
 
         dq_k = (dO S^T)_k exp(Gq_k) (rows that see S) + sum_{j <= k} d_q(P_kj)
@@ -185,6 +186,13 @@ def _key_grad_kernel(*refs, block_tokens, per_token, has_erase, has_segments):
     with the pair terms by `block_scores_grad` (one side per call, the forward's references) and the products with
     the states (dO S^T, U dS'^T, dZ S^T) taken as inputs (`_state_products_kernel`). Scalar decays (D = 1): dgq,
     dg and d_last are this K block's channel sums, [rows, 1].
+
+    factored (channel-wise decays; Config.key_grad_factored): the pairs below the diagonal share one reference per
+    sum, so the row side's decay leaves the sum: for the key blocks j < k, with r the end of block k - 1,
+    d_q(P_k<) = exp(Gq_k - r) * sum_j dP_kj (x_j exp(r - G_j)) (dy likewise, on the same x_j tiles), and for the
+    row blocks i > k, with r' the end of block k, d_x = exp(r' - G_k) * sum_i dP_ik^T (q_i exp(Gq_i - r')) +
+    dA_ik^T (y_i exp(G_i - r')); every factor <= 1. One exponential tile per block instead of two per pair, and
+    each block loaded once; the diagonal pairs as above.
 
     Refs (blocks): q [C, BK], gq [C, D'], x [L, BK], y [L, BK] (erase), g [L, D'] (D' = BK, or 1 for a scalar
     decay), dp [C, L], da [L, L] (erase), q_state [C, BK], x_state [L, BK], y_state [L, BK] (erase; the three state
@@ -216,27 +224,70 @@ def _key_grad_kernel(*refs, block_tokens, per_token, has_erase, has_segments):
         a, b = load(a_ref, a_rows), load(x_ref, rows[j])
         return block_scores_grad(a, ga_ref[a_rows, :], b, g_ref[rows[j], :], d, mask, i == j, side)
 
+    sides = {"q": (q_ref, gq_ref, tokens, dp_ref, q_local, seg_q), "y": (y_ref, g_ref, rows, da_ref, a_local, seg)}
+    factored = factored and width > 1
+
+    def d_block(d_ref, a_rows, j, seg_a):
+        """The cotangent block of rows a_rows against key block j (off the diagonal), within one segment."""
+        d = d_ref[a_rows, rows[j]].astype(f32)
+        return d if seg_a is None else jnp.where(seg_a == seg_t[j], d, 0.0)
+
+    def keys_before(k):
+        """(r, [x_j exp(r - G_j) for the key blocks j < k]) with r the end of block k - 1 (factored)."""
+        ref = g_ref[pl.ds(k * block - 1, 1), :]
+        return ref, [load(x_ref, rows[j]) * jnp.exp(ref - g_ref[rows[j], :]) for j in range(k)]
+
+    def rows_before(k, side, keys):
+        """The a-side gradient of row block k (side "q" or "y") from its pairs with the key blocks j < k."""
+        a_ref, ga_ref, a_rows, d_ref, local, seg_a = sides[side]
+        if not factored:
+            return sum((pair(a_ref, ga_ref, k, j, d_ref, local, seg_a, "a") for j in range(k)), 0.0)
+        if k == 0:
+            return 0.0
+        ref, decayed = keys
+        before = sum(dot(d_block(d_ref, a_rows[k], j, seg_a[k]), decayed[j]) for j in range(k))
+        return jnp.exp(ga_ref[a_rows[k], :] - ref) * before
+
+    def rows_after(k):
+        """The key-side gradient of block k from its pairs with the row blocks i > k, both sides."""
+        if not factored:
+            total = 0.0
+            for i in range(k + 1, n):
+                total = total + pair(q_ref, gq_ref, i, k, dp_ref, q_local, seg_q, "b")
+                if has_erase:
+                    total = total + pair(y_ref, g_ref, i, k, da_ref, a_local, seg, "b")
+            return total
+        if k == n - 1:
+            return 0.0
+        ref = g_ref[pl.ds((k + 1) * block - 1, 1), :]
+        total = 0.0
+        for side in ("q", "y") if has_erase else ("q",):
+            a_ref, ga_ref, a_rows, d_ref, _, seg_a = sides[side]
+            for i in range(k + 1, n):
+                a = load(a_ref, a_rows[i]) * jnp.exp(ga_ref[a_rows[i], :] - ref)
+                total = total + dot(d_block(d_ref, a_rows[i], k, seg_a[i]), a, trans_a=True)
+        return jnp.exp(ref - g_ref[rows[k], :]) * total
+
     def row_block(k):
+        keys = keys_before(k) if factored and k > 0 else None
         q, gq = load(q_ref, tokens[k]), gq_ref[tokens[k], :]
         dq = in_segment(load(q_state_ref, tokens[k]), seg_q[k], seg_prev) * jnp.exp(gq)
-        for j in range(k + 1):
-            dq = dq + pair(q_ref, gq_ref, k, j, dp_ref, q_local, seg_q, "a")
+        dq = dq + pair(q_ref, gq_ref, k, k, dp_ref, q_local, seg_q, "a") + rows_before(k, "q", keys)
         dq_ref[...] = dq.astype(dq_ref.dtype)
         dgq_ref[...] = decay_width(q * dq, width)
 
         x, g = load(x_ref, rows[k]), g_ref[rows[k], :]
         dx = load(x_state_ref, rows[k]) * in_segment(jnp.exp(g_last - g), seg[k], seg_last)
         d_last_ref[...] = decay_width(jnp.sum(x * dx, axis=0, keepdims=True), width)
-        for i in range(k, n):
-            dx = dx + pair(q_ref, gq_ref, i, k, dp_ref, q_local, seg_q, "b")
-            if has_erase:
-                dx = dx + pair(y_ref, g_ref, i, k, da_ref, a_local, seg, "b")
+        dx = dx + pair(q_ref, gq_ref, k, k, dp_ref, q_local, seg_q, "b")
+        if has_erase:
+            dx = dx + pair(y_ref, g_ref, k, k, da_ref, a_local, seg, "b")
+        dx = dx + rows_after(k)
         dx_ref[...] = dx.astype(dx_ref.dtype)
         dg = -x * dx
         if has_erase:
             dy = -in_segment(load(y_state_ref, rows[k]), seg[k], seg_prev) * jnp.exp(g)
-            for j in range(k + 1):
-                dy = dy + pair(y_ref, g_ref, k, j, da_ref, a_local, seg, "a")
+            dy = dy + pair(y_ref, g_ref, k, k, da_ref, a_local, seg, "a") + rows_before(k, "y", keys)
             dy_ref[...] = dy.astype(dy_ref.dtype)
             dg = dg + load(y_ref, rows[k]) * dy
         dg_ref[...] = decay_width(dg, width)
@@ -407,6 +458,7 @@ def chunk_backward(
             per_token=per_token,
             has_erase=has_erase,
             has_segments=has_segments,
+            factored=config.key_grad_factored,
         ),
         config.key_grad_warps,
         interpret,
