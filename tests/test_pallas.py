@@ -191,6 +191,27 @@ def test_pallas_grads_match_chunk(variant, with_segments, rng, backward_kernels)
     assert_close(actual, expected, KERNEL_RTOL, f"{variant} pallas grad")
 
 
+@pytest.mark.parametrize("variant", ["kda", "eda-bw"])
+def test_pallas_solve_rows_from_ref(variant, rng, backward_kernels, monkeypatch, fresh_traces):
+    """chunk_fwd.Config.solve_rows_from_ref (the substitution's rows loaded from A's ref): the recurrent form's
+    output and final state and the chunk form's gradients (the backward's recompute solves too); chunks of 64,
+    odd T, an initial state, segments across blocks and one starting at a chunk."""
+    monkeypatch.setattr(chunk_fwd, "DEFAULT_CONFIG", chunk_fwd.Config(solve_rows_from_ref=True))
+    rule = rule_of(variant)
+    inputs, state = make_inputs(variant, rng, T=101), make_state(rng)
+    segment_ids = make_segment_ids(rng, [[30, 1, 40, 30], [64, 37]])
+    cotangents = random_cotangents(rng, inputs)
+
+    def forward(i, s, seg):  # a fresh jit: conftest's `run` is cached across configurations
+        return rules.RULES[rule](**i, initial_state=s, segment_ids=seg, impl="pallas", chunk_size=64)
+
+    actual = jax.jit(forward)(inputs, state, segment_ids)
+    assert_close(actual, reference(rule, inputs, state, segment_ids), KERNEL_RTOL, f"{variant} solve rows from ref")
+    actual = grad_runner(rule, "pallas", 64)(cotangents, inputs, state, segment_ids)
+    expected = grad_runner(rule, "chunk", 64)(cotangents, inputs, state, segment_ids)
+    assert_close(actual, expected, KERNEL_RTOL, f"{variant} solve rows from ref grad")
+
+
 @pytest.mark.parametrize("variant", [*SEGMENT_VARIANTS, "kda"])
 def test_pallas_grads_across_the_blocks_of_a_chunk(variant, rng, backward_kernels, fresh_traces):
     """Chunks of 32 tokens (two 16-token blocks: the block pairs below the diagonal),
@@ -223,11 +244,12 @@ def test_pallas_grads_in_key_and_value_blocks(variant, rng, backward_kernels, mo
     assert_close(grads("pallas"), grads("chunk"), KERNEL_RTOL, f"{variant} pallas grad in K and V blocks")
 
 
-@pytest.mark.parametrize("variant", ["gla-channel", "kda", "gdn2-channel", "eda-bw", "gated_delta_rule"])
+@pytest.mark.parametrize("variant", ["gla-channel", "kda", "eda-bw"])
 def test_pallas_key_grad_factored(variant, rng, backward_kernels, monkeypatch, fresh_traces):
-    """chunk_bwd.Config.key_grad_factored (one reference per row block for the pairs below the diagonal; a scalar
-    decay keeps its exact per-pair exponents): the chunk form's gradients with chunks of 64 (four row blocks),
-    odd T, an initial state, segments across blocks and one starting at a chunk, and K in two blocks."""
+    """chunk_bwd.Config.key_grad_factored (one reference per row block for the pairs below the diagonal; channel-wise
+    decays only, a scalar one keeps its exact per-pair exponents): the chunk form's gradients with chunks of 64
+    (four row blocks), odd T, an initial state, segments across blocks and one starting at a chunk, K in two
+    blocks; without an erase address, with one, and with two sub-steps per token."""
     monkeypatch.setattr(chunk_bwd, "DEFAULT_CONFIG", chunk_bwd.Config(key_grad_factored=True, block_k=16))
     rule, shape = rule_of(variant), {"K": 32}
     inputs, state = make_inputs(variant, rng, T=101, **shape), make_state(rng, **shape)
@@ -310,8 +332,7 @@ def test_channel_decay_down_to_the_documented_floor_float32(floor, impl, rng):
     assert relative_error(actual[0], reference("eda", inputs)[0]) < 1e-4
 
 
-@pytest.mark.parametrize("factored", [False, True])
-@pytest.mark.parametrize("floor,rtol", [(-5.0, 1e-4), (-10.0, 1e-2)])
+@pytest.mark.parametrize("floor,rtol,factored", [(-5.0, 1e-4, False), (-10.0, 1e-2, False), (-10.0, 1e-2, True)])
 def test_pallas_grads_down_to_the_documented_floor_float32(
     floor, rtol, factored, rng, backward_kernels, monkeypatch, fresh_traces
 ):
@@ -371,8 +392,9 @@ LOWERING_SETTINGS = {  # (storage, chunk_fwd.Config fields) of the lowering test
     "f32": (None, {}),
     "bf16": (jnp.bfloat16, {}),
     "f32-states": (jnp.bfloat16, {"low_states": False}),  # bf16 inputs against float32 states: mixed products
+    "solve-rows": (jnp.bfloat16, {"solve_rows_from_ref": True}),
 }
-FORWARD_LOWERING = ["f32", "bf16"]
+FORWARD_LOWERING = ["f32", "bf16", "solve-rows"]
 BACKWARD_LOWERING = ["f32", "bf16", "f32-states"]
 
 
@@ -432,6 +454,7 @@ def _lowered_training_step(case, storage):
 GPU_FORWARD_CONFIGS = {  # chunk_fwd.Config fields of the full-width bf16 test's cases
     "default": {},
     "f32-states": {"low_states": False},  # float32 states and U: the state kernels' products in float32
+    "solve-rows": {"solve_rows_from_ref": True},
 }
 
 
@@ -440,7 +463,8 @@ GPU_FORWARD_CONFIGS = {  # chunk_fwd.Config fields of the full-width bf16 test's
 @pytest.mark.parametrize("rule", ["gated_delta_rule", "kda", "gdn2", "eda"])
 def test_pallas_on_gpu_bf16(rule, config, monkeypatch):
     """Full-width heads in bf16 against a float32 recurrent run: relative error under 1e-2, no NaN (the
-    default configuration (16-bit products) and float32 states; eda at its default chunks of 32 tokens)."""
+    default configuration (16-bit products), float32 states, the solve's rows read from A's ref; eda at its
+    default chunks of 32 tokens)."""
     from edarnn.check_forms import random_inputs
 
     monkeypatch.setattr(chunk_fwd, "DEFAULT_CONFIG", chunk_fwd.Config(**GPU_FORWARD_CONFIGS[config]))

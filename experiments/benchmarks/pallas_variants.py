@@ -43,8 +43,11 @@ VARIANTS = {  # name: chunk_fwd.Config fields ("bf16": the default, 16-bit stora
     "bf16": {},
     "f32": {"low_inputs": False, "low_intermediates": False, "low_states": False},  # float32 everywhere
     "f32states": {"low_states": False},
+    "pair1": {"pair_warps": (1, 1)},  # one warp: the reference rows' reductions by shuffles, no shared memory
     "pair2": {"pair_warps": (2, 2)},
     "pair8": {"pair_warps": (8, 8)},
+    "solve1": {"solve_warps": (1, 1)},
+    "solverows": {"solve_rows_from_ref": True},  # the substitution's rows loaded from A's ref, not reduced
     "solve2": {"solve_warps": (2, 4)},
     "solve8": {"solve_warps": (8, 8)},
     "state8": {"state_warps": 8},
@@ -61,6 +64,7 @@ BACKWARDS = {  # name: None (forward only), or (forms.BACKWARD_KERNELS["gpu"], c
     "kernels": (True, {}),
     "kernels_f32grads": (True, {"low_grads": False}),
     "kernels_score8": (True, {"score_grad_warps": 8}),
+    "kernels_key1": (True, {"key_grad_warps": 1}),
     "kernels_key4": (True, {"key_grad_warps": 4}),
     "kernels_products8": (True, {"state_products_warps": 8}),
     "kernels_bk32": (True, {"block_k": 32}),

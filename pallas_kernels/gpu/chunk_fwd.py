@@ -78,6 +78,7 @@ class Config(NamedTuple):
     low_intermediates: bool = True  # Aqk, W, U~ in the inputs' storage dtype (bf16 inputs: bf16); A stays f32
     low_states: bool = True  # U and the chunks' start states likewise
     state_stages: int = 2  # Triton num_stages of the state kernel (software pipelining of its loop)
+    solve_rows_from_ref: bool = False  # solve: substitution rows loaded from A's ref, not reduced (untimed)
 
 
 DEFAULT_CONFIG = Config()
@@ -268,6 +269,7 @@ def chunk_states(
                 block=rows // n_blocks,
                 has_segments=has_segments,
                 write_inverse=inverse,
+                rows_from_ref=config.solve_rows_from_ref,
             ),
             config.solve_warps[per_token - 1],
             interpret,
