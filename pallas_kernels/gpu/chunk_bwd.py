@@ -215,16 +215,19 @@ def _key_grad_kernel(*refs, block_tokens, per_token, has_erase, has_segments, fa
     a_local, q_local = iota(block) > iota(block, 1), causal_query_mask(block_tokens, per_token)
     seg, seg_t, seg_q, seg_prev, seg_last = chunk_segments(seg_q_ref, seg_ref, prev_ref, rows, tokens)
 
-    def pair(a_ref, ga_ref, i, j, d_ref, local, seg_a, side):
-        """One side of block pair (i, j)'s gradient: rows i of a (queries: tokens; else sub-step rows) against
-        key block j."""
-        a_rows = tokens[i] if a_ref is q_ref else rows[i]
-        d = d_ref[a_rows, rows[j]].astype(f32)
-        mask = pair_mask(local, i, j, seg_a[i], seg_t[j])
-        a, b = load(a_ref, a_rows), load(x_ref, rows[j])
-        return block_scores_grad(a, ga_ref[a_rows, :], b, g_ref[rows[j], :], d, mask, i == j, side)
-
+    # the two row sides of the pairs: the queries (token rows, against dP) and the erase addresses (against dA)
     sides = {"q": (q_ref, gq_ref, tokens, dp_ref, q_local, seg_q), "y": (y_ref, g_ref, rows, da_ref, a_local, seg)}
+
+    def pair(side, i, j, grad_of):
+        """One side ("a": the rows', "b": the keys') of block pair (i, j)'s gradient: row block i of `side`
+        against key block j."""
+        a_ref, ga_ref, a_rows, d_ref, local, seg_a = sides[side]
+        d = d_ref[a_rows[i], rows[j]].astype(f32)
+        mask = pair_mask(local, i, j, seg_a[i], seg_t[j])
+        a, b = load(a_ref, a_rows[i]), load(x_ref, rows[j])
+        return block_scores_grad(a, ga_ref[a_rows[i], :], b, g_ref[rows[j], :], d, mask, i == j, grad_of)
+
+    present = ("q", "y") if has_erase else ("q",)
     factored = factored and width > 1
 
     def d_block(d_ref, a_rows, j, seg_a):
@@ -239,9 +242,9 @@ def _key_grad_kernel(*refs, block_tokens, per_token, has_erase, has_segments, fa
 
     def rows_before(k, side, keys):
         """The a-side gradient of row block k (side "q" or "y") from its pairs with the key blocks j < k."""
-        a_ref, ga_ref, a_rows, d_ref, local, seg_a = sides[side]
+        _, ga_ref, a_rows, d_ref, _, seg_a = sides[side]
         if not factored:
-            return sum((pair(a_ref, ga_ref, k, j, d_ref, local, seg_a, "a") for j in range(k)), 0.0)
+            return sum((pair(side, k, j, "a") for j in range(k)), 0.0)
         if k == 0:
             return 0.0
         ref, decayed = keys
@@ -250,44 +253,39 @@ def _key_grad_kernel(*refs, block_tokens, per_token, has_erase, has_segments, fa
 
     def rows_after(k):
         """The key-side gradient of block k from its pairs with the row blocks i > k, both sides."""
-        if not factored:
-            total = 0.0
-            for i in range(k + 1, n):
-                total = total + pair(q_ref, gq_ref, i, k, dp_ref, q_local, seg_q, "b")
-                if has_erase:
-                    total = total + pair(y_ref, g_ref, i, k, da_ref, a_local, seg, "b")
-            return total
         if k == n - 1:
             return 0.0
-        ref = g_ref[pl.ds((k + 1) * block - 1, 1), :]
+        ref = g_ref[pl.ds((k + 1) * block - 1, 1), :] if factored else None
         total = 0.0
-        for side in ("q", "y") if has_erase else ("q",):
+        for side in present:
             a_ref, ga_ref, a_rows, d_ref, _, seg_a = sides[side]
             for i in range(k + 1, n):
+                if not factored:
+                    total = total + pair(side, i, k, "b")
+                    continue
                 a = load(a_ref, a_rows[i]) * jnp.exp(ga_ref[a_rows[i], :] - ref)
                 total = total + dot(d_block(d_ref, a_rows[i], k, seg_a[i]), a, trans_a=True)
-        return jnp.exp(ref - g_ref[rows[k], :]) * total
+        return jnp.exp(ref - g_ref[rows[k], :]) * total if factored else total
 
     def row_block(k):
         keys = keys_before(k) if factored and k > 0 else None
         q, gq = load(q_ref, tokens[k]), gq_ref[tokens[k], :]
         dq = in_segment(load(q_state_ref, tokens[k]), seg_q[k], seg_prev) * jnp.exp(gq)
-        dq = dq + pair(q_ref, gq_ref, k, k, dp_ref, q_local, seg_q, "a") + rows_before(k, "q", keys)
+        dq = dq + pair("q", k, k, "a") + rows_before(k, "q", keys)
         dq_ref[...] = dq.astype(dq_ref.dtype)
         dgq_ref[...] = decay_width(q * dq, width)
 
         x, g = load(x_ref, rows[k]), g_ref[rows[k], :]
         dx = load(x_state_ref, rows[k]) * in_segment(jnp.exp(g_last - g), seg[k], seg_last)
         d_last_ref[...] = decay_width(jnp.sum(x * dx, axis=0, keepdims=True), width)
-        dx = dx + pair(q_ref, gq_ref, k, k, dp_ref, q_local, seg_q, "b")
-        if has_erase:
-            dx = dx + pair(y_ref, g_ref, k, k, da_ref, a_local, seg, "b")
+        for side in present:
+            dx = dx + pair(side, k, k, "b")
         dx = dx + rows_after(k)
         dx_ref[...] = dx.astype(dx_ref.dtype)
         dg = -x * dx
         if has_erase:
             dy = -in_segment(load(y_state_ref, rows[k]), seg[k], seg_prev) * jnp.exp(g)
-            dy = dy + pair(y_ref, g_ref, k, k, da_ref, a_local, seg, "a") + rows_before(k, "y", keys)
+            dy = dy + pair("y", k, k, "a") + rows_before(k, "y", keys)
             dy_ref[...] = dy.astype(dy_ref.dtype)
             dg = dg + load(y_ref, rows[k]) * dy
         dg_ref[...] = decay_width(dg, width)
