@@ -18,7 +18,6 @@ tiling takes blocks of at least two dimensions, and lays a [1, L] block along la
 """
 
 import collections
-import functools
 from typing import NamedTuple
 
 import jax
@@ -183,17 +182,15 @@ def row_block_scores(a, ga, i, keys, masks):
     return scores + [block_scores(a, ga, keys.x[i], keys.g[i], masks[i], diagonal=True)]
 
 
-def unit_lower_inverse_tile(a, row_of=None):
-    """(I + a)^-1 for strictly lower-triangular a [c, c], by forward substitution, one row per step. row_of(i):
-    row i of a as [1, c] (i traced), e.g. loaded from the ref a came from; default: a masked reduction of a."""
+def unit_lower_inverse_tile(a):
+    """(I + a)^-1 for strictly lower-triangular a [c, c], by forward substitution, one row per step."""
     size = a.shape[0]
     rows = jax.lax.broadcasted_iota(jnp.int32, (size, size), 0)
     cols = jax.lax.broadcasted_iota(jnp.int32, (size, size), 1)
-    row_of = row_of or (lambda i: row(a, i))
 
     def substitute(i, t):
         unit = jnp.where(iota(size, 1) == i, 1.0, 0.0)
-        new_row = unit - jnp.sum(row_of(i).T * t, axis=0, keepdims=True)
+        new_row = unit - jnp.sum(row(a, i).T * t, axis=0, keepdims=True)
         return jnp.where(rows == i, new_row, t)
 
     return jax.lax.fori_loop(jnp.int32(1), jnp.int32(size), substitute, (rows == cols).astype(jnp.float32))
@@ -222,15 +219,13 @@ def inverse_blocks(keys, y_ref, seg, seg_t, block):
     return inverse_of_blocks(a_row, len(keys.x))
 
 
-def inverse_of_blocks(a_row, n, diagonal_row=None):
+def inverse_of_blocks(a_row, n):
     """T = (I + A)^-1 as blocks {(i, j): [c, c]} for j <= i, from a_row(i) = [A_i0, ..., A_ii] (A_ii strictly
-    lower): T_ii = (I + A_ii)^-1 and T_ij = -T_ii sum_m A_im T_mj. diagonal_row(i, r): row r of A_ii as [1, c]
-    (see unit_lower_inverse_tile), or None."""
+    lower): T_ii = (I + A_ii)^-1 and T_ij = -T_ii sum_m A_im T_mj."""
     t = {}
     for i in range(n):
         a = a_row(i)
-        row_of = None if diagonal_row is None else functools.partial(diagonal_row, i)
-        t[i, i] = unit_lower_inverse_tile(a[i], row_of)
+        t[i, i] = unit_lower_inverse_tile(a[i])
         for j in range(i):
             t[i, j] = -dot(t[i, i], sum(dot(a[m], t[m, j]) for m in range(j, i)))
     return t
@@ -336,13 +331,11 @@ def pair_scores_kernel(q_ref, gq_ref, x_ref, g_ref, *refs, i, j, per_token, has_
             out[...] = jnp.where(m, scores, 0.0).astype(out.dtype)
 
 
-def solve_kernel(a_ref, y_ref, z_ref, g_ref, *refs, block, has_segments, write_inverse=False, rows_from_ref=False):
+def solve_kernel(a_ref, y_ref, z_ref, g_ref, *refs, block, has_segments, write_inverse=False):
     """T = (I + A)^-1 from the pair scores A [L, L] of one chunk (`pair_scores_kernel`; only blocks j <= i are
     read), in blocks of `block` rows (any divisor of L, not necessarily the pair kernel's), then W = T (Y exp G) and
     U~ = T Z (`write_w_u`). refs: (seg_ref [L], prev_ref if has_segments), then the outputs w [L, K], u [L, V]
-    and, with write_inverse (the backward's recompute), t [L, L] (zeros above the diagonal blocks).
-    rows_from_ref: the substitution reads each row of a diagonal block from a_ref (a dynamic one-row load) instead
-    of reducing the block over its rows (GPU)."""
+    and, with write_inverse (the backward's recompute), t [L, L] (zeros above the diagonal blocks)."""
     refs = list(refs)
     seg_ref, prev_ref = (refs.pop(0), refs.pop(0)) if has_segments else (None, None)
     w_ref, u_ref, *t_ref = refs
@@ -352,10 +345,7 @@ def solve_kernel(a_ref, y_ref, z_ref, g_ref, *refs, block, has_segments, write_i
     def a_row(i):
         return [a_ref[rows[i], rows[j]].astype(jnp.float32) for j in range(i + 1)]
 
-    def diagonal_row(i, r):
-        return a_ref[pl.ds(i * block + r, 1), rows[i]].astype(jnp.float32)
-
-    t = inverse_of_blocks(a_row, n, diagonal_row if rows_from_ref else None)
+    t = inverse_of_blocks(a_row, n)
     seg = [segment_column(seg_ref, r) for r in rows] if has_segments else None
     write_w_u(t, y_ref, z_ref, g_ref, w_ref, u_ref, block, seg, prev_ref)
     if write_inverse:

@@ -191,27 +191,6 @@ def test_pallas_grads_match_chunk(variant, with_segments, rng, backward_kernels)
     assert_close(actual, expected, KERNEL_RTOL, f"{variant} pallas grad")
 
 
-@pytest.mark.parametrize("variant", ["kda", "eda-bw"])
-def test_pallas_solve_rows_from_ref(variant, rng, backward_kernels, monkeypatch, fresh_traces):
-    """chunk_fwd.Config.solve_rows_from_ref (the substitution's rows loaded from A's ref): the recurrent form's
-    output and final state and the chunk form's gradients (the backward's recompute solves too); chunks of 64,
-    odd T, an initial state, segments across blocks and one starting at a chunk."""
-    monkeypatch.setattr(chunk_fwd, "DEFAULT_CONFIG", chunk_fwd.Config(solve_rows_from_ref=True))
-    rule = rule_of(variant)
-    inputs, state = make_inputs(variant, rng, T=101), make_state(rng)
-    segment_ids = make_segment_ids(rng, [[30, 1, 40, 30], [64, 37]])
-    cotangents = random_cotangents(rng, inputs)
-
-    def forward(i, s, seg):  # a fresh jit: conftest's `run` is cached across configurations
-        return rules.RULES[rule](**i, initial_state=s, segment_ids=seg, impl="pallas", chunk_size=64)
-
-    actual = jax.jit(forward)(inputs, state, segment_ids)
-    assert_close(actual, reference(rule, inputs, state, segment_ids), KERNEL_RTOL, f"{variant} solve rows from ref")
-    actual = grad_runner(rule, "pallas", 64)(cotangents, inputs, state, segment_ids)
-    expected = grad_runner(rule, "chunk", 64)(cotangents, inputs, state, segment_ids)
-    assert_close(actual, expected, KERNEL_RTOL, f"{variant} solve rows from ref grad")
-
-
 @pytest.mark.parametrize("variant", [*SEGMENT_VARIANTS, "kda"])
 def test_pallas_grads_across_the_blocks_of_a_chunk(variant, rng, backward_kernels, fresh_traces):
     """Chunks of 32 tokens (two 16-token blocks: the block pairs below the diagonal),
@@ -245,19 +224,18 @@ def test_pallas_grads_in_key_and_value_blocks(variant, rng, backward_kernels, mo
 
 
 @pytest.mark.parametrize("variant", ["gla-channel", "kda", "eda-bw"])
-def test_pallas_key_grad_factored(variant, rng, backward_kernels, monkeypatch, fresh_traces):
-    """chunk_bwd.Config.key_grad_factored (one reference per row block for the pairs below the diagonal; channel-wise
-    decays only, a scalar one keeps its exact per-pair exponents): the chunk form's gradients with chunks of 64
-    (four row blocks), odd T, an initial state, segments across blocks and one starting at a chunk, K in two
-    blocks; without an erase address, with one, and with two sub-steps per token."""
-    monkeypatch.setattr(chunk_bwd, "DEFAULT_CONFIG", chunk_bwd.Config(key_grad_factored=True, block_k=16))
+def test_pallas_key_grad_four_row_blocks(variant, rng, backward_kernels, monkeypatch, fresh_traces):
+    """key_grad's factored pairs below the diagonal (channel-wise decays: one reference per row block): the chunk
+    form's gradients with chunks of 64 (four row blocks), odd T, an initial state, segments across blocks and one
+    starting at a chunk, K in two blocks; without an erase address, with one, and with two sub-steps per token."""
+    monkeypatch.setattr(chunk_bwd, "DEFAULT_CONFIG", chunk_bwd.Config(block_k=16))
     rule, shape = rule_of(variant), {"K": 32}
     inputs, state = make_inputs(variant, rng, T=101, **shape), make_state(rng, **shape)
     segment_ids = make_segment_ids(rng, [[30, 1, 40, 30], [64, 37]])
     cotangents = random_cotangents(rng, inputs)
     actual = grad_runner(rule, "pallas", 64)(cotangents, inputs, state, segment_ids)
     expected = grad_runner(rule, "chunk", 64)(cotangents, inputs, state, segment_ids)
-    assert_close(actual, expected, KERNEL_RTOL, f"{variant} factored key_grad")
+    assert_close(actual, expected, KERNEL_RTOL, f"{variant} key_grad, four row blocks")
 
 
 LOW_PRECISION = {  # (chunk_bwd.Config, chunk_fwd.Config) fields of the bf16 gradient test's cases
@@ -332,16 +310,13 @@ def test_channel_decay_down_to_the_documented_floor_float32(floor, impl, rng):
     assert relative_error(actual[0], reference("eda", inputs)[0]) < 1e-4
 
 
-@pytest.mark.parametrize("floor,rtol,factored", [(-5.0, 1e-4, False), (-10.0, 1e-2, False), (-10.0, 1e-2, True)])
-def test_pallas_grads_down_to_the_documented_floor_float32(
-    floor, rtol, factored, rng, backward_kernels, monkeypatch, fresh_traces
-):
+@pytest.mark.parametrize("floor,rtol", [(-5.0, 1e-4), (-10.0, 1e-2)])
+def test_pallas_grads_down_to_the_documented_floor_float32(floor, rtol, rng, backward_kernels, fresh_traces):
     """The backward kernels at per-channel log-decay down to -10, chunk 64, float32: finite, and close to the
     float64 recurrent form's gradients. At -10 a 16-token block's middle reference (shared with the forward)
     puts factors at exp(+-80), where small products fall below float32's normal range and are flushed: about
-    1e-3 of the largest gradient is lost (docs/performance.md). Also with key_grad factored (its references off
-    the diagonal keep every factor <= 1)."""
-    monkeypatch.setattr(chunk_bwd, "DEFAULT_CONFIG", chunk_bwd.Config(key_grad_factored=factored))
+    1e-3 of the largest gradient is lost (docs/performance.md); key_grad's references off the diagonal keep every
+    factor <= 1."""
     inputs = make_inputs("eda-channel", rng, T=130, dtype=jnp.float32, max_decay=-floor)
     inputs["g"] = inputs["g"].at[..., :3].set(floor)
     state = make_state(rng, dtype=jnp.float32)
@@ -392,9 +367,8 @@ LOWERING_SETTINGS = {  # (storage, chunk_fwd.Config fields) of the lowering test
     "f32": (None, {}),
     "bf16": (jnp.bfloat16, {}),
     "f32-states": (jnp.bfloat16, {"low_states": False}),  # bf16 inputs against float32 states: mixed products
-    "solve-rows": (jnp.bfloat16, {"solve_rows_from_ref": True}),
 }
-FORWARD_LOWERING = ["f32", "bf16", "solve-rows"]
+FORWARD_LOWERING = ["f32", "bf16"]
 BACKWARD_LOWERING = ["f32", "bf16", "f32-states"]
 
 
@@ -433,13 +407,6 @@ def test_chunk_backward_kernels_lower_to_triton(case, setting, backward_kernels,
     assert all(f'name = "{kernel}"' in text for kernel in BACKWARD_KERNELS)
 
 
-@pytest.mark.parametrize("case", ["channel-decay delta", "eda", "channel-decay delta, segments"])
-def test_factored_key_grad_lowers_to_triton(case, backward_kernels, monkeypatch, no_x64):
-    """chunk_bwd.Config.key_grad_factored: the training step lowers, bf16 storage."""
-    monkeypatch.setattr(chunk_bwd, "DEFAULT_CONFIG", chunk_bwd.Config(key_grad_factored=True))
-    assert 'name = "_key_grad_kernel"' in _lowered_training_step(case, jnp.bfloat16)
-
-
 def _lowered_training_step(case, storage):
     """The lowered text (for CUDA) of a training step's forward and backward at K = V = 128, chunks of 64."""
 
@@ -454,7 +421,6 @@ def _lowered_training_step(case, storage):
 GPU_FORWARD_CONFIGS = {  # chunk_fwd.Config fields of the full-width bf16 test's cases
     "default": {},
     "f32-states": {"low_states": False},  # float32 states and U: the state kernels' products in float32
-    "solve-rows": {"solve_rows_from_ref": True},
 }
 
 
@@ -463,8 +429,7 @@ GPU_FORWARD_CONFIGS = {  # chunk_fwd.Config fields of the full-width bf16 test's
 @pytest.mark.parametrize("rule", ["gated_delta_rule", "kda", "gdn2", "eda"])
 def test_pallas_on_gpu_bf16(rule, config, monkeypatch):
     """Full-width heads in bf16 against a float32 recurrent run: relative error under 1e-2, no NaN (the
-    default configuration (16-bit products), float32 states, the solve's rows read from A's ref; eda at its
-    default chunks of 32 tokens)."""
+    default configuration (16-bit products) and float32 states; eda at its default chunks of 32 tokens)."""
     from edarnn.check_forms import random_inputs
 
     monkeypatch.setattr(chunk_fwd, "DEFAULT_CONFIG", chunk_fwd.Config(**GPU_FORWARD_CONFIGS[config]))
@@ -491,21 +456,12 @@ def test_pallas_decode_step_on_gpu(rule):
     assert relative_error(actual[0], expected[0]) < 1e-4 and relative_error(actual[1], expected[1]) < 1e-4
 
 
-GPU_BACKWARD_CONFIGS = {  # chunk_bwd.Config fields of the full-width bf16 gradient test's cases
-    "default": {},
-    "key-grad-factored": {"key_grad_factored": True},
-}
-
-
 @pytest.mark.gpu
-@pytest.mark.parametrize("config", list(GPU_BACKWARD_CONFIGS))
 @pytest.mark.parametrize("rule", ["gated_delta_rule", "kda", "gdn2", "eda"])
-def test_pallas_grads_on_gpu_bf16(rule, config, backward_kernels, monkeypatch):
+def test_pallas_grads_on_gpu_bf16(rule, backward_kernels):
     """Gradients of every input and the initial state at full-width heads, q, k, v (and e) in bf16, against a
-    float32 recurrent run: relative error under 2e-2, finite (the default backward, and key_grad factored)."""
+    float32 recurrent run: relative error under 2e-2, finite."""
     from edarnn.check_forms import random_inputs
-
-    monkeypatch.setattr(chunk_bwd, "DEFAULT_CONFIG", chunk_bwd.Config(**GPU_BACKWARD_CONFIGS[config]))
 
     inputs = random_inputs(rule, 2, 1000, 4, 128, 128)
     keys = jax.random.split(jax.random.key(1), 3)

@@ -44,10 +44,9 @@ VARIANTS = {  # name: chunk_fwd.Config fields ("bf16": the default, 16-bit stora
     "f32": {"low_inputs": False, "low_intermediates": False, "low_states": False},  # float32 everywhere
     "f32states": {"low_states": False},
     "pair1": {"pair_warps": (1, 1)},  # one warp: the reference rows' reductions by shuffles, no shared memory
-    "pair2": {"pair_warps": (2, 2)},
+    "pair4": {"pair_warps": (4, 4)},
     "pair8": {"pair_warps": (8, 8)},
     "solve1": {"solve_warps": (1, 1)},
-    "solverows": {"solve_rows_from_ref": True},  # the substitution's rows loaded from A's ref, not reduced
     "solve2": {"solve_warps": (2, 4)},
     "solve8": {"solve_warps": (8, 8)},
     "state8": {"state_warps": 8},
@@ -72,8 +71,6 @@ BACKWARDS = {  # name: None (forward only), or (forms.BACKWARD_KERNELS["gpu"], c
     "kernels_stategrad32": (True, {"state_grad_block_v": 32}),
     "kernels_stategrad16": (True, {"state_grad_block_v": 16}),
     "kernels_stages1": (True, {"state_grad_stages": 1}),  # no software pipelining of the state_grad kernel's loop
-    "kernels_factored": (True, {"key_grad_factored": True}),  # key_grad: one reference per row block off the diagonal
-    "kernels_factored_key4": (True, {"key_grad_factored": True, "key_grad_warps": 4}),
 }
 
 

@@ -74,7 +74,6 @@ class Config(NamedTuple):
     block_v: int = 64  # V blocks of the loops inside score_grad and state_products
     block_k: int = 64  # K blocks of the state_products and key_grad grids
     low_grads: bool = True  # with 16-bit inputs: P^T dO, dU, the dS_{n+1} and dq, dx, dy, dz in 16 bits
-    key_grad_factored: bool = False  # key_grad's off-diagonal pairs with one reference per row block (untimed)
 
 
 DEFAULT_CONFIG = Config()
@@ -174,7 +173,7 @@ def _state_products_kernel(*refs, block_v, has_erase):
         y_out[...] = y_state
 
 
-def _key_grad_kernel(*refs, block_tokens, per_token, has_erase, has_segments, factored=False):
+def _key_grad_kernel(*refs, block_tokens, per_token, has_erase, has_segments):
     """Row block k (the grid's last axis) of one chunk's gradients on one block of BK key channels (c = 16 P rows):
 
         dq_k = (dO S^T)_k exp(Gq_k) (rows that see S) + sum_{j <= k} d_q(P_kj)
@@ -187,12 +186,13 @@ def _key_grad_kernel(*refs, block_tokens, per_token, has_erase, has_segments, fa
     the states (dO S^T, U dS'^T, dZ S^T) taken as inputs (`_state_products_kernel`). Scalar decays (D = 1): dgq,
     dg and d_last are this K block's channel sums, [rows, 1].
 
-    factored (channel-wise decays; Config.key_grad_factored): the pairs below the diagonal share one reference per
-    sum, so the row side's decay leaves the sum: for the key blocks j < k, with r the end of block k - 1,
+    Channel-wise decays factor the pairs below the diagonal: they share one reference per sum, so the row side's
+    decay leaves the sum: for the key blocks j < k, with r the end of block k - 1,
     d_q(P_k<) = exp(Gq_k - r) * sum_j dP_kj (x_j exp(r - G_j)) (dy likewise, on the same x_j tiles), and for the
     row blocks i > k, with r' the end of block k, d_x = exp(r' - G_k) * sum_i dP_ik^T (q_i exp(Gq_i - r')) +
     dA_ik^T (y_i exp(G_i - r')); every factor <= 1. One exponential tile per block instead of two per pair, and
-    each block loaded once; the diagonal pairs as above.
+    each block loaded once (measured 1-3% faster than per pair, docs/performance.md); scalar decays, whose pair
+    decay is a [c, c] outer difference, keep `block_scores_grad` per pair.
 
     Refs (blocks): q [C, BK], gq [C, D'], x [L, BK], y [L, BK] (erase), g [L, D'] (D' = BK, or 1 for a scalar
     decay), dp [C, L], da [L, L] (erase), q_state [C, BK], x_state [L, BK], y_state [L, BK] (erase; the three state
@@ -228,7 +228,7 @@ def _key_grad_kernel(*refs, block_tokens, per_token, has_erase, has_segments, fa
         return block_scores_grad(a, ga_ref[a_rows[i], :], b, g_ref[rows[j], :], d, mask, i == j, grad_of)
 
     present = ("q", "y") if has_erase else ("q",)
-    factored = factored and width > 1
+    factored = width > 1
 
     def d_block(d_ref, a_rows, j, seg_a):
         """The cotangent block of rows a_rows against key block j (off the diagonal), within one segment."""
@@ -456,7 +456,6 @@ def chunk_backward(
             per_token=per_token,
             has_erase=has_erase,
             has_segments=has_segments,
-            factored=config.key_grad_factored,
         ),
         config.key_grad_warps,
         interpret,

@@ -66,9 +66,12 @@ class Config(NamedTuple):
     3.97 ms (gated_delta_rule 1.56 -> 1.58); one per chunk with the key channels in blocks of 32 (fla's layout)
     from 2.03 to 3.33 ms (2.85 with 2 warps; gated_delta_rule 1.45 -> 2.21, eda 3.89 -> 5.43). Reading the row
     block's log-decays once for both sides (one sub-step per token: gq is gy) left the pair kernel at 559 us
-    against 561 (profile): not kept."""
+    against 561 (profile): not kept. Session 9, pair kernel on 2 warps (was 4): forward kda 2.02 -> 1.87 ms,
+    gated_delta_rule 1.57 -> 1.26, gdn2 2.10 -> 1.95, eda 4.05 -> 3.65 (1 warp: 2.01 / 1.27 / 2.02 / 3.81; the
+    pair kernel 555 -> 457 us in kda's profile on 1 warp); solve on 1 warp (kda 2.25 against 2.31, gdn2 2.41
+    against 2.08) and the solve's rows read from A's ref (0.99x / 1.04x) not kept."""
 
-    pair_warps: tuple[int, int] = (4, 4)  # pair-scores kernel, by sub-steps per token
+    pair_warps: tuple[int, int] = (2, 2)  # pair-scores kernel, by sub-steps per token
     solve_warps: tuple[int, int] = (4, 4)  # solve kernel, by sub-steps per token
     state_warps: int = 4
     output_warps: int = 4
@@ -78,7 +81,6 @@ class Config(NamedTuple):
     low_intermediates: bool = True  # Aqk, W, U~ in the inputs' storage dtype (bf16 inputs: bf16); A stays f32
     low_states: bool = True  # U and the chunks' start states likewise
     state_stages: int = 2  # Triton num_stages of the state kernel (software pipelining of its loop)
-    solve_rows_from_ref: bool = False  # solve: substitution rows loaded from A's ref, not reduced (untimed)
 
 
 DEFAULT_CONFIG = Config()
@@ -269,7 +271,6 @@ def chunk_states(
                 block=rows // n_blocks,
                 has_segments=has_segments,
                 write_inverse=inverse,
-                rows_from_ref=config.solve_rows_from_ref,
             ),
             config.solve_warps[per_token - 1],
             interpret,
