@@ -54,6 +54,11 @@ def resets(segment_ids: Array | None, length: int) -> Array | None:
     return jnp.pad(change, ((0, 0), (1, 0)))[:, :length]
 
 
+def is_power_of_two(n) -> bool:
+    """Whether n is a Python int (not a bool) that is a positive power of two."""
+    return type(n) is int and n > 0 and n & (n - 1) == 0
+
+
 def blocked_cumsum(x: Array, axis: int, block: int = 8) -> Array:
     """jnp.cumsum(x, axis) in two levels: sums within blocks of `block` elements (or of gcd(length, block)), then
     of the blocks' totals. XLA lowers a cumulative sum to a reduce-window whose work grows with its length (64

@@ -540,7 +540,7 @@ def check_config(config) -> None:
         if type(value) is not int or value < 1:
             raise ValueError(f"config.model.{field} must be a positive int; got {value!r}")
     chunk = config.chunk_size
-    if chunk is not None and (type(chunk) is not int or chunk < 1 or chunk & (chunk - 1)):
+    if chunk is not None and not core.is_power_of_two(chunk):
         raise ValueError(f"config.model.chunk_size must be a power of two or None (the rule's); got {chunk!r}")
     if type(config.conv_size) is not int or config.conv_size < 0:
         raise ValueError(f"config.model.conv_size must be an int >= 0 (0: no convolution); got {config.conv_size!r}")

@@ -68,7 +68,7 @@ def _pallas(q, steps, state, segment_ids, chunk_size, storage=None):
         raise ValueError(f'impl="pallas": V must be at most 64 or a multiple of 64; got V = {value}')
     if backend == "gpu":
         for name, size in (("K", key), ("V", value), ("chunk_size", chunk_size)):
-            if size < 16 or size & (size - 1):
+            if size < 16 or not core.is_power_of_two(size):
                 raise ValueError(f'impl="pallas" on a GPU: {name} must be a power of two >= 16; got {size}')
     platform, interpret = ("tpu", False) if backend == "tpu" else ("gpu", backend == "cpu")
     if q.shape[1] < chunk_size:
@@ -92,7 +92,7 @@ def resolve_impl(
         raise ValueError(f"impl must be one of {IMPLS}; got {impl!r}")
     if impl != "auto":
         return impl
-    heads_fit = all(16 <= n <= 128 and n & (n - 1) == 0 for n in (key, value))
+    heads_fit = all(16 <= n <= 128 and core.is_power_of_two(n) for n in (key, value))
     chunk_fits = 16 <= chunk_size <= 64 and length >= chunk_size
     on_gpu = jax.default_backend() == "gpu" and jnp.dtype(compute) == jnp.float32
     return "pallas" if on_gpu and heads_fit and chunk_fits else "chunk"
@@ -153,8 +153,7 @@ def _check_options(rule, shapes, *, scale, initial_state, segment_ids, impl, chu
     d = shapes.dims
     resolve_impl(impl)
     static = "(a static Python value: under jax.jit mark it static, e.g. static_argnames)"
-    power_of_two = type(chunk_size) is int and chunk_size > 0 and chunk_size & (chunk_size - 1) == 0
-    if chunk_size is not None and not power_of_two:
+    if chunk_size is not None and not core.is_power_of_two(chunk_size):
         raise ValueError(f"{rule}: `chunk_size` must be a positive power of two or None; got {chunk_size!r} {static}")
     if type(normalize_qk) is not bool:
         raise ValueError(f"{rule}: `normalize_qk` must be True or False; got {normalize_qk!r} {static}")
