@@ -204,6 +204,20 @@ def test_pallas_grads_across_the_blocks_of_a_chunk(variant, rng, backward_kernel
     assert_close(actual, expected, KERNEL_RTOL, f"{variant} pallas grad, chunks of 32")
 
 
+@pytest.mark.parametrize("variant", ["kda", "eda-bw"])
+def test_pallas_head_size_256(variant, rng, backward_kernels, fresh_traces):
+    """K = V = 256 (four K blocks in state_products and key_grad, four V blocks elsewhere), odd T, an initial
+    state: the recurrent form's output and final state, and the chunk form's gradients."""
+    rule, shape = rule_of(variant), {"B": 1, "H": 1, "K": 256, "V": 256}
+    inputs, state = make_inputs(variant, rng, T=37, **shape), make_state(rng, **shape)
+    cotangents = random_cotangents(rng, inputs)
+    actual = jax.jit(lambda i, s: rules.RULES[rule](**i, initial_state=s, impl="pallas", chunk_size=16))(inputs, state)
+    assert_close(actual, reference(rule, inputs, state), KERNEL_RTOL, f"{variant} pallas, K = V = 256")
+    actual = grad_runner(rule, "pallas", 16)(cotangents, inputs, state, None)
+    expected = grad_runner(rule, "chunk", 16)(cotangents, inputs, state, None)
+    assert_close(actual, expected, KERNEL_RTOL, f"{variant} pallas grad, K = V = 256")
+
+
 @pytest.mark.parametrize("variant", ["gated_delta_rule", "kda", "eda-bw"])
 def test_pallas_grads_in_key_and_value_blocks(variant, rng, backward_kernels, monkeypatch, fresh_traces):
     """The backward kernels with K and V cut in two blocks each (the K grids of state_products and key_grad, a
@@ -418,27 +432,42 @@ def _lowered_training_step(case, storage):
     return step.trace(*_lowering_inputs(case, 128, k=128, v=128)).lower(lowering_platforms=("cuda",)).as_text()
 
 
-GPU_FORWARD_CONFIGS = {  # chunk_fwd.Config fields of the full-width bf16 test's cases
-    "default": {},
-    "f32-states": {"low_states": False},  # float32 states and U: the state kernels' products in float32
+GPU_FORWARD_CASES = {  # (chunk_fwd.Config fields, K = V) of the full-width bf16 test's cases
+    "default": ({}, 128),
+    "f32-states": ({"low_states": False}, 128),  # float32 states and U: the state kernels' products in float32
+    "heads-64": ({}, 64),
+    "heads-256": ({}, 256),
 }
 
 
+def poison_gpu_memory(gib: int = 8) -> None:
+    """Fill the memory the device allocator hands out next with NaN (allocate a NaN array, free it; its pool keeps
+    the freed memory), so that output elements a kernel fails to write read as NaN."""
+    nans = jnp.full((gib << 28,), jnp.nan, jnp.float32)  # 2^28 float32 = 1 GiB
+    nans.block_until_ready()
+    nans.delete()
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("config", list(GPU_FORWARD_CONFIGS))
+@pytest.mark.parametrize("case", list(GPU_FORWARD_CASES))
 @pytest.mark.parametrize("rule", ["gated_delta_rule", "kda", "gdn2", "eda"])
-def test_pallas_on_gpu_bf16(rule, config, monkeypatch):
-    """Full-width heads in bf16 against a float32 recurrent run: relative error under 1e-2, no NaN (the
-    default configuration (16-bit products) and float32 states; eda at its default chunks of 32 tokens)."""
+def test_pallas_on_gpu_bf16(rule, case, monkeypatch):
+    """Full-width heads in bf16 against a float32 recurrent run, device memory poisoned with NaN before the run:
+    relative error under 1e-2, no NaN (the default configuration (16-bit products), float32 states, K = V of 64,
+    128 and 256; eda at its default chunks of 32 tokens)."""
     from edarnn.check_forms import random_inputs
 
-    monkeypatch.setattr(chunk_fwd, "DEFAULT_CONFIG", chunk_fwd.Config(**GPU_FORWARD_CONFIGS[config]))
+    fields, width = GPU_FORWARD_CASES[case]
+    monkeypatch.setattr(chunk_fwd, "DEFAULT_CONFIG", chunk_fwd.Config(**fields))
 
-    inputs = random_inputs(rule, 2, 1000, 4, 128, 128)
+    inputs = random_inputs(rule, 2, 1000, 4, width, width)
     expected, expected_state = rules.RULES[rule](*inputs, impl="recurrent")
     low = [x.astype(jnp.bfloat16) if i < 3 else x for i, x in enumerate(inputs)]
-    o, state = jax.jit(lambda *a: rules.RULES[rule](*a, impl="pallas"))(*low)
+    forward = jax.jit(lambda *a: rules.RULES[rule](*a, impl="pallas")).lower(*low).compile()
+    poison_gpu_memory()
+    o, state = forward(*low)
     assert o.dtype == jnp.bfloat16 and not np.isnan(np.asarray(o, np.float32)).any()
+    assert not np.isnan(np.asarray(state)).any()
     assert relative_error(o, expected) < 1e-2 and relative_error(state, expected_state) < 1e-2
 
 
@@ -457,29 +486,34 @@ def test_pallas_decode_step_on_gpu(rule):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("width", [64, 128, 256])
 @pytest.mark.parametrize("rule", ["gated_delta_rule", "kda", "gdn2", "eda"])
-def test_pallas_grads_on_gpu_bf16(rule, backward_kernels):
-    """Gradients of every input and the initial state at full-width heads, q, k, v (and e) in bf16, against a
-    float32 recurrent run: relative error under 2e-2, finite."""
+def test_pallas_grads_on_gpu_bf16(rule, width, backward_kernels):
+    """Gradients of every input and the initial state at full-width heads (K = V = width), q, k, v (and e) in
+    bf16, against a float32 recurrent run, device memory poisoned with NaN before the run: relative error under
+    2e-2, finite."""
     from edarnn.check_forms import random_inputs
 
-    inputs = random_inputs(rule, 2, 1000, 4, 128, 128)
+    inputs = random_inputs(rule, 2, 1000, 4, width, width)
     keys = jax.random.split(jax.random.key(1), 3)
-    state = jax.random.normal(keys[0], (2, 4, 128, 128), jnp.float32)
-    co = jax.random.normal(keys[1], (2, 1000, 4, 128), jnp.float32)
-    cs = jax.random.normal(keys[2], (2, 4, 128, 128), jnp.float32)
+    state = jax.random.normal(keys[0], (2, 4, width, width), jnp.float32)
+    co = jax.random.normal(keys[1], (2, 1000, 4, width), jnp.float32)
+    cs = jax.random.normal(keys[2], (2, 4, width, width), jnp.float32)
 
-    def grads(impl, args):
+    def grads(impl, args, poison=False):
         def loss(args, initial_state):
             o, final_state = rules.RULES[rule](*args, initial_state=initial_state, impl=impl)
             return jnp.sum(o.astype(jnp.float32) * co) + jnp.sum(final_state * cs)
 
-        return jax.jit(jax.grad(loss, argnums=(0, 1)))(args, state)
+        step = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(args, state).compile()
+        if poison:
+            poison_gpu_memory()
+        return step(args, state)
 
     with jax.default_matmul_precision("highest"):
         expected = grads("recurrent", inputs)
     low = tuple(x.astype(jnp.bfloat16) if i < 3 or (rule == "eda" and i == 3) else x for i, x in enumerate(inputs))
-    actual = grads("pallas", low)
+    actual = grads("pallas", low, poison=True)
     for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True):
         assert np.isfinite(np.asarray(a, np.float32)).all()
         assert relative_error(a, e) < 2e-2
