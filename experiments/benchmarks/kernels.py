@@ -8,9 +8,11 @@
 Cases, per T in --seq-lens with B = max(1, --tokens-per-batch // T), H, K, V from the flags:
   gated_delta_rule, kda, gdn2, eda   edarnn impl="pallas" and impl="chunk"; fla's chunk_* op (not for eda)
   softmax_attention                  jax.nn.dot_product_attention(is_causal=True), cuDNN on GPU for 16-bit
-and decode-like rows (T = 1, B = --decode-batch, a random [B, H, K, V] initial state): edarnn impl="pallas" (the
+and decode rows (T = 1, B = --decode-batch, a random [B, H, K, V] float32 initial state): edarnn impl="pallas" (the
 token-by-token kernel) and impl="recurrent" (the default of `rules.<rule>_step`) against fla's fused_recurrent_*
-op, forward only (fla has no backward for them).
+op, forward only (fla has no backward for them). A decode row's time is per step of --decode-steps steps run back
+to back as a decoding loop runs them (each step's final state the next one's initial state, donated in JAX; one
+synchronisation per burst), and its note the state's bytes read and written per step over that time (TB/s).
 
 Inputs are `experiments.benchmarks.rules.make_inputs` (q, k, v, e in --dtype, k and e L2-normalised; gates and
 log-decays float32); fla gets the same arrays through DLPack. fwd: the rule's output and final state.
@@ -190,6 +192,55 @@ def measure_torch(fn, input_sets, args):
     }
 
 
+def time_bursts(step, state, synchronize, state_bytes, args):
+    """Per-step times of bursts of --decode-steps calls state = step(state), synchronised once per burst, after
+    --warmup steps: median and min over up to --repeats bursts, and the state traffic that implies (read and
+    written once per step: 2 state_bytes)."""
+    for _ in range(args.warmup):
+        state = step(state)
+    synchronize(state)
+    times = []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        for _ in range(args.decode_steps):
+            state = step(state)
+        synchronize(state)
+        times.append((time.perf_counter() - start) / args.decode_steps)
+        if sum(times) * args.decode_steps > args.case_budget and len(times) >= 3:
+            break
+    median = statistics.median(times)
+    return {
+        "median_ms": 1e3 * median,
+        "min_ms": 1e3 * min(times),
+        "repeats": len(times),
+        "steps_per_sync": args.decode_steps,
+        "state_tb_per_s": 2 * state_bytes / median / 1e12,
+    }
+
+
+def measure_decode(fn, input_sets, args):
+    """time_bursts for fn(q, k, v, *gates, h0) -> (o, state) in JAX, the state donated to each step."""
+    (inputs, _), *_ = input_sets
+    tokens, state = inputs[:-1], jnp.array(inputs[-1])  # a copy: the first step donates it
+    compiled = jax.jit(fn, donate_argnums=len(inputs) - 1).lower(*inputs).compile()
+    return time_bursts(lambda s: compiled(*tokens, s)[1], state, jax.block_until_ready, state.nbytes, args)
+
+
+def measure_decode_torch(fn, input_sets, args):
+    """time_bursts for fla's op (fn as `fla_fn` makes it), each step's final state a new tensor."""
+    import torch
+
+    (inputs, _), *_ = input_sets
+    tokens, state = [x.detach() for x in inputs[:-1]], inputs[-1].detach().clone()
+
+    def step(s):
+        with torch.no_grad():
+            return fn(*tokens, s)[1]
+
+    nbytes = state.numel() * state.element_size()
+    return time_bursts(step, state, lambda _: torch.cuda.synchronize(), nbytes, args)
+
+
 def short(exc):
     return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:240]}"
 
@@ -340,6 +391,11 @@ def print_row(case=None):
         mib = lambda r: f"{r['memory_bytes'] / 2**20:.0f}" if "memory_bytes" in r else ""  # noqa: E731
         err, status = case.get("check_error"), case.get("check_status")
         note = rb.case_note(case)
+        if "state_tb_per_s" in phase("fwd"):
+            decode = phase("fwd")
+            note = "; ".join(
+                filter(None, [f"state {decode['state_tb_per_s']:.2f} TB/s, {decode['steps_per_sync']} steps", note])
+            )
         cells = [
             case["rule"],
             case["impl"],
@@ -391,7 +447,9 @@ def plot(cases, path):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seq-lens", type=int, nargs="+", default=[1024, 4096, 16384, 65536])
+    p.add_argument(
+        "--seq-lens", type=int, nargs="*", default=[1024, 4096, 16384, 65536], help="none: the decode rows only"
+    )
     p.add_argument("--tokens-per-batch", type=int, default=16384, help="B = max(1, this // T)")
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--key", type=int, default=128)
@@ -403,6 +461,7 @@ def parse_args(argv=None):
     p.add_argument("--rules", nargs="+", default=[*RULES, SOFTMAX], choices=[*RULES, SOFTMAX])
     p.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS, help="default: all")
     p.add_argument("--decode-batch", type=int, default=64, help="B of the T=1 decode rows; 0: none")
+    p.add_argument("--decode-steps", type=int, default=32, help="decode steps per synchronisation (a decode row)")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--input-sets", type=int, default=3)
@@ -484,12 +543,16 @@ def main(argv=None):
                     case["skipped"] = reason
                 elif family(impl) == "fla":
                     torch_sets = to_torch(sets)
-                    phases = torch_phases(fla_fn(fla[rule][impl], rule, decode))
-                    case.update(run_case(phases, measure_torch, torch_sets, args, phases_wanted))
+                    fn = fla_fn(fla[rule][impl], rule, decode)
+                    phases, measure = (
+                        ({"fwd": fn}, measure_decode_torch) if decode else (torch_phases(fn), measure_torch)
+                    )
+                    case.update(run_case(phases, measure, torch_sets, args, phases_wanted))
                     del torch_sets
                 else:
-                    phases = rb.phases(edarnn_fn(rule, impl, args.chunk_size, decode))
-                    case.update(run_case(phases, rb.measure, sets, args, phases_wanted))
+                    fn = edarnn_fn(rule, impl, args.chunk_size, decode)
+                    phases, measure = ({"fwd": fn}, measure_decode) if decode else (rb.phases(fn), rb.measure)
+                    case.update(run_case(phases, measure, sets, args, phases_wanted))
                 if (rule, impl) in check_errors:
                     case["check_error"], case["check_status"] = check_errors[(rule, impl)]
                 report["cases"].append(case)
