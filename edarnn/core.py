@@ -22,6 +22,7 @@ Each form returns (o [B, T, H, V], final_state [B, H, K, V]) in the compute dtyp
 """
 
 import math
+import numbers
 from typing import NamedTuple
 
 import jax
@@ -55,8 +56,8 @@ def resets(segment_ids: Array | None, length: int) -> Array | None:
 
 
 def is_power_of_two(n) -> bool:
-    """Whether n is a Python int (not a bool) that is a positive power of two."""
-    return type(n) is int and n > 0 and n & (n - 1) == 0
+    """Whether n is an integer (a Python or NumPy one, not a bool) that is a positive power of two."""
+    return isinstance(n, numbers.Integral) and not isinstance(n, bool) and n > 0 and n & (n - 1) == 0
 
 
 def blocked_cumsum(x: Array, axis: int, block: int = 8) -> Array:

@@ -27,14 +27,15 @@ def test_time_bursts_runs_each_burst_back_to_back_and_feeds_the_state_forward():
     assert record["state_tb_per_s"] == pytest.approx(20 / (record["median_ms"] / 1e3) / 1e12)
 
 
-def test_decode_rows_equal_the_step_function(tmp_path):
-    """The decode rows time the rule at T = 1 with a donated state; a kda step taken by that function equals
-    rules.kda_step on the same token and state."""
+def test_decode_rows_alone_time_one_token_steps_of_the_rule(tmp_path):
+    """--seq-lens with no value: the decode rows only, each with its burst length and state traffic; the function
+    they time is one decoding step of the rule (equal to rules.kda_step on the same token and state)."""
     out = tmp_path / "k.json"
-    argv = ["--seq-lens", "16", "--tokens-per-batch", "16", "--heads", "2", "--key", "16", "--value", "16"]
-    argv += ["--dtype", "float32", "--rules", "kda", "--impls", "recurrent", "--decode-batch", "2"]
-    kernels.main([*argv, "--decode-steps", "3", "--repeats", "2", "--warmup", "1", "--out", str(out)])
-    (decode,) = [c for c in json.loads(out.read_text())["cases"] if c["T"] == 1]
+    argv = ["--seq-lens", "--heads", "2", "--key", "16", "--value", "16", "--dtype", "float32", "--rules", "kda"]
+    argv += ["--impls", "recurrent", "--decode-batch", "2", "--decode-steps", "3", "--repeats", "2", "--warmup", "1"]
+    kernels.main([*argv, "--out", str(out)])
+    (decode,) = json.loads(out.read_text())["cases"]
+    assert decode["T"] == 1 and decode["B"] == 2
     assert decode["fwd"]["steps_per_sync"] == 3 and decode["fwd"]["state_tb_per_s"] > 0
 
     fn = kernels.edarnn_fn("kda", "recurrent", None, True)
@@ -43,3 +44,8 @@ def test_decode_rows_equal_the_step_function(tmp_path):
     o, new_state = fn(q, k, v, g, beta, state)
     expected_o, expected_state = rules.kda_step(state, q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0])
     assert jnp.allclose(o[:, 0], expected_o, atol=1e-6) and jnp.allclose(new_state, expected_state, atol=1e-6)
+
+
+def test_decode_steps_below_one_is_refused():
+    with pytest.raises(SystemExit):
+        kernels.parse_args(["--decode-steps", "0"])

@@ -27,6 +27,7 @@ from conftest import (
     run,
     to_float64,
 )
+from jax.experimental import pallas as pl
 
 from edarnn import rules
 from pallas_kernels import forms
@@ -211,7 +212,7 @@ def test_pallas_head_size_256(variant, rng, backward_kernels, fresh_traces):
     rule, shape = rule_of(variant), {"B": 1, "H": 1, "K": 256, "V": 256}
     inputs, state = make_inputs(variant, rng, T=37, **shape), make_state(rng, **shape)
     cotangents = random_cotangents(rng, inputs)
-    actual = jax.jit(lambda i, s: rules.RULES[rule](**i, initial_state=s, impl="pallas", chunk_size=16))(inputs, state)
+    actual = run(rule, inputs, state, impl="pallas", chunk_size=16)
     assert_close(actual, reference(rule, inputs, state), KERNEL_RTOL, f"{variant} pallas, K = V = 256")
     actual = grad_runner(rule, "pallas", 16)(cotangents, inputs, state, None)
     expected = grad_runner(rule, "chunk", 16)(cotangents, inputs, state, None)
@@ -442,10 +443,39 @@ GPU_FORWARD_CASES = {  # (chunk_fwd.Config fields, K = V) of the full-width bf16
 
 def poison_gpu_memory(gib: int = 8) -> None:
     """Fill the memory the device allocator hands out next with NaN (allocate a NaN array, free it; its pool keeps
-    the freed memory), so that output elements a kernel fails to write read as NaN."""
-    nans = jnp.full((gib << 28,), jnp.nan, jnp.float32)  # 2^28 float32 = 1 GiB
+    the freed memory), so that output elements a kernel fails to write read as NaN. Best fit may still place a
+    small buffer in an older freed gap, holding another computation's (stale, hence wrong) values, which the
+    accuracy checks catch; `test_poisoned_gpu_memory_shows_an_unwritten_block` checks that fresh buffers show NaN."""
+    nans = jnp.full((gib, 1 << 28), jnp.nan, jnp.float32)  # 2^28 float32 = 1 GiB per row
     nans.block_until_ready()
     nans.delete()
+
+
+@pytest.mark.gpu
+def test_poisoned_gpu_memory_shows_an_unwritten_block():
+    """A kernel that writes the first of its two output blocks only: after poison_gpu_memory the other reads NaN
+    (the check the bf16 tests below rely on)."""
+
+    def first_block_only(x_ref, o_ref):
+        @pl.when(pl.program_id(0) == 0)
+        def _():
+            o_ref[...] = x_ref[...]
+
+    spec = pl.BlockSpec((16, 16), lambda i: (i, 0))
+    x = jnp.ones((32, 16), jnp.float32)
+    call = chunk_fwd.triton_call(
+        first_block_only,
+        4,
+        False,
+        grid=(2,),
+        in_specs=[spec],
+        out_specs=spec,
+        out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
+    )
+    compiled = jax.jit(call).lower(x).compile()
+    poison_gpu_memory()
+    o = np.asarray(compiled(x))
+    assert (o[:16] == 1).all() and np.isnan(o[16:]).all()
 
 
 @pytest.mark.gpu

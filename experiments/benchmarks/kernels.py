@@ -471,6 +471,8 @@ def parse_args(argv=None):
     p.add_argument("--out", default="kernels.json")
     p.add_argument("--plot", default=None, help="PNG path (default: --out with .png)")
     args = p.parse_args(argv)
+    if args.decode_steps < 1:
+        p.error(f"--decode-steps must be >= 1; got {args.decode_steps}")
     args.dtype = jnp.dtype(args.dtype)
     args.plot = args.plot or os.path.splitext(args.out)[0] + ".png"
     return args

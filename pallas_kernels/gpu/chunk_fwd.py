@@ -48,8 +48,9 @@ class Config(NamedTuple):
     intra kernel, both with float32 storage, took gated_delta_rule from 2.46 to 2.27 ms, kda from 4.43 to 2.99 and
     eda from 23.9 to 8.45; 16-bit storage (low_*) then 2.27 -> 1.76, 2.99 -> 2.74 (kda), 8.45 -> 7.71 (eda); solve
     with 4 warps for either P (kda 2.98 with 2; eda 7.10 against 7.71 with 8); pair kernel 4 warps (8: kda 3.71,
-    eda 8.64; 2: same as 4 for gated_delta_rule); state kernel blocks of 64 values (32: gated_delta_rule 2.00
-    against 1.76). A later call (session 5) gave the default 1.77 / 2.74 / 7.02 ms again.
+    eda 8.64; 2: same as 4 for gated_delta_rule; superseded in session 9, below); state kernel blocks of 64
+    values (32: gated_delta_rule 2.00 against 1.76). A later call (session 5) gave the default 1.77 / 2.74 / 7.02 ms
+    again.
     With bfloat16 storage of everything (low_*), the state kernel's products W S and X~^T U and the output
     kernel's (Q exp Gq) S take their computed operands (the running state, U before it is stored, the decayed
     queries) rounded to bfloat16, as flash-linear-attention's kernels do, for the 16-bit matrix units
