@@ -10,21 +10,37 @@ from edarnn import rules
 from experiments.benchmarks import kernels
 
 
-def test_time_bursts_runs_each_burst_back_to_back_and_feeds_the_state_forward():
-    """--warmup steps, then bursts of --decode-steps steps, one synchronisation per burst; each step gets the
-    state the one before returned; state traffic 2 state bytes per step."""
+def test_time_bursts_times_whole_bursts_and_feeds_the_state_forward():
+    """--warmup bursts, then up to --repeats bursts, one synchronisation after each; each burst gets the state the
+    one before returned; times and state traffic per step (a burst is --decode-steps steps)."""
     args = types.SimpleNamespace(warmup=2, repeats=3, decode_steps=5, case_budget=1e9)
     seen, synced = [], []
 
-    def step(state):
+    def burst(state):
         seen.append(state)
         return state + 1
 
-    record = kernels.time_bursts(step, 0, synced.append, state_bytes=10, args=args)
-    assert seen == list(range(2 + 3 * 5))
-    assert synced == [2, 7, 12, 17]
-    assert record["repeats"] == 3 and record["steps_per_sync"] == 5
+    record = kernels.time_bursts(burst, 0, synced.append, state_bytes=10, args=args)
+    assert seen == list(range(2 + 3))
+    assert synced == [2, 3, 4, 5]
+    assert record["repeats"] == 3 and record["steps_per_burst"] == 5
     assert record["state_tb_per_s"] == pytest.approx(20 / (record["median_ms"] / 1e3) / 1e12)
+
+
+def test_measure_decode_bursts_are_steps_of_the_rule(monkeypatch):
+    """The jitted burst of measure_decode runs --decode-steps steps, each on the state the one before returned."""
+    args = types.SimpleNamespace(warmup=0, repeats=1, decode_steps=3, case_budget=1e9)
+    fn = kernels.edarnn_fn("kda", "recurrent", None, True)
+    full = lambda shape, value: jnp.full(shape, value, jnp.float32)  # noqa: E731
+    token = (full((2, 1, 2, 16), 0.1),) * 3 + (full((2, 1, 2, 16), -0.5), full((2, 1, 2), 0.5))
+    state = jnp.ones((2, 2, 16, 16), jnp.float32)
+    final = []
+    monkeypatch.setattr(kernels, "time_bursts", lambda burst, s, *_: final.append(burst(s)) or {})
+    assert kernels.measure_decode(fn, [((*token, state), None)], args) == {"loop": "jit fori_loop"}
+    expected = state
+    for _ in range(3):
+        expected = rules.kda_step(expected, *(x[:, 0] for x in token))[1]
+    assert jnp.allclose(final[0], expected, atol=1e-6)
 
 
 def test_decode_rows_alone_time_one_token_steps_of_the_rule(tmp_path):
@@ -36,7 +52,7 @@ def test_decode_rows_alone_time_one_token_steps_of_the_rule(tmp_path):
     kernels.main([*argv, "--out", str(out)])
     (decode,) = json.loads(out.read_text())["cases"]
     assert decode["T"] == 1 and decode["B"] == 2
-    assert decode["fwd"]["steps_per_sync"] == 3 and decode["fwd"]["state_tb_per_s"] > 0
+    assert decode["fwd"]["steps_per_burst"] == 3 and decode["fwd"]["state_tb_per_s"] > 0
 
     fn = kernels.edarnn_fn("kda", "recurrent", None, True)
     q, k, v, g, beta = (jnp.full((2, 1, 2, 16), 0.1),) * 3 + (jnp.full((2, 1, 2, 16), -0.5), jnp.full((2, 1, 2), 0.5))

@@ -441,14 +441,31 @@ GPU_FORWARD_CASES = {  # (chunk_fwd.Config fields, K = V) of the full-width bf16
 }
 
 
-def poison_gpu_memory(gib: int = 8) -> None:
-    """Fill the memory the device allocator hands out next with NaN (allocate a NaN array, free it; its pool keeps
-    the freed memory), so that output elements a kernel fails to write read as NaN. Best fit may still place a
-    small buffer in an older freed gap, holding another computation's (stale, hence wrong) values, which the
-    accuracy checks catch; `test_poisoned_gpu_memory_shows_an_unwritten_block` checks that fresh buffers show NaN."""
-    nans = jnp.full((gib, 1 << 28), jnp.nan, jnp.float32)  # 2^28 float32 = 1 GiB per row
-    nans.block_until_ready()
-    nans.delete()
+def poison_gpu_memory(smallest_bytes: int = 1024) -> None:
+    """Fill the device allocator's free memory with NaN, so that output elements a kernel fails to write read as
+    NaN: NaN arrays of power-of-two sizes up to 1 GiB, each the largest that fits the pool's largest free block
+    (`memory_stats`), or a whole GiB while the pool can still grow to its limit, until no free block of
+    `smallest_bytes` is left; then free them. The pool keeps the memory, so every later buffer of `smallest_bytes`
+    or more is carved from poisoned memory (if the device refuses the pool's growth, only the memory the pool
+    holds is poisoned). Power-of-two sizes keep the fills to at most 21 compiled shapes, however fragmented the
+    pool. `test_poisoned_gpu_memory_shows_an_unwritten_block` checks this."""
+    device = jax.devices()[0]
+    held, can_grow = [], True
+    while True:  # each fill takes at least smallest_bytes of the pool's free memory, or grows the pool
+        stats = device.memory_stats()
+        grow = can_grow and stats["pool_bytes"] < stats["bytes_limit"]
+        free = 1 << 30 if grow else stats["largest_free_block_bytes"]
+        if free < smallest_bytes:
+            break
+        nbytes = 1 << min(30, free.bit_length() - 1)
+        try:
+            held.append(jnp.full((nbytes // 4,), jnp.nan, jnp.float32).block_until_ready())
+        except jax.errors.JaxRuntimeError:  # out of device memory before the pool's limit
+            if not grow:
+                raise
+            can_grow = False
+    for array in held:
+        array.delete()
 
 
 @pytest.mark.gpu

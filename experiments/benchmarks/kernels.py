@@ -10,9 +10,11 @@ Cases, per T in --seq-lens with B = max(1, --tokens-per-batch // T), H, K, V fro
   softmax_attention                  jax.nn.dot_product_attention(is_causal=True), cuDNN on GPU for 16-bit
 and decode rows (T = 1, B = --decode-batch, a random [B, H, K, V] float32 initial state): edarnn impl="pallas" (the
 token-by-token kernel) and impl="recurrent" (the default of `rules.<rule>_step`) against fla's fused_recurrent_*
-op, forward only (fla has no backward for them). A decode row's time is per step of --decode-steps steps run back
-to back as a decoding loop runs them (each step's final state the next one's initial state, donated in JAX; one
-synchronisation per burst), and its note the state's bytes read and written per step over that time (TB/s).
+op, forward only (fla has no backward for them). A decode row's time is per step of a burst of --decode-steps
+steps run back to back as a compiled decoding loop runs them (each step's final state the next one's initial
+state): in JAX one jitted `lax.fori_loop`, the state donated; for fla the burst captured as a CUDA graph and
+replayed (eager where capture fails). One synchronisation per burst, so the time is the device's, without
+per-step host dispatch; the note gives the state's bytes read and written per step over that time (TB/s).
 
 Inputs are `experiments.benchmarks.rules.make_inputs` (q, k, v, e in --dtype, k and e L2-normalised; gates and
 log-decays float32); fla gets the same arrays through DLPack. fwd: the rule's output and final state.
@@ -192,18 +194,18 @@ def measure_torch(fn, input_sets, args):
     }
 
 
-def time_bursts(step, state, synchronize, state_bytes, args):
-    """Per-step times of bursts of --decode-steps calls state = step(state), synchronised once per burst, after
-    --warmup steps: median and min over up to --repeats bursts, and the state traffic that implies (read and
-    written once per step: 2 state_bytes)."""
+def time_bursts(burst, state, synchronize, state_bytes, args):
+    """Per-step device times of a decoding loop: burst(state) runs --decode-steps steps back to back (each step's
+    final state the next one's initial state) as one compiled unit; after --warmup bursts, up to --repeats
+    synchronised bursts are timed. Returns the median and min per step and the state traffic the median implies
+    (read and written once per step: 2 state_bytes)."""
     for _ in range(args.warmup):
-        state = step(state)
+        state = burst(state)
     synchronize(state)
     times = []
     for _ in range(args.repeats):
         start = time.perf_counter()
-        for _ in range(args.decode_steps):
-            state = step(state)
+        state = burst(state)
         synchronize(state)
         times.append((time.perf_counter() - start) / args.decode_steps)
         if sum(times) * args.decode_steps > args.case_budget and len(times) >= 3:
@@ -213,32 +215,57 @@ def time_bursts(step, state, synchronize, state_bytes, args):
         "median_ms": 1e3 * median,
         "min_ms": 1e3 * min(times),
         "repeats": len(times),
-        "steps_per_sync": args.decode_steps,
+        "steps_per_burst": args.decode_steps,
         "state_tb_per_s": 2 * state_bytes / median / 1e12,
     }
 
 
 def measure_decode(fn, input_sets, args):
-    """time_bursts for fn(q, k, v, *gates, h0) -> (o, state) in JAX, the state donated to each step."""
+    """time_bursts for fn(q, k, v, *gates, h0) -> (o, state) in JAX: the burst is one jitted `lax.fori_loop` over
+    the steps (as a jitted generation loop runs), its state donated."""
     (inputs, _), *_ = input_sets
-    tokens, state = inputs[:-1], jnp.array(inputs[-1])  # a copy: the first step donates it
-    compiled = jax.jit(fn, donate_argnums=len(inputs) - 1).lower(*inputs).compile()
-    return time_bursts(lambda s: compiled(*tokens, s)[1], state, jax.block_until_ready, state.nbytes, args)
+    tokens, state = inputs[:-1], jnp.array(inputs[-1])  # a copy: the first burst donates it
+
+    def burst(tokens, state):
+        return jax.lax.fori_loop(0, args.decode_steps, lambda _, s: fn(*tokens, s)[1], state)
+
+    compiled = jax.jit(burst, donate_argnums=1).lower(tokens, state).compile()
+    record = time_bursts(lambda s: compiled(tokens, s), state, jax.block_until_ready, state.nbytes, args)
+    return {**record, "loop": "jit fori_loop"}
 
 
 def measure_decode_torch(fn, input_sets, args):
-    """time_bursts for fla's op (fn as `fla_fn` makes it), each step's final state a new tensor."""
+    """time_bursts for fla's op (fn as `fla_fn` makes it): the burst captured once as a CUDA graph and replayed
+    (no host launch cost, as a serving engine runs it; each replay restarts from the captured initial state),
+    or, where capture fails, run eagerly (the record says which)."""
     import torch
 
     (inputs, _), *_ = input_sets
     tokens, state = [x.detach() for x in inputs[:-1]], inputs[-1].detach().clone()
 
-    def step(s):
+    def steps(s):
         with torch.no_grad():
-            return fn(*tokens, s)[1]
+            for _ in range(args.decode_steps):
+                s = fn(*tokens, s)[1]
+        return s
 
     nbytes = state.numel() * state.element_size()
-    return time_bursts(step, state, lambda _: torch.cuda.synchronize(), nbytes, args)
+    synchronize = lambda _: torch.cuda.synchronize()  # noqa: E731
+    steps(state)  # compiles (and autotunes) fla's kernels outside the capture
+    torch.cuda.synchronize()
+    try:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            steps(state)
+    except Exception as exc:  # noqa: BLE001  (an op that cannot be captured)
+        torch.cuda.synchronize()
+        return {**time_bursts(steps, state, synchronize, nbytes, args), "loop": f"eager ({short(exc)})"}
+
+    def replay(s):
+        graph.replay()
+        return s
+
+    return {**time_bursts(replay, state, synchronize, nbytes, args), "loop": "CUDA graph"}
 
 
 def short(exc):
@@ -393,9 +420,7 @@ def print_row(case=None):
         note = rb.case_note(case)
         if "state_tb_per_s" in phase("fwd"):
             decode = phase("fwd")
-            note = "; ".join(
-                filter(None, [f"state {decode['state_tb_per_s']:.2f} TB/s, {decode['steps_per_sync']} steps", note])
-            )
+            note = "; ".join(filter(None, [f"state {decode['state_tb_per_s']:.2f} TB/s, {decode['loop']}", note]))
         cells = [
             case["rule"],
             case["impl"],
@@ -461,7 +486,7 @@ def parse_args(argv=None):
     p.add_argument("--rules", nargs="+", default=[*RULES, SOFTMAX], choices=[*RULES, SOFTMAX])
     p.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS, help="default: all")
     p.add_argument("--decode-batch", type=int, default=64, help="B of the T=1 decode rows; 0: none")
-    p.add_argument("--decode-steps", type=int, default=32, help="decode steps per synchronisation (a decode row)")
+    p.add_argument("--decode-steps", type=int, default=32, help="decode steps per timed burst (a decode row)")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--input-sets", type=int, default=3)

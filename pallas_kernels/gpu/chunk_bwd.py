@@ -68,7 +68,10 @@ class Config(NamedTuple):
     score_grad_warps: int = 4
     state_products_warps: int = 4
     key_grad_warps: int = 2
-    state_grad_stages: int = 2  # Triton num_stages of the state_grad kernel (software pipelining of its loop)
+    # Triton num_stages of the state_grad kernel (software pipelining of its loop), for K up to 128; beyond, the
+    # loop's double-buffered [L, K] tiles do not fit in shared memory (K = 256: 248 KB asked, 227 KB on an H200)
+    # and it runs unpipelined
+    state_grad_stages: int = 2
     value_grad_block_v: int = 64
     state_grad_block_v: int = 64
     block_v: int = 64  # V blocks of the loops inside score_grad and state_products
@@ -380,7 +383,7 @@ def chunk_backward(
         ),
         config.state_grad_warps,
         interpret,
-        stages=config.state_grad_stages,
+        stages=config.state_grad_stages if key <= 128 else 1,
         grid=(batch, heads, value // min(config.state_grad_block_v, value)),
         out_shape=[
             shape(z.shape, grad_dtype),

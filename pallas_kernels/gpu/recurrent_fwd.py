@@ -45,10 +45,11 @@ def _recurrent_kernel(*refs, length, per_token, has_erase, has_resets):
     new_state_ref[b, h, :, vs] = jax.lax.fori_loop(0, length, token, state).astype(new_state_ref.dtype)
 
 
-def recurrent_forward(q, g, x, y, z, state, resets, *, interpret, block_v=64, warps=4):
+def recurrent_forward(q, g, x, y, z, state, resets, *, interpret, block_v=64, warps=8):
     """Sub-steps token by token on prepared inputs: q [B, T, H, K] (scaled), g [B, T P, H, D], x, y [B, T P, H, K]
     (y may be None), z [B, T P, H, V], state [B, H, K, V] float32 (updated in place when donated), resets [B, T]
-    int32 (1 where the state restarts) or None. Returns (o [B, T, H, V] in q's dtype, new state)."""
+    int32 (1 where the state restarts) or None. Returns (o [B, T, H, V] in q's dtype, new state). block_v and
+    warps by measurement (decode at B=64, H=16, K=V=128 on an H200; docs/performance.md, session 10)."""
     batch, length, heads, _ = q.shape
     value = z.shape[-1]
     block_v = min(block_v, value)
