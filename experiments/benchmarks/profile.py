@@ -2,6 +2,8 @@
 
     # on the GPU machine: one call of the forward (or --backward) after warm-up, trace copied to OUT_DIR
     python -m experiments.benchmarks.profile record --rule kda --impl chunk --out-dir $OUT
+    # a decoding loop instead: 32 one-token steps (`rules.kda_step`) in one jitted fori_loop, B = 64
+    python -m experiments.benchmarks.profile record --rule kda --impl pallas --decode 32 --shape 64 1 16 128 128
     # anywhere with `pip install xprof` (it parses the trace; not a project dependency)
     python -m experiments.benchmarks.profile summarize $OUT/kda-chunk-fwd.xplane.pb --top 25
 
@@ -23,23 +25,34 @@ from edarnn import rules
 from edarnn.check_forms import random_inputs
 
 
-def record(rule: str, impl: str, backward: bool, shape: tuple[int, ...], dtype: str, out_dir: str) -> str:
-    """Trace one jitted call (after a warm-up) and copy the XSpace file to out_dir; returns its path."""
+def record(
+    rule: str, impl: str, backward: bool, shape: tuple[int, ...], dtype: str, out_dir: str, decode: int = 0
+) -> str:
+    """Trace one jitted call (after a warm-up) and copy the XSpace file to out_dir; returns its path. decode > 0:
+    the call is a decoding loop instead, `decode` one-token steps of `rules.<rule>_step` in a `lax.fori_loop` from
+    a random float32 state (T of the shape unused), as kernels.py's decode rows time it."""
     batch, seq, heads, key, value = shape
     inputs = [x.astype(dtype) if i < 3 else x for i, x in enumerate(random_inputs(rule, batch, seq, heads, key, value))]
     call = lambda *a: rules.RULES[rule](*a, impl=impl)  # noqa: E731
-    if backward:
+    if decode:
+        step = getattr(rules, f"{rule}_step")
+        inputs = [[x[:, 0] for x in inputs], jax.random.normal(jax.random.key(1), (batch, heads, key, value))]
+        fn = jax.jit(
+            lambda token, state: jax.lax.fori_loop(0, decode, lambda _, s: step(s, *token, impl=impl)[1], state)
+        )
+    elif backward:
         loss = lambda *a: jnp.sum(call(*a)[0].astype(jnp.float32))  # noqa: E731
         fn = jax.jit(jax.grad(loss, argnums=tuple(range(len(inputs)))))
     else:
         fn = jax.jit(call)
     jax.block_until_ready(fn(*inputs))
+    phase = f"decode{decode}" if decode else "fwd_bwd" if backward else "fwd"
     with tempfile.TemporaryDirectory() as trace_dir:
         with jax.profiler.trace(trace_dir):
             jax.block_until_ready(fn(*inputs))
         (found,) = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
         os.makedirs(out_dir, exist_ok=True)
-        target = os.path.join(out_dir, f"{rule}-{impl}-{'fwd_bwd' if backward else 'fwd'}.xplane.pb")
+        target = os.path.join(out_dir, f"{rule}-{impl}-{phase}.xplane.pb")
         shutil.copy(found, target)
     return target
 
@@ -75,13 +88,14 @@ def main(argv=None):
     rec.add_argument("--backward", action="store_true", help="trace forward+backward instead of the forward")
     rec.add_argument("--shape", type=int, nargs=5, default=(4, 4096, 16, 128, 128), metavar=("B", "T", "H", "K", "V"))
     rec.add_argument("--dtype", default="bfloat16")
+    rec.add_argument("--decode", type=int, default=0, metavar="STEPS", help="trace a loop of STEPS decoding steps")
     rec.add_argument("--out-dir", default=".")
     summ = verbs.add_parser("summarize")
     summ.add_argument("trace")
     summ.add_argument("--top", type=int, default=25)
     args = parser.parse_args(argv)
     if args.verb == "record":
-        print(record(args.rule, args.impl, args.backward, tuple(args.shape), args.dtype, args.out_dir))
+        print(record(args.rule, args.impl, args.backward, tuple(args.shape), args.dtype, args.out_dir, args.decode))
     else:
         summarize(args.trace, args.top)
 

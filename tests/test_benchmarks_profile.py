@@ -1,0 +1,11 @@
+"""CPU smoke test of the profiler benchmark (experiments/benchmarks/profile.py): its decoding-loop trace."""
+
+import os
+
+from experiments.benchmarks import profile
+
+
+def test_record_traces_a_decoding_loop(tmp_path):
+    """--decode STEPS: a trace of a jitted loop of one-token steps, named after the rule, impl and step count."""
+    path = profile.record("eda", "recurrent", False, (2, 1, 2, 8, 8), "float32", str(tmp_path), decode=3)
+    assert os.path.basename(path) == "eda-recurrent-decode3.xplane.pb" and os.path.getsize(path) > 0
