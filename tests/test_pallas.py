@@ -73,6 +73,38 @@ def test_pallas_forward_in_value_blocks(variant, rng, monkeypatch):
     assert_close(actual, reference(rule, inputs, state, segment_ids), KERNEL_RTOL, f"{variant} pallas, V blocks")
 
 
+@pytest.mark.parametrize("variant", ["gla-channel", "gated_delta_rule", "kda", "eda-bw"])
+def test_pallas_grouped_state_pass(variant, rng, backward_kernels, monkeypatch, fresh_traces):
+    """chunk_fwd.Config.state_groups: the state pass in three groups of three chunks side by side, joined by the
+    groups' maps (`grouped_state_pass`), with an initial state and segments that cross groups and chunks: the
+    recurrent form's output and final state, and the chunk form's gradients (the backward recomputes the chunk
+    states grouped too). Without an erase address (gla), with one, and with two sub-steps per token."""
+    monkeypatch.setattr(chunk_fwd, "DEFAULT_CONFIG", chunk_fwd.Config(state_groups=3))
+    rule = rule_of(variant)
+    inputs, state = make_inputs(variant, rng, T=70), make_state(rng)  # chunks of 8: 9 chunks, 3 groups
+    segment_ids = make_segment_ids(rng, [[20, 5, 30, 15], [9, 40, 1, 20]])
+    cotangents = random_cotangents(rng, inputs)
+
+    def forward(i, s, seg):  # a fresh jit: conftest's `run` is cached across configurations
+        return rules.RULES[rule](**i, initial_state=s, segment_ids=seg, impl="pallas", chunk_size=8)
+
+    actual = jax.jit(forward)(inputs, state, segment_ids)
+    assert_close(actual, reference(rule, inputs, state, segment_ids), KERNEL_RTOL, f"{variant} grouped state pass")
+    actual = grad_runner(rule, "pallas", 8)(cotangents, inputs, state, segment_ids)
+    expected = grad_runner(rule, "chunk", 8)(cotangents, inputs, state, segment_ids)
+    assert_close(actual, expected, KERNEL_RTOL, f"{variant} grouped state pass, gradients")
+
+
+def test_chunk_groups_is_the_largest_divisor_of_the_chunk_count_up_to_the_limit():
+    assert [chunk_fwd.chunk_groups(n, limit) for n, limit in [(9, 4), (9, 2), (64, 8), (5, 16), (7, 1)]] == [
+        3,
+        1,
+        8,
+        5,
+        1,
+    ]
+
+
 @pytest.mark.parametrize("variant", ["gated_delta_rule", "kda", "eda"])
 def test_pallas_bf16_storage_interpret(variant, rng, monkeypatch):
     """bf16 inputs: the kernels read q, x, y, z and store Aqk, W, U~, X~, U and the states in bf16, and round the
@@ -372,30 +404,33 @@ def test_recurrent_kernel_lowers_to_triton(case, no_x64):
     assert lowered.as_text().count("xla.gpu.triton") == 1
 
 
-def _forward_kernel_count(case):
-    """Kernels of one chunkwise forward: pair scores, solve (with an erase address: it inverts I + A), state and
-    output."""
-    return 1 + LOWERING_CASES[case][2] + 2
+def _forward_kernel_count(case, fields=None):
+    """Kernels of one chunkwise forward: pair scores, solve (with an erase address: it inverts I + A), state (twice
+    when grouped: the groups' states and their maps) and output. fields: chunk_fwd.Config's, from the setting."""
+    grouped = (fields or {}).get("state_groups", 1) > 1
+    return 1 + LOWERING_CASES[case][2] + 2 + grouped
 
 
 LOWERING_SETTINGS = {  # (storage, chunk_fwd.Config fields) of the lowering tests
     "f32": (None, {}),
     "bf16": (jnp.bfloat16, {}),
     "f32-states": (jnp.bfloat16, {"low_states": False}),  # bf16 inputs against float32 states: mixed products
+    "grouped": (jnp.bfloat16, {"state_groups": 2}),  # two chunks of 64 at T = 128: two groups
 }
-FORWARD_LOWERING = ["f32", "bf16"]
-BACKWARD_LOWERING = ["f32", "bf16", "f32-states"]
+FORWARD_LOWERING = ["f32", "bf16", "grouped"]
+BACKWARD_LOWERING = ["f32", "bf16", "f32-states", "grouped"]
 
 
 @pytest.mark.parametrize("setting", FORWARD_LOWERING)
 @pytest.mark.parametrize("case", list(LOWERING_CASES))
 def test_chunk_kernels_lower_to_triton(case, setting, monkeypatch, no_x64):
-    """The forward kernels, float32 and 16-bit storage of the intermediates (16-bit products)."""
+    """The forward kernels, float32 and 16-bit storage of the intermediates (16-bit products), and the state pass
+    grouped."""
     storage, fields = LOWERING_SETTINGS[setting]
     monkeypatch.setattr(chunk_fwd, "DEFAULT_CONFIG", chunk_fwd.Config(**fields))
     forward = jax.jit(lambda q, sub, s0, seg: forms.chunkwise(q, sub, s0, seg, 64, False, "gpu", storage))
     text = forward.trace(*_lowering_inputs(case, 128)).lower(lowering_platforms=("cuda",)).as_text()
-    assert text.count("xla.gpu.triton") == _forward_kernel_count(case)
+    assert text.count("xla.gpu.triton") == _forward_kernel_count(case, fields)
     assert 'name = "_state_kernel"' in text
 
 
@@ -412,13 +447,13 @@ BACKWARD_KERNELS = (
 @pytest.mark.parametrize("case", list(LOWERING_CASES))
 def test_chunk_backward_kernels_lower_to_triton(case, setting, backward_kernels, monkeypatch, no_x64):
     """A training step's forward and backward at K = V = 128 (two K blocks in state_products and key_grad, two V
-    blocks elsewhere), float32 and 16-bit storage (16-bit inputs with float32 states):
+    blocks elsewhere), float32 and 16-bit storage (16-bit inputs with float32 states), the state pass grouped:
     the forward kernels, those before the output kernel again (the backward recomputes the chunk states: pair,
     solve, state), and the five backward kernels (value_grad, state_grad, score_grad, state_products, key_grad)."""
     storage, fields = LOWERING_SETTINGS[setting]
     monkeypatch.setattr(chunk_fwd, "DEFAULT_CONFIG", chunk_fwd.Config(**fields))
     text = _lowered_training_step(case, storage)
-    assert text.count("xla.gpu.triton") == 2 * _forward_kernel_count(case) - 1 + len(BACKWARD_KERNELS)
+    assert text.count("xla.gpu.triton") == 2 * _forward_kernel_count(case, fields) - 1 + len(BACKWARD_KERNELS)
     assert all(f'name = "{kernel}"' in text for kernel in BACKWARD_KERNELS)
 
 

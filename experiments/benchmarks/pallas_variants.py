@@ -55,6 +55,10 @@ VARIANTS = {  # name: chunk_fwd.Config fields ("bf16": the default, 16-bit stora
     "state16": {"state_block_v": 16},  # more programs for the sequential state pass when B x H is small
     "stages1": {"state_stages": 1},  # no software pipelining of the state kernel's loop
     "stages3": {"state_stages": 3},
+    "groups4": {"state_groups": 4},  # the state pass in groups of chunks side by side (few heads, long sequences)
+    "groups8": {"state_groups": 8},
+    "groups16": {"state_groups": 16},
+    "groups32": {"state_groups": 32},
 }
 
 BACKWARDS = {  # name: None (forward only), or (forms.BACKWARD_KERNELS["gpu"], chunk_bwd.Config fields)

@@ -16,6 +16,8 @@ segments; P sub-steps per token):
 3. `state`  (grid B x H x V/BV, sequential over chunks inside): U = U~ - W S, the chunk's start state S, and
    S <- Diag(exp G_last) S + X~^T U, with S in registers; X~ = X exp(G_last - G) and exp(G_last), masked by
    segments, are prepared by XLA beforehand (`end_decayed_keys`).
+   With Config.state_groups > 1 the chunks are cut into groups that run side by side, each from a zero state and
+   once more from the identity (the group's map), joined by XLA (`grouped_state_pass`).
 4. `output` (grid B x H x N x V/BV, parallel; body in pallas_kernels.tiles): O = (Q exp Gq) S + Aqk U.
 
 `chunk_states` (kernels 1 to 3) is also the backward's recompute (chunk_bwd.py), which has the solve kernel write
@@ -82,6 +84,9 @@ class Config(NamedTuple):
     low_intermediates: bool = True  # Aqk, W, U~ in the inputs' storage dtype (bf16 inputs: bf16); A stays f32
     low_states: bool = True  # U and the chunks' start states likewise
     state_stages: int = 2  # Triton num_stages of the state kernel (software pipelining of its loop)
+    # the state pass in up to this many groups of chunks side by side (`grouped_state_pass`; the largest divisor
+    # of the chunk count up to it): 1, one sequential pass (not yet measured against it on a GPU)
+    state_groups: int = 1
 
 
 DEFAULT_CONFIG = Config()
@@ -107,12 +112,13 @@ def product_operands(config, storage):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _state_kernel(*refs, rows, n_chunks, has_erase, operands):
+def _state_kernel(*refs, rows, n_chunks, has_values, has_erase, operands):
     """The sequential pass over one head's chunks for one V block (see the module docstring), on the key-side
     operands that XLA prepared (`end_decayed_keys`): no exponentials and no segment masks in the loop. operands:
-    the dtype the products' computed operands are rounded to (`product_operands`), None for float32."""
+    the dtype the products' computed operands are rounded to (`product_operands`), None for float32. Without
+    values (has_values False: U~ = 0) the pass carries a chunk group's transition map (`grouped_state_pass`)."""
     refs = list(refs)
-    u_tilde_ref = refs.pop(0)
+    u_tilde_ref = refs.pop(0) if has_values else None
     w_ref = refs.pop(0) if has_erase else None
     x_ref, decay_ref, s0_ref, u_ref, states_ref, final_ref = refs
     b, h, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -122,7 +128,7 @@ def _state_kernel(*refs, rows, n_chunks, has_erase, operands):
 
     def chunk(n, state):
         ts = pl.ds(n * rows, rows)
-        u = u_tilde_ref[b, ts, h, vs].astype(jnp.float32)
+        u = u_tilde_ref[b, ts, h, vs].astype(jnp.float32) if has_values else jnp.zeros((rows, block_v), jnp.float32)
         if has_erase:
             u = u - dot(w_ref[b, ts, h, :], cast(state))
         u_ref[b, ts, h, vs] = u.astype(u_ref.dtype)
@@ -285,20 +291,91 @@ def chunk_states(
         t = t[0] if inverse else None
 
     x_to_end, state_decay = end_decayed_keys(x, gcum, seg, seg_prev, rows, low)
-    state_block_v = min(config.state_block_v, value)
-    u, states, final_state = triton_call(
-        functools.partial(_state_kernel, rows=rows, n_chunks=n_chunks, has_erase=w is not None, operands=operands),
+    keys = (w, x_to_end, state_decay)
+    pass_args = {"rows": rows, "dtype": state_dtype, "operands": operands, "config": config, "interpret": interpret}
+    groups = chunk_groups(n_chunks, config.state_groups)
+    if groups == 1:
+        u, states, final_state = state_pass(u_tilde, *keys, initial_state, **pass_args)
+    else:
+        u, states, final_state = grouped_state_pass(u_tilde, *keys, initial_state, groups, **pass_args)
+    return ChunkStates(scores, w, u, states, final_state, t, x_to_end, state_decay)
+
+
+def chunk_groups(n_chunks, limit):
+    """The number of groups the state pass runs in: the largest divisor of n_chunks up to limit."""
+    return max(d for d in range(1, min(limit, n_chunks) + 1) if n_chunks % d == 0)
+
+
+def state_pass(u_tilde, w, x_to_end, state_decay, initial_state, *, rows, dtype, operands, config, interpret):
+    """The state kernel over all chunks: (U [B, T P, H, V'] and the chunks' start states [B, H, N, K, V'] in
+    dtype, the final state [B, H, K, V'] float32). u_tilde [B, T P, H, V'] or None (no values: the pass carries
+    the map S0 -> S on initial_state's columns); w [B, T P, H, K] or None; x_to_end, state_decay as
+    `end_decayed_keys` gives them; initial_state [B, H, K, V']."""
+    batch, length, heads, key = x_to_end.shape
+    value = initial_state.shape[-1]
+    n_chunks = length // rows
+    block_v = min(config.state_block_v, value)
+    kernel = functools.partial(
+        _state_kernel,
+        rows=rows,
+        n_chunks=n_chunks,
+        has_values=u_tilde is not None,
+        has_erase=w is not None,
+        operands=operands,
+    )
+    return triton_call(
+        kernel,
         config.state_warps,
         interpret,
         stages=config.state_stages,
-        grid=(batch, heads, value // state_block_v),
+        grid=(batch, heads, value // block_v),
         out_shape=[
-            jax.ShapeDtypeStruct(z.shape, state_dtype),
-            jax.ShapeDtypeStruct((batch, heads, n_chunks, key, value), state_dtype),
-            jax.ShapeDtypeStruct((batch, heads, key, value), f32),
+            jax.ShapeDtypeStruct((batch, length, heads, value), dtype),
+            jax.ShapeDtypeStruct((batch, heads, n_chunks, key, value), dtype),
+            jax.ShapeDtypeStruct((batch, heads, key, value), jnp.float32),
         ],
     )(*(t for t in (u_tilde, w, x_to_end, state_decay, initial_state) if t is not None))
-    return ChunkStates(scores, w, u, states, final_state, t, x_to_end, state_decay)
+
+
+def grouped_state_pass(u_tilde, w, x_to_end, state_decay, initial_state, groups, **pass_args):
+    """`state_pass` in `groups` groups of consecutive chunks, run side by side (more programs, shorter chains:
+    for few heads and long sequences; Config.state_groups). Each chunk's map S -> A_n S + B_n is affine, so
+
+    1. state_pass from a zero state on each group (the sequences cut into groups, a reshape): the local start
+       states, U and end state; and from the identity on U~ = 0: each chunk's local start map M_n and the
+       group's map M_g, with U's part -W_n M_n;
+    2. the groups' true start states, S_{g+1} = M_g S_g + (local end state of g), in a short XLA loop;
+    3. the chunks' start states S_n = (local) + M_n S_g and U_n = (local) - W_n M_n S_g (XLA products).
+
+    The maps are a second state pass with K columns for V: about twice the sequential pass's work, over `groups`
+    times as many programs with chains `groups` times shorter. Same arguments and results as state_pass."""
+    batch, length, heads, value = u_tilde.shape
+    key = initial_state.shape[-2]
+    f32, dtype = jnp.float32, pass_args["dtype"]
+    cut = lambda t: None if t is None else t.reshape(batch * groups, t.shape[1] // groups, *t.shape[2:])  # noqa: E731
+    keys = (cut(w), cut(x_to_end), cut(state_decay))
+    zeros = jnp.zeros((batch * groups, heads, key, value), f32)
+    u_local, states_local, ends = state_pass(cut(u_tilde), *keys, zeros, **pass_args)
+    identity = jnp.broadcast_to(jnp.eye(key, dtype=f32), (batch * groups, heads, key, key))
+    u_maps, maps, group_maps = state_pass(None, *keys, identity, **pass_args)
+
+    by_group = lambda t: jnp.moveaxis(t.reshape(batch, groups, *t.shape[1:]), 1, 0)  # noqa: E731  [G, B, ...]
+
+    def next_start(start, group):
+        group_map, end = group
+        return jnp.einsum("bhkj,bhjv->bhkv", group_map, start) + end, start
+
+    final_state, starts = jax.lax.scan(next_start, initial_state.astype(f32), (by_group(group_maps), by_group(ends)))
+    starts = jnp.moveaxis(starts, 0, 1)  # [B, G, H, K, V]
+    states = states_local.reshape(batch, groups, *states_local.shape[1:]).astype(f32)
+    states = states + jnp.einsum("bghnkj,bghjv->bghnkv", maps.reshape(states.shape[:-1] + (key,)).astype(f32), starts)
+    u = u_local.reshape(batch, groups, -1, heads, value).astype(f32)
+    u = u + jnp.einsum("bgthk,bghkv->bgthv", u_maps.reshape(*u.shape[:-1], key).astype(f32), starts)
+    return (
+        u.reshape(u_tilde.shape).astype(dtype),
+        jnp.moveaxis(states, 1, 2).reshape(batch, heads, -1, key, value).astype(dtype),
+        final_state,
+    )
 
 
 def end_decayed_keys(x, gcum, seg, seg_prev, rows, dtype):
