@@ -74,11 +74,11 @@ def test_pallas_forward_in_value_blocks(variant, rng, monkeypatch):
 
 
 @pytest.mark.parametrize("variant", ["gla-channel", "gated_delta_rule", "kda", "eda-bw"])
-def test_pallas_grouped_state_pass(variant, rng, backward_kernels, monkeypatch, fresh_traces):
-    """chunk_fwd.Config.state_groups: the state pass in three groups of three chunks side by side, joined by the
-    groups' maps (`grouped_state_pass`), with an initial state and segments that cross groups and chunks: the
-    recurrent form's output and final state, and the chunk form's gradients (the backward recomputes the chunk
-    states grouped too). Without an erase address (gla), with one, and with two sub-steps per token."""
+def test_pallas_grouped_state_passes(variant, rng, backward_kernels, monkeypatch, fresh_traces):
+    """chunk_fwd.Config.state_groups: the forward's state pass and the backward's state-gradient pass in three
+    groups of three chunks side by side, joined by the groups' maps (chunk_fwd.grouped_pass), with an initial state
+    and segments that cross groups and chunks: the recurrent form's output and final state, and the chunk form's
+    gradients. Without an erase address (gla), with one, and with two sub-steps per token."""
     monkeypatch.setattr(chunk_fwd, "DEFAULT_CONFIG", chunk_fwd.Config(state_groups=3))
     rule = rule_of(variant)
     inputs, state = make_inputs(variant, rng, T=70), make_state(rng)  # chunks of 8: 9 chunks, 3 groups
@@ -453,7 +453,8 @@ def test_chunk_backward_kernels_lower_to_triton(case, setting, backward_kernels,
     storage, fields = LOWERING_SETTINGS[setting]
     monkeypatch.setattr(chunk_fwd, "DEFAULT_CONFIG", chunk_fwd.Config(**fields))
     text = _lowered_training_step(case, storage)
-    assert text.count("xla.gpu.triton") == 2 * _forward_kernel_count(case, fields) - 1 + len(BACKWARD_KERNELS)
+    grouped = fields.get("state_groups", 1) > 1  # state_grad twice: the groups' gradients and their maps
+    assert text.count("xla.gpu.triton") == 2 * _forward_kernel_count(case, fields) - 1 + len(BACKWARD_KERNELS) + grouped
     assert all(f'name = "{kernel}"' in text for kernel in BACKWARD_KERNELS)
 
 

@@ -92,15 +92,16 @@ def default_config():
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _state_grad_kernel(*refs, chunk_size, per_token, n_chunks, has_erase, operands):
+def _state_grad_kernel(*refs, chunk_size, per_token, n_chunks, has_values, has_erase, operands):
     """The sequential pass over one head's chunks, last first, for one V block (module docstring, kernel 2), on
     operands XLA prepared: Q exp(Gq) (`_decayed_queries`), X~ and exp(G_last) (chunk_fwd.end_decayed_keys).
     operands: the dtype dS and dU are rounded to for their products (chunk_fwd.product_operands), None for
-    float32."""
+    float32. Without values (has_values False: no P^T dO, Q exp(Gq) or dO) the pass carries the map from a chunk
+    group's end gradient (chunk_fwd.grouped_pass)."""
     refs = list(refs)
     take = lambda present=True: refs.pop(0) if present else None  # noqa: E731
-    du_local_ref, q_ref, x_ref, decay_ref = take(), take(), take(), take()
-    w_ref, do_ref, d_final_ref = take(has_erase), take(), take()
+    du_local_ref, q_ref, x_ref, decay_ref = take(has_values), take(has_values), take(), take()
+    w_ref, do_ref, d_final_ref = take(has_erase), take(has_values), take()
     du_ref, d_ends_ref, d_initial_ref = refs
     f32 = jnp.float32
     b, h, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -113,10 +114,14 @@ def _state_grad_kernel(*refs, chunk_size, per_token, n_chunks, has_erase, operan
         n = n_chunks - 1 - i
         ts, qs = pl.ds(n * rows, rows), pl.ds(n * chunk_size, chunk_size)
         d_ends_ref[b, h, n, :, vs] = d_state.astype(d_ends_ref.dtype)
-        du = du_local_ref[b, ts, h, vs].astype(f32) + dot(x_ref[b, ts, h, :], cast(d_state))
+        du = dot(x_ref[b, ts, h, :], cast(d_state))
+        if has_values:
+            du = du + du_local_ref[b, ts, h, vs].astype(f32)
         du_ref[b, ts, h, vs] = du.astype(du_ref.dtype)
         decay = decay_ref[b, n, h, :].reshape(-1, 1)  # [D, 1]
-        d_state = decay * d_state + dot(q_ref[b, qs, h, :], do_ref[b, qs, h, vs], trans_a=True)
+        d_state = decay * d_state
+        if has_values:
+            d_state = d_state + dot(q_ref[b, qs, h, :], do_ref[b, qs, h, vs], trans_a=True)
         if has_erase:
             d_state = d_state - dot(w_ref[b, ts, h, :], cast(du), trans_a=True)
         return d_state
@@ -372,25 +377,42 @@ def chunk_backward(
         out_shape=shape(z.shape, grad_dtype),
     )(scores, d_o)
 
-    du, d_ends, d_initial = triton_call(
-        functools.partial(
-            _state_grad_kernel,
-            chunk_size=chunk_size,
-            per_token=per_token,
-            n_chunks=n_chunks,
-            has_erase=has_erase,
-            operands=chunk_fwd.product_operands(forward_config, storage) if config.low_grads else None,
-        ),
-        config.state_grad_warps,
-        interpret,
-        stages=config.state_grad_stages if key <= 128 else 1,
-        grid=(batch, heads, value // min(config.state_grad_block_v, value)),
-        out_shape=[
-            shape(z.shape, grad_dtype),
-            shape((batch, heads, n_chunks, key, value), grad_dtype),
-            shape((batch, heads, key, value), f32),
-        ],
-    )(*(a for a in (du_local, q_decayed, x_to_end, state_decay, w, d_o, d_final) if a is not None))
+    operands = chunk_fwd.product_operands(forward_config, storage) if config.low_grads else None
+
+    def state_grad_pass(arrays, d_last, with_values):
+        """The state_grad kernel over every chunk, last first: (dU, the dS_{n+1}, dS_0)."""
+        du_local_, q_decayed_, x_to_end_, state_decay_, w_, d_o_ = arrays
+        head, tail = ([du_local_, q_decayed_], [d_o_]) if with_values else ([], [])
+        inputs = [*head, x_to_end_, state_decay_, *([w_] if has_erase else []), *tail, d_last]
+        width = d_last.shape[-1]
+        return triton_call(
+            functools.partial(
+                _state_grad_kernel,
+                chunk_size=chunk_size,
+                per_token=per_token,
+                n_chunks=state_decay_.shape[1],
+                has_values=with_values,
+                has_erase=has_erase,
+                operands=operands,
+            ),
+            config.state_grad_warps,
+            interpret,
+            stages=config.state_grad_stages if key <= 128 else 1,
+            grid=(d_last.shape[0], heads, width // min(config.state_grad_block_v, width)),
+            out_shape=[
+                shape((*x_to_end_.shape[:3], width), grad_dtype),
+                shape((d_last.shape[0], heads, state_decay_.shape[1], key, width), grad_dtype),
+                shape(d_last.shape, f32),
+            ],
+        )(*inputs)
+
+    arrays = (du_local, q_decayed, x_to_end, state_decay, w, d_o)
+    groups = chunk_fwd.chunk_groups(n_chunks, forward_config.state_groups)
+    du, d_ends, d_initial = (
+        state_grad_pass(arrays, d_final, True)
+        if groups == 1
+        else chunk_fwd.grouped_pass(state_grad_pass, arrays, d_final, groups, reverse=True)
+    )
 
     def block_spec(height, width, blocks_of=1):
         """One block (of `blocks_of` per chunk) of rows, the grid's last index picking it, on (B, H, N, n)."""

@@ -17,7 +17,7 @@ segments; P sub-steps per token):
    S <- Diag(exp G_last) S + X~^T U, with S in registers; X~ = X exp(G_last - G) and exp(G_last), masked by
    segments, are prepared by XLA beforehand (`end_decayed_keys`).
    With Config.state_groups > 1 the chunks are cut into groups that run side by side, each from a zero state and
-   once more from the identity (the group's map), joined by XLA (`grouped_state_pass`).
+   once more from the identity (the group's map), joined by XLA (`grouped_pass`).
 4. `output` (grid B x H x N x V/BV, parallel; body in pallas_kernels.tiles): O = (Q exp Gq) S + Aqk U.
 
 `chunk_states` (kernels 1 to 3) is also the backward's recompute (chunk_bwd.py), which has the solve kernel write
@@ -84,8 +84,8 @@ class Config(NamedTuple):
     low_intermediates: bool = True  # Aqk, W, U~ in the inputs' storage dtype (bf16 inputs: bf16); A stays f32
     low_states: bool = True  # U and the chunks' start states likewise
     state_stages: int = 2  # Triton num_stages of the state kernel (software pipelining of its loop)
-    # the state pass in up to this many groups of chunks side by side (`grouped_state_pass`; the largest divisor
-    # of the chunk count up to it): 1, one sequential pass (not yet measured against it on a GPU)
+    # the state passes (forward and backward) in up to this many groups of chunks side by side (`grouped_pass`;
+    # the largest divisor of the chunk count up to it): 1, one sequential pass (not yet measured on a GPU)
     state_groups: int = 1
 
 
@@ -116,7 +116,7 @@ def _state_kernel(*refs, rows, n_chunks, has_values, has_erase, operands):
     """The sequential pass over one head's chunks for one V block (see the module docstring), on the key-side
     operands that XLA prepared (`end_decayed_keys`): no exponentials and no segment masks in the loop. operands:
     the dtype the products' computed operands are rounded to (`product_operands`), None for float32. Without
-    values (has_values False: U~ = 0) the pass carries a chunk group's transition map (`grouped_state_pass`)."""
+    values (has_values False: U~ = 0) the pass carries a chunk group's transition map (`grouped_pass`)."""
     refs = list(refs)
     u_tilde_ref = refs.pop(0) if has_values else None
     w_ref = refs.pop(0) if has_erase else None
@@ -291,13 +291,17 @@ def chunk_states(
         t = t[0] if inverse else None
 
     x_to_end, state_decay = end_decayed_keys(x, gcum, seg, seg_prev, rows, low)
-    keys = (w, x_to_end, state_decay)
     pass_args = {"rows": rows, "dtype": state_dtype, "operands": operands, "config": config, "interpret": interpret}
+
+    def run(arrays, initial, with_values):
+        values, *keys = arrays
+        return state_pass(values if with_values else None, *keys, initial, **pass_args)
+
+    arrays = (u_tilde, w, x_to_end, state_decay)
     groups = chunk_groups(n_chunks, config.state_groups)
-    if groups == 1:
-        u, states, final_state = state_pass(u_tilde, *keys, initial_state, **pass_args)
-    else:
-        u, states, final_state = grouped_state_pass(u_tilde, *keys, initial_state, groups, **pass_args)
+    u, states, final_state = (
+        run(arrays, initial_state, True) if groups == 1 else grouped_pass(run, arrays, initial_state, groups)
+    )
     return ChunkStates(scores, w, u, states, final_state, t, x_to_end, state_decay)
 
 
@@ -337,44 +341,52 @@ def state_pass(u_tilde, w, x_to_end, state_decay, initial_state, *, rows, dtype,
     )(*(t for t in (u_tilde, w, x_to_end, state_decay, initial_state) if t is not None))
 
 
-def grouped_state_pass(u_tilde, w, x_to_end, state_decay, initial_state, groups, **pass_args):
-    """`state_pass` in `groups` groups of consecutive chunks, run side by side (more programs, shorter chains:
-    for few heads and long sequences; Config.state_groups). Each chunk's map S -> A_n S + B_n is affine, so
+def grouped_pass(run, arrays, initial, groups, reverse=False):
+    """A sequential pass over chunks run in `groups` groups of consecutive chunks side by side (more programs,
+    chains `groups` times shorter: for few heads and long sequences; Config.state_groups), for a pass whose step
+    is affine in the carried [K, V] matrix, as the state pass (`state_pass`) and the backward's state-gradient pass
+    are:
 
-    1. state_pass from a zero state on each group (the sequences cut into groups, a reshape): the local start
-       states, U and end state; and from the identity on U~ = 0: each chunk's local start map M_n and the
-       group's map M_g, with U's part -W_n M_n;
-    2. the groups' true start states, S_{g+1} = M_g S_g + (local end state of g), in a short XLA loop;
-    3. the chunks' start states S_n = (local) + M_n S_g and U_n = (local) - W_n M_n S_g (XLA products).
+    1. run from zero on each group (the arrays cut into groups along time, a reshape): the local per-row results,
+       per-chunk carries and the group's last carry; and from the identity without the values (run's
+       with_values False): each row's and chunk's linear dependence on the group's incoming carry (K columns for
+       V) and the group's map;
+    2. the groups' true incoming carries, c' = M_g c + (local last carry of g), over the groups in an XLA loop
+       (from the last group back to the first when reverse);
+    3. every row's and chunk's result corrected by its dependence times its group's incoming carry (XLA products).
 
-    The maps are a second state pass with K columns for V: about twice the sequential pass's work, over `groups`
-    times as many programs with chains `groups` times shorter. Same arguments and results as state_pass."""
-    batch, length, heads, value = u_tilde.shape
-    key = initial_state.shape[-2]
-    f32, dtype = jnp.float32, pass_args["dtype"]
+    run(arrays, initial, with_values) -> (rows [B, T', H, V'], chunks [B, H, N, K, V'], last [B, H, K, V'] float32)
+    on arrays [B, T' or N, H, .] (None entries pass through) and initial [B, H, K, V']. Returns the same as
+    run(arrays, initial, True). The maps' pass is about the work of the pass itself, and the corrections read and
+    write the rows and chunks once more: about 3x the bytes of one sequential pass."""
+    batch, heads, key, value = initial.shape
+    f32 = jnp.float32
     cut = lambda t: None if t is None else t.reshape(batch * groups, t.shape[1] // groups, *t.shape[2:])  # noqa: E731
-    keys = (cut(w), cut(x_to_end), cut(state_decay))
-    zeros = jnp.zeros((batch * groups, heads, key, value), f32)
-    u_local, states_local, ends = state_pass(cut(u_tilde), *keys, zeros, **pass_args)
+    pieces = [cut(t) for t in arrays]
+    rows_local, chunks_local, lasts = run(pieces, jnp.zeros((batch * groups, heads, key, value), f32), True)
     identity = jnp.broadcast_to(jnp.eye(key, dtype=f32), (batch * groups, heads, key, key))
-    u_maps, maps, group_maps = state_pass(None, *keys, identity, **pass_args)
+    row_maps, chunk_maps, group_maps = run(pieces, identity, False)
 
     by_group = lambda t: jnp.moveaxis(t.reshape(batch, groups, *t.shape[1:]), 1, 0)  # noqa: E731  [G, B, ...]
 
-    def next_start(start, group):
-        group_map, end = group
-        return jnp.einsum("bhkj,bhjv->bhkv", group_map, start) + end, start
+    def next_carry(carry, group):
+        group_map, last = group
+        return jnp.einsum("bhkj,bhjv->bhkv", group_map, carry) + last, carry
 
-    final_state, starts = jax.lax.scan(next_start, initial_state.astype(f32), (by_group(group_maps), by_group(ends)))
-    starts = jnp.moveaxis(starts, 0, 1)  # [B, G, H, K, V]
-    states = states_local.reshape(batch, groups, *states_local.shape[1:]).astype(f32)
-    states = states + jnp.einsum("bghnkj,bghjv->bghnkv", maps.reshape(states.shape[:-1] + (key,)).astype(f32), starts)
-    u = u_local.reshape(batch, groups, -1, heads, value).astype(f32)
-    u = u + jnp.einsum("bgthk,bghkv->bgthv", u_maps.reshape(*u.shape[:-1], key).astype(f32), starts)
+    final, incoming = jax.lax.scan(
+        next_carry, initial.astype(f32), (by_group(group_maps), by_group(lasts)), reverse=reverse
+    )
+    incoming = jnp.moveaxis(incoming, 0, 1)  # [B, G, H, K, V]
+    chunks = chunks_local.reshape(batch, groups, *chunks_local.shape[1:]).astype(f32)
+    chunks = chunks + jnp.einsum(
+        "bghnkj,bghjv->bghnkv", chunk_maps.reshape(chunks.shape[:-1] + (key,)).astype(f32), incoming
+    )
+    rows = rows_local.reshape(batch, groups, -1, heads, value).astype(f32)
+    rows = rows + jnp.einsum("bgthk,bghkv->bgthv", row_maps.reshape(*rows.shape[:-1], key).astype(f32), incoming)
     return (
-        u.reshape(u_tilde.shape).astype(dtype),
-        jnp.moveaxis(states, 1, 2).reshape(batch, heads, -1, key, value).astype(dtype),
-        final_state,
+        rows.reshape(batch, -1, heads, value).astype(rows_local.dtype),
+        jnp.moveaxis(chunks, 1, 2).reshape(batch, heads, -1, key, value).astype(chunks_local.dtype),
+        final,
     )
 
 
