@@ -474,7 +474,9 @@ GPU_FORWARD_CASES = {  # (chunk_fwd.Config fields, K = V) of the full-width bf16
     "f32-states": ({"low_states": False}, 128),  # float32 states and U: the state kernels' products in float32
     "heads-64": ({}, 64),
     "heads-256": ({}, 256),
+    "groups-4": ({"state_groups": 4}, 128),  # the state pass in 4 groups of 4 chunks (T = 1000: 16 chunks of 64)
 }
+GPU_GRAD_CASES = {name: GPU_FORWARD_CASES[name] for name in ("heads-64", "default", "heads-256", "groups-4")}
 
 
 def poison_gpu_memory(smallest_bytes: int = 1024) -> None:
@@ -569,12 +571,14 @@ def test_pallas_decode_step_on_gpu(rule):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("width", [64, 128, 256])
+@pytest.mark.parametrize("case", list(GPU_GRAD_CASES))
 @pytest.mark.parametrize("rule", ["gated_delta_rule", "kda", "gdn2", "eda"])
-def test_pallas_grads_on_gpu_bf16(rule, width, backward_kernels):
-    """Gradients of every input and the initial state at full-width heads (K = V = width), q, k, v (and e) in
-    bf16, against a float32 recurrent run, device memory poisoned with NaN before the run: relative error under
-    2e-2, finite."""
+def test_pallas_grads_on_gpu_bf16(rule, case, backward_kernels, monkeypatch):
+    """Gradients of every input and the initial state at full-width heads (K = V of 64, 128, 256), q, k, v (and e)
+    in bf16, against a float32 recurrent run, device memory poisoned with NaN before the run: relative error under
+    2e-2, finite; also with both state passes in groups of chunks."""
+    fields, width = GPU_GRAD_CASES[case]
+    monkeypatch.setattr(chunk_fwd, "DEFAULT_CONFIG", chunk_fwd.Config(**fields))
     from edarnn.check_forms import random_inputs
 
     inputs = random_inputs(rule, 2, 1000, 4, width, width)
