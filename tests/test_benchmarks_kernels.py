@@ -3,6 +3,7 @@
 import json
 import types
 
+import jax
 import jax.numpy as jnp
 import pytest
 
@@ -28,19 +29,22 @@ def test_time_bursts_times_whole_bursts_and_feeds_the_state_forward():
 
 
 def test_measure_decode_bursts_are_steps_of_the_rule(monkeypatch):
-    """The jitted burst of measure_decode runs --decode-steps steps, each on the state the one before returned."""
+    """The jitted burst of measure_decode runs --decode-steps steps, each on the state the one before returned and
+    on its own token (the batch rolled by the step's index)."""
     args = types.SimpleNamespace(warmup=0, repeats=1, decode_steps=3, case_budget=1e9)
     fn = kernels.edarnn_fn("kda", "recurrent", None, True)
-    full = lambda shape, value: jnp.full(shape, value, jnp.float32)  # noqa: E731
-    token = (full((2, 1, 2, 16), 0.1),) * 3 + (full((2, 1, 2, 16), -0.5), full((2, 1, 2), 0.5))
+    keys = iter(jax.random.split(jax.random.key(0), 5))
+    normal = lambda *shape: jax.random.normal(next(keys), shape, jnp.float32)  # noqa: E731
+    token = (normal(2, 1, 2, 16), normal(2, 1, 2, 16), normal(2, 1, 2, 16), -jnp.abs(normal(2, 1, 2, 16)))
+    token += (jax.nn.sigmoid(normal(2, 1, 2)),)
     state = jnp.ones((2, 2, 16, 16), jnp.float32)
     final = []
     monkeypatch.setattr(kernels, "time_bursts", lambda burst, s, *_: final.append(burst(s)) or {})
-    assert kernels.measure_decode(fn, [((*token, state), None)], args) == {"loop": "jit fori_loop"}
+    assert kernels.measure_decode(fn, [((*token, state), None)], args) == {"loop": "jit scan"}
     expected = state
-    for _ in range(3):
-        expected = rules.kda_step(expected, *(x[:, 0] for x in token))[1]
-    assert jnp.allclose(final[0], expected, atol=1e-6)
+    for i in range(3):
+        expected = rules.kda_step(expected, *(jnp.roll(x, i, axis=0)[:, 0] for x in token))[1]
+    assert jnp.allclose(final[0], expected, atol=1e-5)
 
 
 def test_decode_rows_alone_time_one_token_steps_of_the_rule(tmp_path):

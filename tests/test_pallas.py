@@ -77,12 +77,14 @@ def test_pallas_forward_in_value_blocks(variant, rng, monkeypatch):
 def test_pallas_grouped_state_passes(variant, rng, backward_kernels, monkeypatch, fresh_traces):
     """chunk_fwd.Config.state_groups: the forward's state pass and the backward's state-gradient pass in three
     groups of three chunks side by side, joined by the groups' maps (chunk_fwd.grouped_pass), with an initial state
-    and segments that cross groups and chunks: the recurrent form's output and final state, and the chunk form's
-    gradients. Without an erase address (gla), with one, and with two sub-steps per token."""
+    and segments: the recurrent form's output and final state, and the chunk form's gradients. Weak decays (log-decay
+    down to -0.05 per token) keep each group's map far from zero, so that the maps matter; row 1's middle group has
+    no segment boundary (a reset zeroes a map). Without an erase address (gla), with one, and with two sub-steps
+    per token."""
     monkeypatch.setattr(chunk_fwd, "DEFAULT_CONFIG", chunk_fwd.Config(state_groups=3))
     rule = rule_of(variant)
-    inputs, state = make_inputs(variant, rng, T=70), make_state(rng)  # chunks of 8: 9 chunks, 3 groups
-    segment_ids = make_segment_ids(rng, [[20, 5, 30, 15], [9, 40, 1, 20]])
+    inputs, state = make_inputs(variant, rng, T=70, max_decay=0.05), make_state(rng)  # chunks of 8: 9, 3 groups
+    segment_ids = make_segment_ids(rng, [[20, 5, 30, 15], [9, 40, 1, 20]])  # row 1: boundaries at 9, 49, 50
     cotangents = random_cotangents(rng, inputs)
 
     def forward(i, s, seg):  # a fresh jit: conftest's `run` is cached across configurations
@@ -93,6 +95,39 @@ def test_pallas_grouped_state_passes(variant, rng, backward_kernels, monkeypatch
     actual = grad_runner(rule, "pallas", 8)(cotangents, inputs, state, segment_ids)
     expected = grad_runner(rule, "chunk", 8)(cotangents, inputs, state, segment_ids)
     assert_close(actual, expected, KERNEL_RTOL, f"{variant} grouped state pass, gradients")
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_grouped_pass_equals_the_sequential_pass_of_an_affine_step(reverse, rng):
+    """chunk_fwd.grouped_pass on a toy pass whose step is S <- A_n S + B_n with random non-symmetric A_n (the
+    carried [K, V] matrix; per row a read-out C S): its rows, per-chunk carries and last carry equal the sequential
+    pass's, in 2, 3 and 6 groups of 6 chunks, first chunk first and last chunk first."""
+    batch, n_chunks, heads, key, value = 2, 6, 2, 4, 3
+    normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)  # noqa: E731  (the kernels' dtype)
+    a = normal(batch, n_chunks, heads, key, key) / key**0.5
+    b = normal(batch, n_chunks, heads, key, value)
+    c = normal(batch, 2 * n_chunks, heads, key)  # two rows per chunk
+    initial = normal(batch, heads, key, value)
+
+    def run(arrays, carry, with_values, dtype):
+        a, b, c = arrays
+        by_chunk = lambda t: jnp.moveaxis(t, 1, 0)  # noqa: E731
+        rows_of = c.reshape(c.shape[0], -1, 2, *c.shape[2:])
+
+        def step(s, chunk):
+            a_n, b_n, c_n = chunk
+            rows = jnp.einsum("brhk,bhkv->brhv", c_n, s)
+            return jnp.einsum("bhkj,bhjv->bhkv", a_n, s) + (b_n if with_values else 0.0), (rows, s)
+
+        last, (rows, chunks) = jax.lax.scan(step, carry, (by_chunk(a), by_chunk(b), by_chunk(rows_of)), reverse=reverse)
+        rows = jnp.moveaxis(rows, 0, 1).reshape(carry.shape[0], -1, heads, carry.shape[-1])
+        return rows.astype(dtype), jnp.moveaxis(chunks, 0, 2).astype(dtype), last
+
+    expected = run((a, b, c), initial, True, jnp.float32)
+    for groups in (2, 3, 6):
+        actual = chunk_fwd.grouped_pass(run, (a, b, c), initial, groups, jnp.float32, reverse=reverse)
+        for x, y in zip(actual, expected, strict=True):
+            np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5, err_msg=f"{groups} groups")
 
 
 def test_chunk_groups_is_the_largest_divisor_of_the_chunk_count_up_to_the_limit():
@@ -474,7 +509,7 @@ GPU_FORWARD_CASES = {  # (chunk_fwd.Config fields, K = V) of the full-width bf16
     "f32-states": ({"low_states": False}, 128),  # float32 states and U: the state kernels' products in float32
     "heads-64": ({}, 64),
     "heads-256": ({}, 256),
-    "groups-4": ({"state_groups": 4}, 128),  # the state pass in 4 groups of 4 chunks (T = 1000: 16 chunks of 64)
+    "groups-4": ({"state_groups": 4}, 128),  # the state passes in 4 groups (T = 1000: 16 chunks of 64, eda 32 of 32)
 }
 GPU_GRAD_CASES = {name: GPU_FORWARD_CASES[name] for name in ("heads-64", "default", "heads-256", "groups-4")}
 

@@ -12,9 +12,10 @@ and decode rows (T = 1, B = --decode-batch, a random [B, H, K, V] float32 initia
 token-by-token kernel) and impl="recurrent" (the default of `rules.<rule>_step`) against fla's fused_recurrent_*
 op, forward only (fla has no backward for them). A decode row's time is per step of a burst of --decode-steps
 steps run back to back as a compiled decoding loop runs them (each step's final state the next one's initial
-state): in JAX one jitted `lax.fori_loop`, the state donated; for fla the burst captured as a CUDA graph and
-replayed (eager where capture fails). One synchronisation per burst, so the time is the device's, without
-per-step host dispatch; the note gives the state's bytes read and written per step over that time (TB/s).
+state, each step on a different token, its output kept): in JAX one jitted `lax.scan`, the state donated; for fla
+the burst captured as a CUDA graph and replayed (eager where capture fails). One synchronisation per burst (for
+fla no host launches at all; for JAX, XLA's loop); the note gives the state's bytes read and written per step
+over that time (TB/s).
 
 Inputs are `experiments.benchmarks.rules.make_inputs` (q, k, v, e in --dtype, k and e L2-normalised; gates and
 log-decays float32); fla gets the same arrays through DLPack. fwd: the rule's output and final state.
@@ -221,32 +222,40 @@ def time_bursts(burst, state, synchronize, state_bytes, args):
 
 
 def measure_decode(fn, input_sets, args):
-    """time_bursts for fn(q, k, v, *gates, h0) -> (o, state) in JAX: the burst is one jitted `lax.fori_loop` over
-    the steps (as a jitted generation loop runs), its state donated."""
+    """time_bursts for fn(q, k, v, *gates, h0) -> (o, state) in JAX: the burst is one jitted `lax.scan` over the
+    steps (as a jitted generation loop runs), each step on its own token (`rb.token_steps`), its output kept (the
+    scan's stacked outputs) and the state donated."""
     (inputs, _), *_ = input_sets
-    tokens, state = inputs[:-1], jnp.array(inputs[-1])  # a copy: the first burst donates it
+    tokens, state = rb.token_steps(inputs[:-1], args.decode_steps), jnp.array(inputs[-1])  # a copy: bursts donate it
 
     def burst(tokens, state):
-        return jax.lax.fori_loop(0, args.decode_steps, lambda _, s: fn(*tokens, s)[1], state)
+        def step(s, token):
+            o, s = fn(*token, s)
+            return s, o
+
+        return jax.lax.scan(step, state, tokens)
 
     compiled = jax.jit(burst, donate_argnums=1).lower(tokens, state).compile()
-    record = time_bursts(lambda s: compiled(tokens, s), state, jax.block_until_ready, state.nbytes, args)
-    return {**record, "loop": "jit fori_loop"}
+    record = time_bursts(lambda s: compiled(tokens, s)[0], state, jax.block_until_ready, state.nbytes, args)
+    return {**record, "loop": "jit scan"}
 
 
 def measure_decode_torch(fn, input_sets, args):
-    """time_bursts for fla's op (fn as `fla_fn` makes it): the burst captured once as a CUDA graph and replayed
-    (no host launch cost, as a serving engine runs it; each replay restarts from the captured initial state),
-    or, where capture fails, run eagerly (the record says which)."""
+    """time_bursts for fla's op (fn as `fla_fn` makes it), each step on its own token (`rb.token_steps`, shared
+    through DLPack): the burst captured once as a CUDA graph and replayed (no host launch cost, as a serving
+    engine runs it; each replay restarts from the captured initial state), or, where capture fails, run eagerly
+    (the record says which)."""
     import torch
 
     (inputs, _), *_ = input_sets
-    tokens, state = [x.detach() for x in inputs[:-1]], inputs[-1].detach().clone()
+    stacked = rb.token_steps([jnp.from_dlpack(x.detach()) for x in inputs[:-1]], args.decode_steps)
+    jax.block_until_ready(stacked)
+    tokens, state = [torch.from_dlpack(x) for x in stacked], inputs[-1].detach().clone()
 
     def steps(s):
         with torch.no_grad():
-            for _ in range(args.decode_steps):
-                s = fn(*tokens, s)[1]
+            for i in range(args.decode_steps):
+                s = fn(*(x[i] for x in tokens), s)[1]
         return s
 
     nbytes = state.numel() * state.element_size()

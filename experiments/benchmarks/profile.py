@@ -2,7 +2,7 @@
 
     # on the GPU machine: one call of the forward (or --backward) after warm-up, trace copied to OUT_DIR
     python -m experiments.benchmarks.profile record --rule kda --impl chunk --out-dir $OUT
-    # a decoding loop instead: 32 one-token steps (`rules.kda_step`) in one jitted fori_loop, B = 64
+    # a decoding loop instead: 32 one-token steps (`rules.kda_step`) in one jitted scan, B = 64
     python -m experiments.benchmarks.profile record --rule kda --impl pallas --decode 32 --shape 64 1 16 128 128
     # anywhere with `pip install xprof` (it parses the trace; not a project dependency)
     python -m experiments.benchmarks.profile summarize $OUT/kda-chunk-fwd.xplane.pb --top 25
@@ -23,23 +23,32 @@ import jax.numpy as jnp
 
 from edarnn import rules
 from edarnn.check_forms import random_inputs
+from experiments.benchmarks.rules import token_steps
 
 
 def record(
     rule: str, impl: str, backward: bool, shape: tuple[int, ...], dtype: str, out_dir: str, decode: int = 0
 ) -> str:
     """Trace one jitted call (after a warm-up) and copy the XSpace file to out_dir; returns its path. decode > 0:
-    the call is a decoding loop instead, `decode` one-token steps of `rules.<rule>_step` in a `lax.fori_loop` from
-    a random float32 state (T of the shape unused), as kernels.py's decode rows time it."""
+    the call is a decoding loop instead, `decode` one-token steps of `rules.<rule>_step` in a `lax.scan` from a
+    random float32 state, each on its own token (`token_steps`), outputs kept (T of the shape unused), as
+    kernels.py's decode rows time it."""
     batch, seq, heads, key, value = shape
     inputs = [x.astype(dtype) if i < 3 else x for i, x in enumerate(random_inputs(rule, batch, seq, heads, key, value))]
     call = lambda *a: rules.RULES[rule](*a, impl=impl)  # noqa: E731
     if decode:
         step = getattr(rules, f"{rule}_step")
-        inputs = [[x[:, 0] for x in inputs], jax.random.normal(jax.random.key(1), (batch, heads, key, value))]
-        fn = jax.jit(
-            lambda token, state: jax.lax.fori_loop(0, decode, lambda _, s: step(s, *token, impl=impl)[1], state)
-        )
+        tokens = token_steps([x[:, 0] for x in inputs], decode)
+        inputs = [tokens, jax.random.normal(jax.random.key(1), (batch, heads, key, value))]
+
+        def loop(tokens, state):
+            def one(s, token):
+                o, s = step(s, *token, impl=impl)
+                return s, o
+
+            return jax.lax.scan(one, state, tokens)
+
+        fn = jax.jit(loop)
     elif backward:
         loss = lambda *a: jnp.sum(call(*a)[0].astype(jnp.float32))  # noqa: E731
         fn = jax.jit(jax.grad(loss, argnums=tuple(range(len(inputs)))))

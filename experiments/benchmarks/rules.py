@@ -62,6 +62,12 @@ def _l2_normalize(t):
     return t * jax.lax.rsqrt(jnp.sum(t * t, axis=-1, keepdims=True) + 1e-6)
 
 
+def token_steps(tokens, steps):
+    """Each step's token inputs, stacked: [steps, B, ...] per input of tokens ([B, ...] each); step i takes the
+    batch rolled by i (every step a different token, as in decoding, so that no step's work is loop-invariant)."""
+    return [jnp.stack([jnp.roll(x, i, axis=0) for i in range(steps)]) for x in tokens]
+
+
 def make_inputs(rule, seed, shape, dtype):
     """((q, k, v, *gates), do) of random data. q, k, v, e and do in `dtype`; gates and log-decays float32."""
     dims = dict(zip("BTHKV", shape, strict=True))

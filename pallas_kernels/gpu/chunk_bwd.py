@@ -9,7 +9,8 @@ per-token decay's gradient, a reverse cumulative sum inside each chunk, is JAX's
 1. `value_grad` (grid B x H x N x V/BV, parallel; body tiles.value_grad_kernel): P_n^T dO_n, the values'
    gradient through the chunk's own queries (P = Aqk).
 2. `state_grad` (grid B x H x V/BV, sequential over the chunks in reverse inside, dS in registers; Q exp(Gq)
-   and the recompute's X~ = X exp(G_last - G) and exp(G_last) prepared by XLA):
+   and the recompute's X~ = X exp(G_last - G) and exp(G_last) prepared by XLA; in groups of chunks side by side
+   with chunk_fwd.Config.state_groups, `chunk_fwd.grouped_pass`):
        dU_n = P_n^T dO_n + (X exp(G_last - G))_n dS_{n+1}
        dS_n = Diag(exp G_last) dS_{n+1} + (Q exp Gq)_n^T dO_n - W_n^T dU_n
    storing dU_n and dS_{n+1}; dS_0 is the initial state's gradient.
@@ -379,8 +380,8 @@ def chunk_backward(
 
     operands = chunk_fwd.product_operands(forward_config, storage) if config.low_grads else None
 
-    def state_grad_pass(arrays, d_last, with_values):
-        """The state_grad kernel over every chunk, last first: (dU, the dS_{n+1}, dS_0)."""
+    def state_grad_pass(arrays, d_last, with_values, dtype):
+        """The state_grad kernel over every chunk, last first: (dU, the dS_{n+1} in dtype, dS_0)."""
         du_local_, q_decayed_, x_to_end_, state_decay_, w_, d_o_ = arrays
         head, tail = ([du_local_, q_decayed_], [d_o_]) if with_values else ([], [])
         inputs = [*head, x_to_end_, state_decay_, *([w_] if has_erase else []), *tail, d_last]
@@ -400,8 +401,8 @@ def chunk_backward(
             stages=config.state_grad_stages if key <= 128 else 1,
             grid=(d_last.shape[0], heads, width // min(config.state_grad_block_v, width)),
             out_shape=[
-                shape((*x_to_end_.shape[:3], width), grad_dtype),
-                shape((d_last.shape[0], heads, state_decay_.shape[1], key, width), grad_dtype),
+                shape((*x_to_end_.shape[:3], width), dtype),
+                shape((d_last.shape[0], heads, state_decay_.shape[1], key, width), dtype),
                 shape(d_last.shape, f32),
             ],
         )(*inputs)
@@ -409,9 +410,9 @@ def chunk_backward(
     arrays = (du_local, q_decayed, x_to_end, state_decay, w, d_o)
     groups = chunk_fwd.chunk_groups(n_chunks, forward_config.state_groups)
     du, d_ends, d_initial = (
-        state_grad_pass(arrays, d_final, True)
+        state_grad_pass(arrays, d_final, True, grad_dtype)
         if groups == 1
-        else chunk_fwd.grouped_pass(state_grad_pass, arrays, d_final, groups, reverse=True)
+        else chunk_fwd.grouped_pass(state_grad_pass, arrays, d_final, groups, grad_dtype, reverse=True)
     )
 
     def block_spec(height, width, blocks_of=1):

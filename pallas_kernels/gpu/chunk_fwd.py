@@ -291,22 +291,28 @@ def chunk_states(
         t = t[0] if inverse else None
 
     x_to_end, state_decay = end_decayed_keys(x, gcum, seg, seg_prev, rows, low)
-    pass_args = {"rows": rows, "dtype": state_dtype, "operands": operands, "config": config, "interpret": interpret}
 
-    def run(arrays, initial, with_values):
+    def run(arrays, initial, with_values, dtype):
         values, *keys = arrays
-        return state_pass(values if with_values else None, *keys, initial, **pass_args)
+        values = values if with_values else None
+        return state_pass(
+            values, *keys, initial, rows=rows, dtype=dtype, operands=operands, config=config, interpret=interpret
+        )
 
     arrays = (u_tilde, w, x_to_end, state_decay)
     groups = chunk_groups(n_chunks, config.state_groups)
     u, states, final_state = (
-        run(arrays, initial_state, True) if groups == 1 else grouped_pass(run, arrays, initial_state, groups)
+        run(arrays, initial_state, True, state_dtype)
+        if groups == 1
+        else grouped_pass(run, arrays, initial_state, groups, state_dtype)
     )
     return ChunkStates(scores, w, u, states, final_state, t, x_to_end, state_decay)
 
 
 def chunk_groups(n_chunks, limit):
-    """The number of groups the state pass runs in: the largest divisor of n_chunks up to limit."""
+    """The number of groups the state passes run in: the largest divisor of n_chunks up to limit (>= 1)."""
+    if limit < 1:
+        raise ValueError(f"chunk_fwd.Config.state_groups must be at least 1; got {limit}")
     return max(d for d in range(1, min(limit, n_chunks) + 1) if n_chunks % d == 0)
 
 
@@ -341,7 +347,7 @@ def state_pass(u_tilde, w, x_to_end, state_decay, initial_state, *, rows, dtype,
     )(*(t for t in (u_tilde, w, x_to_end, state_decay, initial_state) if t is not None))
 
 
-def grouped_pass(run, arrays, initial, groups, reverse=False):
+def grouped_pass(run, arrays, initial, groups, dtype, reverse=False):
     """A sequential pass over chunks run in `groups` groups of consecutive chunks side by side (more programs,
     chains `groups` times shorter: for few heads and long sequences; Config.state_groups), for a pass whose step
     is affine in the carried [K, V] matrix, as the state pass (`state_pass`) and the backward's state-gradient pass
@@ -355,17 +361,19 @@ def grouped_pass(run, arrays, initial, groups, reverse=False):
        (from the last group back to the first when reverse);
     3. every row's and chunk's result corrected by its dependence times its group's incoming carry (XLA products).
 
-    run(arrays, initial, with_values) -> (rows [B, T', H, V'], chunks [B, H, N, K, V'], last [B, H, K, V'] float32)
-    on arrays [B, T' or N, H, .] (None entries pass through) and initial [B, H, K, V']. Returns the same as
-    run(arrays, initial, True). The maps' pass is about the work of the pass itself, and the corrections read and
-    write the rows and chunks once more: about 3x the bytes of one sequential pass."""
+    run(arrays, initial, with_values, dtype) -> (rows [B, T', H, V'] and chunks [B, H, N, K, V'] in dtype, last
+    [B, H, K, V'] float32) on arrays [B, T' or N, H, .] (None entries pass through) and initial [B, H, K, V'].
+    Returns what run(arrays, initial, True, dtype) does; the group passes' results are float32, so that rows and
+    chunks are rounded to dtype once, as by the sequential pass. The maps' pass is about the work of the pass
+    itself, and the corrections read and write the rows and chunks once more: about 3x the bytes of one
+    sequential pass (more with 16-bit storage: the group passes' results are float32)."""
     batch, heads, key, value = initial.shape
     f32 = jnp.float32
     cut = lambda t: None if t is None else t.reshape(batch * groups, t.shape[1] // groups, *t.shape[2:])  # noqa: E731
     pieces = [cut(t) for t in arrays]
-    rows_local, chunks_local, lasts = run(pieces, jnp.zeros((batch * groups, heads, key, value), f32), True)
+    rows_local, chunks_local, lasts = run(pieces, jnp.zeros((batch * groups, heads, key, value), f32), True, f32)
     identity = jnp.broadcast_to(jnp.eye(key, dtype=f32), (batch * groups, heads, key, key))
-    row_maps, chunk_maps, group_maps = run(pieces, identity, False)
+    row_maps, chunk_maps, group_maps = run(pieces, identity, False, f32)
 
     by_group = lambda t: jnp.moveaxis(t.reshape(batch, groups, *t.shape[1:]), 1, 0)  # noqa: E731  [G, B, ...]
 
@@ -377,15 +385,13 @@ def grouped_pass(run, arrays, initial, groups, reverse=False):
         next_carry, initial.astype(f32), (by_group(group_maps), by_group(lasts)), reverse=reverse
     )
     incoming = jnp.moveaxis(incoming, 0, 1)  # [B, G, H, K, V]
-    chunks = chunks_local.reshape(batch, groups, *chunks_local.shape[1:]).astype(f32)
-    chunks = chunks + jnp.einsum(
-        "bghnkj,bghjv->bghnkv", chunk_maps.reshape(chunks.shape[:-1] + (key,)).astype(f32), incoming
-    )
-    rows = rows_local.reshape(batch, groups, -1, heads, value).astype(f32)
-    rows = rows + jnp.einsum("bgthk,bghkv->bgthv", row_maps.reshape(*rows.shape[:-1], key).astype(f32), incoming)
+    chunks = chunks_local.reshape(batch, groups, *chunks_local.shape[1:])
+    chunks = chunks + jnp.einsum("bghnkj,bghjv->bghnkv", chunk_maps.reshape(chunks.shape[:-1] + (key,)), incoming)
+    rows = rows_local.reshape(batch, groups, -1, heads, value)
+    rows = rows + jnp.einsum("bgthk,bghkv->bgthv", row_maps.reshape(*rows.shape[:-1], key), incoming)
     return (
-        rows.reshape(batch, -1, heads, value).astype(rows_local.dtype),
-        jnp.moveaxis(chunks, 1, 2).reshape(batch, heads, -1, key, value).astype(chunks_local.dtype),
+        rows.reshape(batch, -1, heads, value).astype(dtype),
+        jnp.moveaxis(chunks, 1, 2).reshape(batch, heads, -1, key, value).astype(dtype),
         final,
     )
 
