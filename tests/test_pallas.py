@@ -130,16 +130,6 @@ def test_grouped_pass_equals_the_sequential_pass_of_an_affine_step(reverse, rng)
             np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5, err_msg=f"{groups} groups")
 
 
-def test_chunk_groups_is_the_largest_divisor_of_the_chunk_count_up_to_the_limit():
-    assert [chunk_fwd.chunk_groups(n, limit) for n, limit in [(9, 4), (9, 2), (64, 8), (5, 16), (7, 1)]] == [
-        3,
-        1,
-        8,
-        5,
-        1,
-    ]
-
-
 @pytest.mark.parametrize("variant", ["gated_delta_rule", "kda", "eda"])
 def test_pallas_bf16_storage_interpret(variant, rng, monkeypatch):
     """bf16 inputs: the kernels read q, x, y, z and store Aqk, W, U~, X~, U and the states in bf16, and round the

@@ -44,6 +44,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from edarnn import core
 from pallas_kernels.gpu import chunk_fwd
 from pallas_kernels.gpu.chunk_fwd import segment_specs, tile_spec, triton_call
 from pallas_kernels.tiles import (
@@ -408,7 +409,7 @@ def chunk_backward(
         )(*inputs)
 
     arrays = (du_local, q_decayed, x_to_end, state_decay, w, d_o)
-    groups = chunk_fwd.chunk_groups(n_chunks, forward_config.state_groups)
+    groups = core.chunk_groups(n_chunks, forward_config.state_groups, "chunk_fwd.Config.state_groups")
     du, d_ends, d_initial = (
         state_grad_pass(arrays, d_final, True, grad_dtype)
         if groups == 1

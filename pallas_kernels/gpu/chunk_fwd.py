@@ -300,20 +300,13 @@ def chunk_states(
         )
 
     arrays = (u_tilde, w, x_to_end, state_decay)
-    groups = chunk_groups(n_chunks, config.state_groups)
+    groups = core.chunk_groups(n_chunks, config.state_groups, "chunk_fwd.Config.state_groups")
     u, states, final_state = (
         run(arrays, initial_state, True, state_dtype)
         if groups == 1
         else grouped_pass(run, arrays, initial_state, groups, state_dtype)
     )
     return ChunkStates(scores, w, u, states, final_state, t, x_to_end, state_decay)
-
-
-def chunk_groups(n_chunks, limit):
-    """The number of groups the state passes run in: the largest divisor of n_chunks up to limit (>= 1)."""
-    if limit < 1:
-        raise ValueError(f"chunk_fwd.Config.state_groups must be at least 1; got {limit}")
-    return max(d for d in range(1, min(limit, n_chunks) + 1) if n_chunks % d == 0)
 
 
 def state_pass(u_tilde, w, x_to_end, state_decay, initial_state, *, rows, dtype, operands, config, interpret):
