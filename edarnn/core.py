@@ -38,7 +38,8 @@ SUBCHUNK = 16
 CHUNK_SCAN_UNROLL = 8
 # Groups of chunks whose state passes run side by side in the chunk form (`_grouped_chunk_scan`; the largest
 # divisor of the chunk count up to this): the sequential loop shortens from N chunks to N / G plus G groups, for
-# about twice its products. 1: one loop over all chunks (not yet measured against the grouped loop on a GPU).
+# about twice its products. 1: one loop over all chunks (not yet measured against the grouped loop on a GPU). Read
+# when a rule is traced (a jitted function keeps the setting it was traced with).
 CHUNK_STATE_GROUPS = 1
 
 
@@ -271,10 +272,10 @@ def chunk_groups(n_chunks: int, limit: int, name: str) -> int:
     up to limit (the setting called `name`, at least 1)."""
     if limit < 1:
         raise ValueError(f"{name} must be at least 1; got {limit}")
-    return max(d for d in range(1, min(limit, n_chunks) + 1) if n_chunks % d == 0)
+    return max((d for d in range(1, min(limit, n_chunks) + 1) if n_chunks % d == 0), default=1)
 
 
-def _chunk_scan(chunk, initial_state: Array, xs, groups: int = 1):
+def _chunk_scan(chunk, initial_state: Array, xs):
     """lax.scan of the chunk step over the chunks (xs' leading axis), unrolled by CHUNK_SCAN_UNROLL."""
     return jax.lax.scan(chunk, initial_state, xs, unroll=min(CHUNK_SCAN_UNROLL, xs[0].shape[0]))
 
@@ -301,7 +302,8 @@ def _grouped_chunk_scan(chunk, initial_state: Array, xs, groups: int):
         return group_map @ state + local_end, state
 
     final_state, incoming = jax.lax.scan(across, initial_state, (ends[..., value:], ends[..., :value]))
-    u = u_wide[..., :value] + u_wide[..., value:] @ incoming  # [N / G, G, B, H, L, V]
+    u = u_wide[..., :value]  # [N / G, G, B, H, L, V]; without an erase address (w None) U does not depend on S
+    u = u if xs[1] is None else u + u_wide[..., value:] @ incoming
     start_states = states_wide[..., :value] + states_wide[..., value:] @ incoming
     merge = lambda t: jnp.swapaxes(t, 0, 1).reshape(-1, *t.shape[2:])  # noqa: E731
     return final_state, (merge(u), merge(start_states))
@@ -372,9 +374,11 @@ def chunkwise(q: Array, sub: Substeps, initial_state: Array, segment_ids: Array 
         u_c = u_tilde_c if w_c is None else u_tilde_c - w_c @ state
         return decay_c * state + jnp.swapaxes(x_to_end_c, -1, -2) @ u_c, (u_c, state)
 
-    groups = chunk_groups(n_chunks, CHUNK_STATE_GROUPS, "core.CHUNK_STATE_GROUPS")
-    scan = _grouped_chunk_scan if groups > 1 else _chunk_scan
-    final_state, (u, start_states) = scan(chunk, initial_state, (u_tilde, w, x_to_end, state_decay), groups)
+    groups = chunk_groups(n_chunks, CHUNK_STATE_GROUPS, "core.CHUNK_STATE_GROUPS")  # read when traced
+    xs = (u_tilde, w, x_to_end, state_decay)
+    final_state, (u, start_states) = (
+        _grouped_chunk_scan(chunk, initial_state, xs, groups) if groups > 1 else _chunk_scan(chunk, initial_state, xs)
+    )
     # u: [N, B, H, L, V]; start_states: [N, B, H, K, V]
     scores = pair_scores(qc, gq, x, gcum, mask_q)  # [N, B, H, C, L]
     o = q_decayed @ start_states + scores @ u  # [N, B, H, C, V]

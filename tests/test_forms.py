@@ -54,12 +54,12 @@ def test_form_matches_recurrent_float64(variant, T, with_state, impl, chunk_size
 def test_chunk_grouped_state_loop_matches_recurrent(variant, rng, monkeypatch):
     """core.CHUNK_STATE_GROUPS: the chunk form's loop over chunks in 3 groups of 3 chunks side by side
     (`core._grouped_chunk_scan`), with an initial state and segments: the recurrent form's output, final state
-    and gradients (float64). Weak decays (down to -0.05 per token) keep the groups' maps far from zero; row 1's
-    middle group has no segment boundary."""
+    and gradients (float64). Weak decays (down to -0.05 per token) keep the groups' maps far from zero, and every group
+    has a row without a segment boundary in it (a reset zeroes a map)."""
     monkeypatch.setattr(core, "CHUNK_STATE_GROUPS", 3)
     rule = rule_of(variant)
     inputs, state = make_inputs(variant, rng, T=70, max_decay=0.05), make_state(rng)  # chunks of 8: 9, 3 groups
-    segment_ids = make_segment_ids(rng, [[20, 5, 30, 15], [9, 40, 1, 20]])  # row 1: boundaries at 9, 49, 50
+    segment_ids = make_segment_ids(rng, [[30, 15, 25], [9, 40, 1, 20]])  # boundaries at 30, 45; at 9, 49, 50
 
     def loss(impl):
         def value(i, s):

@@ -77,14 +77,14 @@ def test_pallas_forward_in_value_blocks(variant, rng, monkeypatch):
 def test_pallas_grouped_state_passes(variant, rng, backward_kernels, monkeypatch, fresh_traces):
     """chunk_fwd.Config.state_groups: the forward's state pass and the backward's state-gradient pass in three
     groups of three chunks side by side, joined by the groups' maps (chunk_fwd.grouped_pass), with an initial state
-    and segments: the recurrent form's output and final state, and the chunk form's gradients. Weak decays (log-decay
-    down to -0.05 per token) keep each group's map far from zero, so that the maps matter; row 1's middle group has
-    no segment boundary (a reset zeroes a map). Without an erase address (gla), with one, and with two sub-steps
-    per token."""
+    and segments: the recurrent form's output and final state, and the chunk form's gradients. Weak decays
+    (log-decay down to -0.05 per token) keep each group's map far from zero, and every group (tokens 0-23, 24-47,
+    48-71) has a row without a segment boundary in it (a reset zeroes a map), so that the maps matter. Without an
+    erase address (gla), with one, and with two sub-steps per token."""
     monkeypatch.setattr(chunk_fwd, "DEFAULT_CONFIG", chunk_fwd.Config(state_groups=3))
     rule = rule_of(variant)
     inputs, state = make_inputs(variant, rng, T=70, max_decay=0.05), make_state(rng)  # chunks of 8: 9, 3 groups
-    segment_ids = make_segment_ids(rng, [[20, 5, 30, 15], [9, 40, 1, 20]])  # row 1: boundaries at 9, 49, 50
+    segment_ids = make_segment_ids(rng, [[30, 15, 25], [9, 40, 1, 20]])  # boundaries at 30, 45; at 9, 49, 50
     cotangents = random_cotangents(rng, inputs)
 
     def forward(i, s, seg):  # a fresh jit: conftest's `run` is cached across configurations

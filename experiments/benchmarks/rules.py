@@ -352,7 +352,7 @@ def main(argv=None):
         "input_sets": args.input_sets,
         "case_budget_s": args.case_budget,
         "matmul_precision": args.matmul_precision,
-        "chunk_state_groups": args.chunk_state_groups,
+        "chunk_state_groups": args.chunk_state_groups,  # a limit: the largest divisor of the chunk count up to it
     }
     report = {"machine": info, "config": config, "notes": NOTES, "cases": []}
 
