@@ -28,10 +28,14 @@ def test_train_benchmark_writes_a_row_per_case_and_an_error_row(tmp_path, monkey
     monkeypatch.setattr(train_benchmark, "run_case", run_case)
     out = tmp_path / "train.json"
     argv = ["--tiny", "--archs", "hybrid", "gdn2", "attention", "--seq-lens", "64", "--steps", "2", "--warmup", "1"]
-    train_benchmark.main([*argv, "--out", str(out)])
+    monkeypatch.setattr(train_benchmark.core, "CHUNK_STATE_GROUPS", 1)  # main sets both from --state-groups
+    monkeypatch.setattr(train_benchmark.chunk_fwd, "DEFAULT_CONFIG", train_benchmark.chunk_fwd.DEFAULT_CONFIG)
+    train_benchmark.main([*argv, "--state-groups", "2", "--out", str(out)])
 
     report = json.loads(out.read_text())
     assert report["config"]["tiny"] and report["config"]["tokens_per_batch"] == 256
+    assert report["config"]["state_groups"] == 2 and train_benchmark.core.CHUNK_STATE_GROUPS == 2
+    assert train_benchmark.chunk_fwd.DEFAULT_CONFIG.state_groups == 2
     assert {"backend", "device_kind", "jax", "flax"} <= set(report["machine"])
     cases = report["cases"]
     assert [(c["arch"], c["seq_len"]) for c in cases] == [("attention", 64), ("hybrid", 64), ("gdn2", 64)]

@@ -2,6 +2,7 @@
 
     python -m experiments.benchmarks.train                                    # 4 architectures x T = 2k, 8k, 32k
     python -m experiments.benchmarks.train --seq-lens 32768 --rule-impl chunk --out t32k.json
+    python -m experiments.benchmarks.train --seq-lens 32768 --state-groups 16   # the state passes in groups
     python -m experiments.benchmarks.train --tiny --out /tmp/train.json       # CPU smoke test (seconds)
 
 Cases: every architecture of configs/lm_125m.py (--archs; "attention" first, the baseline of the `x attn` column)
@@ -37,8 +38,9 @@ import numpy as np
 from flax import nnx
 
 from edarnn import config as config_lib
-from edarnn import metrics, model, rules, sharding, train
+from edarnn import core, metrics, model, rules, sharding, train
 from experiments.benchmarks import rules as rb  # the rules benchmark: machine(), print_cells()
+from pallas_kernels.gpu import chunk_fwd
 
 CONFIG_FILE = Path(__file__).resolve().parents[2] / "configs" / "lm_125m.py"
 BASELINE = "attention"
@@ -197,6 +199,13 @@ def parse_args(argv=None):
         help=f"tokens per step, B x T (default {TOKENS_PER_BATCH}; --tiny: {TINY_TOKENS_PER_BATCH})",
     )
     p.add_argument("--rule-impl", default="auto", choices=rules.IMPLS, help="model.rule_impl of the recurrent layers")
+    p.add_argument(
+        "--state-groups",
+        type=int,
+        default=1,
+        help="the recurrent layers' loops over chunks in up to this many groups side by side "
+        "(chunk_fwd.Config.state_groups for impl pallas, core.CHUNK_STATE_GROUPS for impl chunk)",
+    )
     p.add_argument("--steps", type=int, default=10, help="timed steps per case")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per case after compiling")
     p.add_argument("--tiny", action="store_true", help="a tiny model of the same patterns (TINY_MODEL), for the CPU")
@@ -206,15 +215,20 @@ def parse_args(argv=None):
     args.tokens_per_batch = args.tokens_per_batch or (TINY_TOKENS_PER_BATCH if args.tiny else TOKENS_PER_BATCH)
     if min(args.seq_lens) < 1 or args.tokens_per_batch < 1 or args.steps < 1 or args.warmup < 0:
         p.error("--seq-lens, --tokens-per-batch and --steps must be positive, --warmup >= 0")
+    if args.state_groups < 1:
+        p.error(f"--state-groups must be >= 1; got {args.state_groups}")
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
+    core.CHUNK_STATE_GROUPS = args.state_groups
+    chunk_fwd.DEFAULT_CONFIG = chunk_fwd.DEFAULT_CONFIG._replace(state_groups=args.state_groups)
     info = rb.machine()
     archs = sorted(args.archs, key=lambda arch: arch != BASELINE)
     settings = {
-        key: getattr(args, key) for key in ("archs", "seq_lens", "tokens_per_batch", "rule_impl", "steps", "warmup")
+        key: getattr(args, key)
+        for key in ("archs", "seq_lens", "tokens_per_batch", "rule_impl", "state_groups", "steps", "warmup")
     }
     report = {"machine": info, "config": {**settings, "tiny": args.tiny}, "notes": NOTES, "cases": []}
 
