@@ -222,19 +222,13 @@ def time_bursts(burst, state, synchronize, state_bytes, args):
 
 
 def measure_decode(fn, input_sets, args):
-    """time_bursts for fn(q, k, v, *gates, h0) -> (o, state) in JAX: the burst is one jitted `lax.scan` over the
-    steps (as a jitted generation loop runs), each step on its own token (`rb.token_steps`), its output kept (the
-    scan's stacked outputs) and the state donated."""
+    """time_bursts for fn(q, k, v, *gates, h0) -> (o, state) in JAX: the burst is one jitted `rb.decode_loop` over
+    the steps (as a jitted generation loop runs), each step on its own token (`rb.token_steps`), its output kept,
+    the state donated."""
     (inputs, _), *_ = input_sets
     tokens, state = rb.token_steps(inputs[:-1], args.decode_steps), jnp.array(inputs[-1])  # a copy: bursts donate it
 
-    def burst(tokens, state):
-        def step(s, token):
-            o, s = fn(*token, s)
-            return s, o
-
-        return jax.lax.scan(step, state, tokens)
-
+    burst = rb.decode_loop(lambda s, token: fn(*token, s))
     compiled = jax.jit(burst, donate_argnums=1).lower(tokens, state).compile()
     record = time_bursts(lambda s: compiled(tokens, s)[0], state, jax.block_until_ready, state.nbytes, args)
     return {**record, "loop": "jit scan"}

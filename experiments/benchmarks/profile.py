@@ -23,16 +23,16 @@ import jax.numpy as jnp
 
 from edarnn import rules
 from edarnn.check_forms import random_inputs
-from experiments.benchmarks.rules import token_steps
+from experiments.benchmarks.rules import decode_loop, token_steps
 
 
 def record(
     rule: str, impl: str, backward: bool, shape: tuple[int, ...], dtype: str, out_dir: str, decode: int = 0
 ) -> str:
     """Trace one jitted call (after a warm-up) and copy the XSpace file to out_dir; returns its path. decode > 0:
-    the call is a decoding loop instead, `decode` one-token steps of `rules.<rule>_step` in a `lax.scan` from a
-    random float32 state, each on its own token (`token_steps`), outputs kept (T of the shape unused), as
-    kernels.py's decode rows time it."""
+    the call is a decoding loop instead (`decode_loop`, as kernels.py's decode rows time it): `decode` one-token
+    steps of `rules.<rule>_step` from a random float32 state, each on its own token (`token_steps`), outputs kept
+    (T of the shape unused)."""
     batch, seq, heads, key, value = shape
     inputs = [x.astype(dtype) if i < 3 else x for i, x in enumerate(random_inputs(rule, batch, seq, heads, key, value))]
     call = lambda *a: rules.RULES[rule](*a, impl=impl)  # noqa: E731
@@ -40,15 +40,7 @@ def record(
         step = getattr(rules, f"{rule}_step")
         tokens = token_steps([x[:, 0] for x in inputs], decode)
         inputs = [tokens, jax.random.normal(jax.random.key(1), (batch, heads, key, value))]
-
-        def loop(tokens, state):
-            def one(s, token):
-                o, s = step(s, *token, impl=impl)
-                return s, o
-
-            return jax.lax.scan(one, state, tokens)
-
-        fn = jax.jit(loop)
+        fn = jax.jit(decode_loop(lambda s, token: step(s, *token, impl=impl)))
     elif backward:
         loss = lambda *a: jnp.sum(call(*a)[0].astype(jnp.float32))  # noqa: E731
         fn = jax.jit(jax.grad(loss, argnums=tuple(range(len(inputs)))))

@@ -68,6 +68,20 @@ def token_steps(tokens, steps):
     return [jnp.stack([jnp.roll(x, i, axis=0) for i in range(steps)]) for x in tokens]
 
 
+def decode_loop(step):
+    """A decoding loop (tokens, state) -> (final state, outputs stacked): step(state, token) -> (o, state) applied
+    to each step's token of `token_steps` in a `lax.scan`, every output kept."""
+
+    def loop(tokens, state):
+        def one(s, token):
+            o, s = step(s, token)
+            return s, o
+
+        return jax.lax.scan(one, state, tokens)
+
+    return loop
+
+
 def make_inputs(rule, seed, shape, dtype):
     """((q, k, v, *gates), do) of random data. q, k, v, e and do in `dtype`; gates and log-decays float32."""
     dims = dict(zip("BTHKV", shape, strict=True))
