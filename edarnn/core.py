@@ -36,11 +36,6 @@ SUBCHUNK = 16
 # Chunks per iteration of the sequential loop over chunks (lax.scan's unroll). Measured on an H100
 # (docs/performance.md): 8 takes 11% off linear attention's forward (2.36 -> 2.11 ms), no change for the delta rules.
 CHUNK_SCAN_UNROLL = 8
-# Groups of chunks whose state passes run side by side in the chunk form (`_grouped_chunk_scan`; the largest
-# divisor of the chunk count up to this): the sequential loop shortens from N chunks to N / G plus G groups, for
-# about twice its products. 1: one loop over all chunks (not yet measured against the grouped loop on a GPU). Read
-# when a rule is traced (a jitted function keeps the setting it was traced with).
-CHUNK_STATE_GROUPS = 1
 
 
 class Substeps(NamedTuple):
@@ -267,48 +262,6 @@ def pair_scores(a: Array, ga: Array, b: Array, gb: Array, mask: Array) -> Array:
     return jnp.where(mask, full + _block_diagonal(diag), 0.0)
 
 
-def chunk_groups(n_chunks: int, limit: int, name: str) -> int:
-    """How many groups of consecutive chunks a loop over n_chunks chunks runs in: the largest divisor of n_chunks
-    up to limit (the setting called `name`, at least 1)."""
-    if limit < 1:
-        raise ValueError(f"{name} must be at least 1; got {limit}")
-    return max((d for d in range(1, min(limit, n_chunks) + 1) if n_chunks % d == 0), default=1)
-
-
-def _chunk_scan(chunk, initial_state: Array, xs):
-    """lax.scan of the chunk step over the chunks (xs' leading axis), unrolled by CHUNK_SCAN_UNROLL."""
-    return jax.lax.scan(chunk, initial_state, xs, unroll=min(CHUNK_SCAN_UNROLL, xs[0].shape[0]))
-
-
-def _grouped_chunk_scan(chunk, initial_state: Array, xs, groups: int):
-    """_chunk_scan in `groups` groups of consecutive chunks side by side. The chunk step is affine in the state
-    (S -> A S + B with U = U~ - W S), so one loop over a group's chunks carries [S | M], V + K columns, from
-    [0 | I] with values [U~ | 0]: the local states and U from a zero state, and each chunk's dependence on the
-    group's true start state (M, and -W M for U). A loop over the groups then gives their true start states
-    (S' = M_g S + local end state), and every chunk's state and U are corrected by their dependence times it.
-    xs = (u_tilde [N, B, H, L, V], w or None, x_to_end, state_decay), as `chunkwise` builds them."""
-    u_tilde = xs[0]
-    value, key = u_tilde.shape[-1], initial_state.shape[-2]
-    per_group = u_tilde.shape[0] // groups
-    split = lambda t: None if t is None else jnp.swapaxes(t.reshape(groups, per_group, *t.shape[1:]), 0, 1)  # noqa: E731
-    wide = jnp.concatenate([u_tilde, jnp.zeros((*u_tilde.shape[:-1], key), u_tilde.dtype)], axis=-1)
-    identity = jnp.broadcast_to(jnp.eye(key, dtype=initial_state.dtype), (*initial_state.shape[:-1], key))
-    start = jnp.concatenate([jnp.zeros_like(initial_state), identity], axis=-1)
-    start = jnp.broadcast_to(start, (groups, *start.shape))  # [G, B, H, K, V + K]
-    ends, (u_wide, states_wide) = _chunk_scan(chunk, start, tuple(split(t) for t in (wide, *xs[1:])))
-
-    def across(state, group):
-        group_map, local_end = group
-        return group_map @ state + local_end, state
-
-    final_state, incoming = jax.lax.scan(across, initial_state, (ends[..., value:], ends[..., :value]))
-    u = u_wide[..., :value]  # [N / G, G, B, H, L, V]; without an erase address (w None) U does not depend on S
-    u = u if xs[1] is None else u + u_wide[..., value:] @ incoming
-    start_states = states_wide[..., :value] + states_wide[..., value:] @ incoming
-    merge = lambda t: jnp.swapaxes(t, 0, 1).reshape(-1, *t.shape[2:])  # noqa: E731
-    return final_state, (merge(u), merge(start_states))
-
-
 def chunkwise(q: Array, sub: Substeps, initial_state: Array, segment_ids: Array | None, chunk_size: int):
     """Chunks of `chunk_size` tokens: intra-chunk work as matrix products, only the state passes between
     chunks (`lax.scan`). Any T: the tail is padded with identity sub-steps (g = 0, x = 0). Internally
@@ -374,12 +327,9 @@ def chunkwise(q: Array, sub: Substeps, initial_state: Array, segment_ids: Array 
         u_c = u_tilde_c if w_c is None else u_tilde_c - w_c @ state
         return decay_c * state + jnp.swapaxes(x_to_end_c, -1, -2) @ u_c, (u_c, state)
 
-    groups = chunk_groups(n_chunks, CHUNK_STATE_GROUPS, "core.CHUNK_STATE_GROUPS")  # read when traced
-    xs = (u_tilde, w, x_to_end, state_decay)
-    final_state, (u, start_states) = (
-        _grouped_chunk_scan(chunk, initial_state, xs, groups) if groups > 1 else _chunk_scan(chunk, initial_state, xs)
-    )
-    # u: [N, B, H, L, V]; start_states: [N, B, H, K, V]
+    final_state, (u, start_states) = jax.lax.scan(
+        chunk, initial_state, (u_tilde, w, x_to_end, state_decay), unroll=min(CHUNK_SCAN_UNROLL, n_chunks)
+    )  # u: [N, B, H, L, V]; start_states: [N, B, H, K, V]
     scores = pair_scores(qc, gq, x, gcum, mask_q)  # [N, B, H, C, L]
     o = q_decayed @ start_states + scores @ u  # [N, B, H, C, V]
     o = jnp.moveaxis(o, (0, 2), (1, 3)).reshape(batch, n_chunks * chunk_size, heads, value)

@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 from test_configs import CONFIGS
 
 from experiments import multi_device_check
@@ -20,22 +22,19 @@ def test_train_benchmark_writes_a_row_per_case_and_an_error_row(tmp_path, monkey
     on; measured rows carry step time, tokens/s = B T / step time, memory and the ratio to attention."""
     measure = train_benchmark.run_case
 
-    def run_case(config, args):
+    def run_case(config, args, trace_path):
         if config.model.layers == ("gdn2",):
             raise MemoryError("RESOURCE_EXHAUSTED: pretend")
-        return measure(config, args)
+        return measure(config, args, trace_path)
 
     monkeypatch.setattr(train_benchmark, "run_case", run_case)
     out = tmp_path / "train.json"
     argv = ["--tiny", "--archs", "hybrid", "gdn2", "attention", "--seq-lens", "64", "--steps", "2", "--warmup", "1"]
-    monkeypatch.setattr(train_benchmark.core, "CHUNK_STATE_GROUPS", 1)  # main sets both from --state-groups
-    monkeypatch.setattr(train_benchmark.chunk_fwd, "DEFAULT_CONFIG", train_benchmark.chunk_fwd.DEFAULT_CONFIG)
-    train_benchmark.main([*argv, "--state-groups", "2", "--out", str(out)])
+    train_benchmark.main([*argv, "--out", str(out)])
 
     report = json.loads(out.read_text())
     assert report["config"]["tiny"] and report["config"]["tokens_per_batch"] == 256
-    assert report["config"]["state_groups"] == 2 and train_benchmark.core.CHUNK_STATE_GROUPS == 2
-    assert train_benchmark.chunk_fwd.DEFAULT_CONFIG.state_groups == 2
+    assert report["config"]["without_rule"] is False
     assert {"backend", "device_kind", "jax", "flax"} <= set(report["machine"])
     cases = report["cases"]
     assert [(c["arch"], c["seq_len"]) for c in cases] == [("attention", 64), ("hybrid", 64), ("gdn2", 64)]
@@ -50,6 +49,37 @@ def test_train_benchmark_writes_a_row_per_case_and_an_error_row(tmp_path, monkey
     assert math.isclose(hybrid["vs_attention"], hybrid["tokens_per_s"] / attention["tokens_per_s"])
     table = capsys.readouterr().out
     assert "RESOURCE_EXHAUSTED" in table and "x attn" in table
+
+
+def test_train_benchmark_without_rule_traces_a_step_and_restores_the_rules(tmp_path):
+    """--without-rule (the ablation) runs the model with rule_stand_in in place of its rule, recorded in the
+    report, and leaves edarnn.rules.RULES as it was; --profile writes one trace per case."""
+    rules_before = dict(train_benchmark.rules.RULES)
+    out, traces = tmp_path / "train.json", tmp_path / "traces"
+    argv = ["--tiny", "--archs", "gdn2", "--seq-lens", "64", "--steps", "1", "--warmup", "0", "--without-rule"]
+    train_benchmark.main([*argv, "--profile", str(traces), "--out", str(out)])
+    report = json.loads(out.read_text())
+    (case,) = report["cases"]
+    assert report["config"]["without_rule"] is True and "error" not in case
+    assert case["trace"] == str(traces / "gdn2-64.xplane.pb") and (traces / "gdn2-64.xplane.pb").stat().st_size > 0
+    assert train_benchmark.rules.RULES == rules_before
+
+
+def test_rule_stand_in_reads_every_input():
+    """rule_stand_in's output depends on q, k, v and every gate (so that no projection is dead code in the
+    ablation), in q's dtype, with a zero state of the rule's shape [B, H, K, V]."""
+    shapes = {"q": (2, 5, 3, 4), "k": (2, 5, 3, 4), "v": (2, 5, 3, 6), "g": (2, 5, 3), "beta": (2, 5, 3, 4)}
+    inputs = {name: jnp.ones(shape, jnp.bfloat16 if name in "qkv" else jnp.float32) for name, shape in shapes.items()}
+
+    def total(inputs):
+        o, _ = train_benchmark.rule_stand_in(**inputs, initial_state=None, impl="chunk", normalize_qk=True)
+        return jnp.sum(o.astype(jnp.float32))
+
+    o, state = train_benchmark.rule_stand_in(**inputs, impl="chunk")
+    assert o.dtype == jnp.bfloat16 and o.shape == (2, 5, 3, 6)
+    assert state.shape == (2, 3, 4, 6) and state.dtype == jnp.float32 and not state.any()
+    grads = jax.grad(total)(inputs)
+    assert all(jnp.abs(grads[name].astype(jnp.float32)).min() > 0 for name in shapes)
 
 
 def test_multi_device_check_agrees_on_two_simulated_devices(tmp_path):

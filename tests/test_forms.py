@@ -50,38 +50,6 @@ def test_form_matches_recurrent_float64(variant, T, with_state, impl, chunk_size
     assert_close(actual, expected, rtol=1e-9, what=f"{variant} {impl}")
 
 
-@pytest.mark.parametrize("variant", ["gla-channel", "delta_rule", "kda", "eda-bw"])
-def test_chunk_grouped_state_loop_matches_recurrent(variant, rng, monkeypatch):
-    """core.CHUNK_STATE_GROUPS: the chunk form's loop over chunks in 3 groups of 3 chunks side by side
-    (`core._grouped_chunk_scan`), with an initial state and segments: the recurrent form's output, final state
-    and gradients (float64). Weak decays (down to -0.05 per token) keep the groups' maps far from zero, and every group
-    has a row without a segment boundary in it (a reset zeroes a map)."""
-    monkeypatch.setattr(core, "CHUNK_STATE_GROUPS", 3)
-    rule = rule_of(variant)
-    inputs, state = make_inputs(variant, rng, T=70, max_decay=0.05), make_state(rng)  # chunks of 8: 9, 3 groups
-    segment_ids = make_segment_ids(rng, [[30, 15, 25], [9, 40, 1, 20]])  # boundaries at 30, 45; at 9, 49, 50
-
-    def loss(impl):
-        def value(i, s):
-            o, final = rules.RULES[rule](**i, initial_state=s, segment_ids=segment_ids, impl=impl, chunk_size=8)
-            return jnp.sum(jnp.sin(o)) + jnp.sum(jnp.cos(final)), (o, final)
-
-        return jax.jit(jax.value_and_grad(value, argnums=(0, 1), has_aux=True))(inputs, state)  # fresh traces
-
-    (_, actual), actual_grads = loss("chunk")
-    (_, expected), expected_grads = loss("recurrent")
-    assert_close(actual, expected, rtol=1e-9, what=f"{variant} grouped chunk loop")
-    assert_close(actual_grads, expected_grads, rtol=1e-9, what=f"{variant} grouped chunk loop, gradients")
-
-
-def test_chunk_groups_is_the_largest_divisor_of_the_chunk_count_up_to_the_limit():
-    """core.chunk_groups, shared by the chunk form's loop and the Pallas state passes."""
-    cases = [(9, 4), (9, 2), (64, 8), (5, 16), (7, 1)]
-    assert [core.chunk_groups(n, limit, "limit") for n, limit in cases] == [3, 1, 8, 5, 1]
-    with pytest.raises(ValueError, match="core.CHUNK_STATE_GROUPS must be at least 1; got 0"):
-        core.chunk_groups(9, 0, "core.CHUNK_STATE_GROUPS")
-
-
 CHANNEL_DECAY = [name for name, (_, gates) in VARIANTS.items() if gates.get("g") == "decay_K"]
 
 

@@ -73,61 +73,15 @@ def test_pallas_forward_in_value_blocks(variant, rng, monkeypatch):
     assert_close(actual, reference(rule, inputs, state, segment_ids), KERNEL_RTOL, f"{variant} pallas, V blocks")
 
 
-@pytest.mark.parametrize("variant", ["gla-channel", "gated_delta_rule", "kda", "eda-bw"])
-def test_pallas_grouped_state_passes(variant, rng, backward_kernels, monkeypatch, fresh_traces):
-    """chunk_fwd.Config.state_groups: the forward's state pass and the backward's state-gradient pass in three
-    groups of three chunks side by side, joined by the groups' maps (chunk_fwd.grouped_pass), with an initial state
-    and segments: the recurrent form's output and final state, and the chunk form's gradients. Weak decays
-    (log-decay down to -0.05 per token) keep each group's map far from zero, and every group (tokens 0-23, 24-47,
-    48-71) has a row without a segment boundary in it (a reset zeroes a map), so that the maps matter. Without an
-    erase address (gla), with one, and with two sub-steps per token."""
-    monkeypatch.setattr(chunk_fwd, "DEFAULT_CONFIG", chunk_fwd.Config(state_groups=3))
-    rule = rule_of(variant)
-    inputs, state = make_inputs(variant, rng, T=70, max_decay=0.05), make_state(rng)  # chunks of 8: 9, 3 groups
-    segment_ids = make_segment_ids(rng, [[30, 15, 25], [9, 40, 1, 20]])  # boundaries at 30, 45; at 9, 49, 50
-    cotangents = random_cotangents(rng, inputs)
-
-    def forward(i, s, seg):  # a fresh jit: conftest's `run` is cached across configurations
-        return rules.RULES[rule](**i, initial_state=s, segment_ids=seg, impl="pallas", chunk_size=8)
-
-    actual = jax.jit(forward)(inputs, state, segment_ids)
-    assert_close(actual, reference(rule, inputs, state, segment_ids), KERNEL_RTOL, f"{variant} grouped state pass")
-    actual = grad_runner(rule, "pallas", 8)(cotangents, inputs, state, segment_ids)
-    expected = grad_runner(rule, "chunk", 8)(cotangents, inputs, state, segment_ids)
-    assert_close(actual, expected, KERNEL_RTOL, f"{variant} grouped state pass, gradients")
-
-
-@pytest.mark.parametrize("reverse", [False, True])
-def test_grouped_pass_equals_the_sequential_pass_of_an_affine_step(reverse, rng):
-    """chunk_fwd.grouped_pass on a toy pass whose step is S <- A_n S + B_n with random non-symmetric A_n (the
-    carried [K, V] matrix; per row a read-out C S): its rows, per-chunk carries and last carry equal the sequential
-    pass's, in 2, 3 and 6 groups of 6 chunks, first chunk first and last chunk first."""
-    batch, n_chunks, heads, key, value = 2, 6, 2, 4, 3
-    normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)  # noqa: E731  (the kernels' dtype)
-    a = normal(batch, n_chunks, heads, key, key) / key**0.5
-    b = normal(batch, n_chunks, heads, key, value)
-    c = normal(batch, 2 * n_chunks, heads, key)  # two rows per chunk
-    initial = normal(batch, heads, key, value)
-
-    def run(arrays, carry, with_values, dtype):
-        a, b, c = arrays
-        by_chunk = lambda t: jnp.moveaxis(t, 1, 0)  # noqa: E731
-        rows_of = c.reshape(c.shape[0], -1, 2, *c.shape[2:])
-
-        def step(s, chunk):
-            a_n, b_n, c_n = chunk
-            rows = jnp.einsum("brhk,bhkv->brhv", c_n, s)
-            return jnp.einsum("bhkj,bhjv->bhkv", a_n, s) + (b_n if with_values else 0.0), (rows, s)
-
-        last, (rows, chunks) = jax.lax.scan(step, carry, (by_chunk(a), by_chunk(b), by_chunk(rows_of)), reverse=reverse)
-        rows = jnp.moveaxis(rows, 0, 1).reshape(carry.shape[0], -1, heads, carry.shape[-1])
-        return rows.astype(dtype), jnp.moveaxis(chunks, 0, 2).astype(dtype), last
-
-    expected = run((a, b, c), initial, True, jnp.float32)
-    for groups in (2, 3, 6):
-        actual = chunk_fwd.grouped_pass(run, (a, b, c), initial, groups, jnp.float32, reverse=reverse)
-        for x, y in zip(actual, expected, strict=True):
-            np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5, err_msg=f"{groups} groups")
+def test_state_passes_narrow_their_value_blocks_for_few_heads():
+    """chunk_fwd.sequential_block_v: the widest V block up to the limit that gives the sequential state passes
+    Config.state_programs programs (B x H x V / block), never narrower than 16."""
+    block = chunk_fwd.sequential_block_v
+    assert block(64, 4 * 16, 128, 96) == 64  # B=4, H=16: 128 programs
+    assert block(64, 2 * 16, 128, 96) == 32  # 64 programs at 64, 128 at 32
+    assert block(64, 2 * 6, 128, 96) == 16  # B=2, H=6: 24 programs at 64, 96 at 16
+    assert block(64, 1, 128, 96) == 16  # never narrower than 16
+    assert block(64, 8, 32, 1) == 32 and block(32, 1000, 128, 96) == 32  # V narrower than the limit; the limit
 
 
 @pytest.mark.parametrize("variant", ["gated_delta_rule", "kda", "eda"])
@@ -429,33 +383,30 @@ def test_recurrent_kernel_lowers_to_triton(case, no_x64):
     assert lowered.as_text().count("xla.gpu.triton") == 1
 
 
-def _forward_kernel_count(case, fields=None):
-    """Kernels of one chunkwise forward: pair scores, solve (with an erase address: it inverts I + A), state (twice
-    when grouped: the groups' states and their maps) and output. fields: chunk_fwd.Config's, from the setting."""
-    grouped = (fields or {}).get("state_groups", 1) > 1
-    return 1 + LOWERING_CASES[case][2] + 2 + grouped
+def _forward_kernel_count(case):
+    """Kernels of one chunkwise forward: pair scores, solve (with an erase address: it inverts I + A), state and
+    output."""
+    return 1 + LOWERING_CASES[case][2] + 2
 
 
 LOWERING_SETTINGS = {  # (storage, chunk_fwd.Config fields) of the lowering tests
     "f32": (None, {}),
     "bf16": (jnp.bfloat16, {}),
     "f32-states": (jnp.bfloat16, {"low_states": False}),  # bf16 inputs against float32 states: mixed products
-    "grouped": (jnp.bfloat16, {"state_groups": 2}),  # two chunks of 64 at T = 128: two groups
 }
-FORWARD_LOWERING = ["f32", "bf16", "grouped"]
-BACKWARD_LOWERING = ["f32", "bf16", "f32-states", "grouped"]
+FORWARD_LOWERING = ["f32", "bf16"]
+BACKWARD_LOWERING = ["f32", "bf16", "f32-states"]
 
 
 @pytest.mark.parametrize("setting", FORWARD_LOWERING)
 @pytest.mark.parametrize("case", list(LOWERING_CASES))
 def test_chunk_kernels_lower_to_triton(case, setting, monkeypatch, no_x64):
-    """The forward kernels, float32 and 16-bit storage of the intermediates (16-bit products), and the state pass
-    grouped."""
+    """The forward kernels, float32 and 16-bit storage of the intermediates (16-bit products)."""
     storage, fields = LOWERING_SETTINGS[setting]
     monkeypatch.setattr(chunk_fwd, "DEFAULT_CONFIG", chunk_fwd.Config(**fields))
     forward = jax.jit(lambda q, sub, s0, seg: forms.chunkwise(q, sub, s0, seg, 64, False, "gpu", storage))
     text = forward.trace(*_lowering_inputs(case, 128)).lower(lowering_platforms=("cuda",)).as_text()
-    assert text.count("xla.gpu.triton") == _forward_kernel_count(case, fields)
+    assert text.count("xla.gpu.triton") == _forward_kernel_count(case)
     assert 'name = "_state_kernel"' in text
 
 
@@ -472,14 +423,13 @@ BACKWARD_KERNELS = (
 @pytest.mark.parametrize("case", list(LOWERING_CASES))
 def test_chunk_backward_kernels_lower_to_triton(case, setting, backward_kernels, monkeypatch, no_x64):
     """A training step's forward and backward at K = V = 128 (two K blocks in state_products and key_grad, two V
-    blocks elsewhere), float32 and 16-bit storage (16-bit inputs with float32 states), the state pass grouped:
+    blocks elsewhere), float32 and 16-bit storage (16-bit inputs with float32 states):
     the forward kernels, those before the output kernel again (the backward recomputes the chunk states: pair,
     solve, state), and the five backward kernels (value_grad, state_grad, score_grad, state_products, key_grad)."""
     storage, fields = LOWERING_SETTINGS[setting]
     monkeypatch.setattr(chunk_fwd, "DEFAULT_CONFIG", chunk_fwd.Config(**fields))
     text = _lowered_training_step(case, storage)
-    grouped = fields.get("state_groups", 1) > 1  # state_grad twice: the groups' gradients and their maps
-    assert text.count("xla.gpu.triton") == 2 * _forward_kernel_count(case, fields) - 1 + len(BACKWARD_KERNELS) + grouped
+    assert text.count("xla.gpu.triton") == 2 * _forward_kernel_count(case) - 1 + len(BACKWARD_KERNELS)
     assert all(f'name = "{kernel}"' in text for kernel in BACKWARD_KERNELS)
 
 
@@ -499,9 +449,10 @@ GPU_FORWARD_CASES = {  # (chunk_fwd.Config fields, K = V) of the full-width bf16
     "f32-states": ({"low_states": False}, 128),  # float32 states and U: the state kernels' products in float32
     "heads-64": ({}, 64),
     "heads-256": ({}, 256),
-    "groups-4": ({"state_groups": 4}, 128),  # the state passes in 4 groups (T = 1000: 16 chunks of 64, eda 32 of 32)
+    # B x H = 8: the default's state passes run V blocks of 16 (Config.state_programs); this case their widest, 64
+    "state-blocks-64": ({"state_programs": 1}, 128),
 }
-GPU_GRAD_CASES = {name: GPU_FORWARD_CASES[name] for name in ("heads-64", "default", "heads-256", "groups-4")}
+GPU_GRAD_CASES = {name: GPU_FORWARD_CASES[name] for name in ("heads-64", "default", "heads-256", "state-blocks-64")}
 
 
 def poison_gpu_memory(smallest_bytes: int = 1024) -> None:
@@ -514,21 +465,23 @@ def poison_gpu_memory(smallest_bytes: int = 1024) -> None:
     pool. `test_poisoned_gpu_memory_shows_an_unwritten_block` checks this."""
     device = jax.devices()[0]
     held, can_grow = [], True
-    while True:  # each fill takes at least smallest_bytes of the pool's free memory, or grows the pool
-        stats = device.memory_stats()
-        grow = can_grow and stats["pool_bytes"] < stats["bytes_limit"]
-        free = 1 << 30 if grow else stats["largest_free_block_bytes"]
-        if free < smallest_bytes:
-            break
-        nbytes = 1 << min(30, free.bit_length() - 1)
-        try:
-            held.append(jnp.full((nbytes // 4,), jnp.nan, jnp.float32).block_until_ready())
-        except jax.errors.JaxRuntimeError:  # out of device memory before the pool's limit
-            if not grow:
-                raise
-            can_grow = False
-    for array in held:
-        array.delete()
+    try:
+        while True:  # each fill takes at least smallest_bytes of the pool's free memory, or grows the pool
+            stats = device.memory_stats()
+            grow = can_grow and stats["pool_bytes"] < stats["bytes_limit"]
+            free = 1 << 30 if grow else stats["largest_free_block_bytes"]
+            if free < smallest_bytes:
+                break
+            nbytes = 1 << min(30, free.bit_length() - 1)
+            try:
+                held.append(jnp.full((nbytes // 4,), jnp.nan, jnp.float32).block_until_ready())
+            except jax.errors.JaxRuntimeError:  # the device refused the pool's growth, or the fill's own operands
+                if not grow:  # took part of the last free block: what is left is smaller than one fill
+                    break
+                can_grow = False
+    finally:  # also when interrupted: a held fill would starve the tests that follow
+        for array in held:
+            array.delete()
 
 
 @pytest.mark.gpu
@@ -563,8 +516,9 @@ def test_poisoned_gpu_memory_shows_an_unwritten_block():
 @pytest.mark.parametrize("rule", ["gated_delta_rule", "kda", "gdn2", "eda"])
 def test_pallas_on_gpu_bf16(rule, case, monkeypatch):
     """Full-width heads in bf16 against a float32 recurrent run, device memory poisoned with NaN before the run:
-    relative error under 1e-2, no NaN (the default configuration (16-bit products), float32 states, K = V of 64,
-    128 and 256; eda at its default chunks of 32 tokens)."""
+    relative error under 1e-2, no NaN (the default configuration (16-bit products; B x H = 8, so the state passes
+    run V blocks of 16), float32 states, K = V of 64, 128 and 256, the state passes at their widest V blocks, 64;
+    eda at its default chunks of 32 tokens)."""
     from edarnn.check_forms import random_inputs
 
     fields, width = GPU_FORWARD_CASES[case]
@@ -601,7 +555,7 @@ def test_pallas_decode_step_on_gpu(rule):
 def test_pallas_grads_on_gpu_bf16(rule, case, backward_kernels, monkeypatch):
     """Gradients of every input and the initial state at full-width heads (K = V of 64, 128, 256), q, k, v (and e)
     in bf16, against a float32 recurrent run, device memory poisoned with NaN before the run: relative error under
-    2e-2, finite; also with both state passes in groups of chunks."""
+    2e-2, finite; also with the state passes' widest V blocks."""
     fields, width = GPU_GRAD_CASES[case]
     monkeypatch.setattr(chunk_fwd, "DEFAULT_CONFIG", chunk_fwd.Config(**fields))
     from edarnn.check_forms import random_inputs

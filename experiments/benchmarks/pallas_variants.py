@@ -24,11 +24,8 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave GPU mem
 
 import argparse  # noqa: E402
 import functools  # noqa: E402
-import glob  # noqa: E402
 import json  # noqa: E402
-import shutil  # noqa: E402
 import statistics  # noqa: E402
-import tempfile  # noqa: E402
 import time  # noqa: E402
 
 import jax  # noqa: E402
@@ -36,6 +33,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from edarnn import rules  # noqa: E402
 from experiments.benchmarks import rules as rb  # noqa: E402
+from experiments.benchmarks.profile import trace_to  # noqa: E402
 from pallas_kernels import forms  # noqa: E402
 from pallas_kernels.gpu import chunk_bwd, chunk_fwd  # noqa: E402
 
@@ -52,13 +50,10 @@ VARIANTS = {  # name: chunk_fwd.Config fields ("bf16": the default, 16-bit stora
     "state8": {"state_warps": 8},
     "out32": {"output_block_v": 32},
     "state32": {"state_block_v": 32},
-    "state16": {"state_block_v": 16},  # more programs for the sequential state pass when B x H is small
+    "state16": {"state_block_v": 16},  # upper limits; Config.state_programs narrows further for few heads
+    "programs1": {"state_programs": 1},  # the state passes at the widest V blocks whatever B x H
     "stages1": {"state_stages": 1},  # no software pipelining of the state kernel's loop
     "stages3": {"state_stages": 3},
-    "groups4": {"state_groups": 4},  # the state pass in groups of chunks side by side (few heads, long sequences)
-    "groups8": {"state_groups": 8},
-    "groups16": {"state_groups": 16},
-    "groups32": {"state_groups": 32},
 }
 
 BACKWARDS = {  # name: None (forward only), or (forms.BACKWARD_KERNELS["gpu"], chunk_bwd.Config fields)
@@ -111,14 +106,6 @@ def timed(fn, input_sets, warmup, repeats):
         jax.block_until_ready(fn(*input_sets[(warmup + i) % len(input_sets)]))
         times.append(time.perf_counter() - start)
     return 1e3 * statistics.median(times), 1e3 * min(times)
-
-
-def profile(fn, inputs, path):
-    with tempfile.TemporaryDirectory() as trace_dir:
-        with jax.profiler.trace(trace_dir):
-            jax.block_until_ready(fn(*inputs))
-        (found,) = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
-        shutil.copy(found, path)
 
 
 def fla_times(rule, input_sets, args, phase_name="fwd"):
@@ -188,7 +175,8 @@ def main(argv=None):
             report["cases"].append(case)
             print(f"{rule:18s} {name:32s} {median:8.3f} ms (min {best:.3f}, x{median / base:.2f} of first)", flush=True)
             if f"{rule}:{name}" in args.profile:
-                profile(fn, case_sets[0], os.path.join(out_dir, f"{rule}-{name.replace('/', '-')}.xplane.pb"))
+                path = os.path.join(out_dir, f"{rule}-{name.replace('/', '-')}.xplane.pb")
+                trace_to(path, lambda: fn(*case_sets[0]))  # noqa: B023  (called here, within the iteration)
             save()
         chunk_fwd.DEFAULT_CONFIG, chunk_bwd.DEFAULT_CONFIG = chunk_fwd.Config(), chunk_bwd.Config()
         forms.BACKWARD_KERNELS["gpu"] = default_backward

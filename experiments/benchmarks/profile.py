@@ -48,14 +48,19 @@ def record(
         fn = jax.jit(call)
     jax.block_until_ready(fn(*inputs))
     phase = f"decode{decode}" if decode else "fwd_bwd" if backward else "fwd"
+    return trace_to(os.path.join(out_dir, f"{rule}-{impl}-{phase}.xplane.pb"), lambda: fn(*inputs))
+
+
+def trace_to(path, call):
+    """Run call() once under the JAX profiler (waiting for its results) and copy the trace's XSpace file to path
+    (its folder made if missing); returns path."""
     with tempfile.TemporaryDirectory() as trace_dir:
         with jax.profiler.trace(trace_dir):
-            jax.block_until_ready(fn(*inputs))
+            jax.block_until_ready(call())
         (found,) = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
-        os.makedirs(out_dir, exist_ok=True)
-        target = os.path.join(out_dir, f"{rule}-{impl}-{phase}.xplane.pb")
-        shutil.copy(found, target)
-    return target
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        shutil.copy(found, path)
+    return path
 
 
 def summarize(path: str, top: int) -> None:

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from edarnn import core, rules
+from edarnn import rules
 from experiments.benchmarks.common_style_gdn import chunk_gated_delta_rule_common
 
 BASELINE = "common_style_gdn"
@@ -335,17 +335,9 @@ def parse_args(argv=None):
         help="jax.default_matmul_precision of the timed runs (default: the backend's default, "
         "TF32 for float32 matmuls on recent NVIDIA GPUs)",
     )
-    p.add_argument(
-        "--chunk-state-groups",
-        type=int,
-        default=core.CHUNK_STATE_GROUPS,
-        help="core.CHUNK_STATE_GROUPS: the chunk form's loop over chunks in up to this many groups side by side",
-    )
     p.add_argument("--check", action="store_true", help="verify every case against impl='recurrent' first")
     p.add_argument("--out", default="results.json")
     args = p.parse_args(argv)
-    if args.chunk_state_groups < 1:
-        p.error(f"--chunk-state-groups must be >= 1; got {args.chunk_state_groups}")
     args.shape = (args.batch, args.seq, args.heads, args.key, args.value)
     args.dtype = jnp.dtype(args.dtype)
     return args
@@ -353,7 +345,6 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    core.CHUNK_STATE_GROUPS = args.chunk_state_groups
     info, cases = machine(), plan(args)
     config = {
         "shape": dict(zip(("batch", "seq", "heads", "key", "value"), args.shape, strict=True)),
@@ -366,7 +357,6 @@ def main(argv=None):
         "input_sets": args.input_sets,
         "case_budget_s": args.case_budget,
         "matmul_precision": args.matmul_precision,
-        "chunk_state_groups": args.chunk_state_groups,  # a limit: the largest divisor of the chunk count up to it
     }
     report = {"machine": info, "config": config, "notes": NOTES, "cases": []}
 

@@ -2,7 +2,7 @@
 
     python -m experiments.benchmarks.train                                    # 4 architectures x T = 2k, 8k, 32k
     python -m experiments.benchmarks.train --seq-lens 32768 --rule-impl chunk --out t32k.json
-    python -m experiments.benchmarks.train --seq-lens 32768 --state-groups 16   # the state passes in groups
+    python -m experiments.benchmarks.train --seq-lens 2048 --archs gdn2 --without-rule --profile $OUT
     python -m experiments.benchmarks.train --tiny --out /tmp/train.json       # CPU smoke test (seconds)
 
 Cases: every architecture of configs/lm_125m.py (--archs; "attention" first, the baseline of the `x attn` column)
@@ -19,6 +19,12 @@ one by one (jax.block_until_ready on the new state and metrics, host clock); the
 tokens/s = B T / median step time; MFU = edarnn.model.flops_per_token x tokens/s / the devices' bf16 peak
 (edarnn.metrics.PEAK_BF16_FLOPS; none on the CPU).
 
+Diagnostics: --profile DIR records a JAX profiler trace of one more step per case to DIR/ARCH-T.xplane.pb
+(summarise with `python -m experiments.benchmarks.profile summarize`). --without-rule is an ablation, not a model:
+every recurrent layer's rule is replaced by `rule_stand_in` (o = v plus a per-token sum of every other rule input,
+so that no projection or gate is dead code), which times everything around the rules; the step time with the
+rules minus this is what the rules cost inside the model.
+
 Memory: `step GiB` is the compiled step's footprint from XLA's memory analysis (arguments + outputs - donated
 aliases + scratch), exact per case; `peak GiB` the device's peak_bytes_in_use where the backend reports it, which
 JAX cannot reset: it is the peak of the process so far (run one case per process for a per-case peak). A case that
@@ -32,15 +38,17 @@ import json
 import statistics
 import time
 from pathlib import Path
+from unittest import mock
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from edarnn import config as config_lib
-from edarnn import core, metrics, model, rules, sharding, train
+from edarnn import metrics, model, rules, sharding, train
 from experiments.benchmarks import rules as rb  # the rules benchmark: machine(), print_cells()
-from pallas_kernels.gpu import chunk_fwd
+from experiments.benchmarks.profile import trace_to
 
 CONFIG_FILE = Path(__file__).resolve().parents[2] / "configs" / "lm_125m.py"
 BASELINE = "attention"
@@ -72,6 +80,18 @@ def case_config(arch: str, seq_len: int, args):
     return config_lib.resolve(config, jax.device_count(), jax.process_count())
 
 
+def rule_stand_in(q, k, v, *gates, initial_state=None, **options):
+    """--without-rule's stand-in for a rule of edarnn.rules (same call, any rule): o = v + the sum over every
+    other input (q, k, the gates, e) of its per-token, per-head sum, so that every projection and gate stays live
+    at about the cost of reading them; state: initial_state, or zeros [B, H, K, V] float32. An ablation that times
+    the model around its rules; it computes nothing meaningful."""
+    batch, _, heads, key = q.shape
+    others = [q, k, *(t for t in gates if t is not None), *(t for t in options.values() if isinstance(t, jax.Array))]
+    total = sum(t.astype(jnp.float32).reshape(*t.shape[:3], -1).sum(-1, keepdims=True) for t in others if t.ndim >= 3)
+    state = jnp.zeros((batch, heads, key, v.shape[-1]), jnp.float32) if initial_state is None else initial_state
+    return (v.astype(jnp.float32) + total).astype(q.dtype), state
+
+
 def synthetic_batches(count: int, batch_size: int, seq_len: int, vocab_size: int, batch_sharding) -> list[dict]:
     """`count` batches {inputs, targets, loss_mask} [B, T] on the devices: random token ids, targets the next id,
     every position scored."""
@@ -99,8 +119,9 @@ def step_bytes(compiled) -> int | None:
     )
 
 
-def run_case(config, args) -> dict:
-    """Compile the training job's step for `config`, run --warmup steps, time --steps: the measurements."""
+def run_case(config, args, trace_path: Path | None = None) -> dict:
+    """Compile the training job's step for `config`, run --warmup steps, time --steps: the measurements; with a
+    trace_path, also a profiler trace of one more step there."""
     batch_size, seq_len = config.data.batch_size, config.data.seq_len
     mesh = sharding.make_mesh(config.mesh)
     optimizer, _ = train.make_optimizer(config.train)
@@ -122,6 +143,9 @@ def run_case(config, args) -> dict:
             jax.block_until_ready((params, opt_state, step_metrics))
             if i >= args.warmup:
                 times.append(time.perf_counter() - start)
+        if trace_path is not None:
+            batch = batches[len(times) % len(batches)]
+            record["trace"] = str(trace_to(trace_path, lambda: step(params, opt_state, batch)))
     median = statistics.median(times)
     tokens_per_s = batch_size * seq_len / median
     flops_per_token = model.flops_per_token(config.model, seq_len)
@@ -200,12 +224,11 @@ def parse_args(argv=None):
     )
     p.add_argument("--rule-impl", default="auto", choices=rules.IMPLS, help="model.rule_impl of the recurrent layers")
     p.add_argument(
-        "--state-groups",
-        type=int,
-        default=1,
-        help="the recurrent layers' loops over chunks in up to this many groups side by side "
-        "(chunk_fwd.Config.state_groups for impl pallas, core.CHUNK_STATE_GROUPS for impl chunk)",
+        "--without-rule",
+        action="store_true",
+        help="ablation: the recurrent layers' rules replaced by rule_stand_in (times everything around them)",
     )
+    p.add_argument("--profile", metavar="DIR", help="record a profiler trace of one step per case to DIR")
     p.add_argument("--steps", type=int, default=10, help="timed steps per case")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per case after compiling")
     p.add_argument("--tiny", action="store_true", help="a tiny model of the same patterns (TINY_MODEL), for the CPU")
@@ -215,20 +238,16 @@ def parse_args(argv=None):
     args.tokens_per_batch = args.tokens_per_batch or (TINY_TOKENS_PER_BATCH if args.tiny else TOKENS_PER_BATCH)
     if min(args.seq_lens) < 1 or args.tokens_per_batch < 1 or args.steps < 1 or args.warmup < 0:
         p.error("--seq-lens, --tokens-per-batch and --steps must be positive, --warmup >= 0")
-    if args.state_groups < 1:
-        p.error(f"--state-groups must be >= 1; got {args.state_groups}")
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
-    core.CHUNK_STATE_GROUPS = args.state_groups
-    chunk_fwd.DEFAULT_CONFIG = chunk_fwd.DEFAULT_CONFIG._replace(state_groups=args.state_groups)
     info = rb.machine()
     archs = sorted(args.archs, key=lambda arch: arch != BASELINE)
     settings = {
         key: getattr(args, key)
-        for key in ("archs", "seq_lens", "tokens_per_batch", "rule_impl", "state_groups", "steps", "warmup")
+        for key in ("archs", "seq_lens", "tokens_per_batch", "rule_impl", "without_rule", "steps", "warmup")
     }
     report = {"machine": info, "config": {**settings, "tiny": args.tiny}, "notes": NOTES, "cases": []}
 
@@ -247,24 +266,27 @@ def main(argv=None):
     )
     print_row()
     start = time.perf_counter()
-    for seq_len in args.seq_lens:
-        baseline = None
-        for arch in archs:
-            case = {"arch": arch, "seq_len": seq_len}
-            try:
-                config = case_config(arch, seq_len, args)
-                case.update(batch_size=config.data.batch_size, rule_impl=config.model.rule_impl)
-                case.update(run_case(config, args))
-            except Exception as exc:  # noqa: BLE001  (out of memory, refused shape, bad config): report, go on
-                case["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}"
-            gc.collect()
-            if arch == BASELINE:
-                baseline = case.get("tokens_per_s")
-            elif baseline and "tokens_per_s" in case:
-                case["vs_attention"] = case["tokens_per_s"] / baseline
-            report["cases"].append(case)
-            print_row(case)
-            save()  # after every case, so that an interrupted sweep keeps what it measured
+    stand_ins = dict.fromkeys(rules.RULES, rule_stand_in) if args.without_rule else {}
+    with mock.patch.dict(rules.RULES, stand_ins):  # the model looks its rule up in rules.RULES
+        for seq_len in args.seq_lens:
+            baseline = None
+            for arch in archs:
+                case = {"arch": arch, "seq_len": seq_len}
+                try:
+                    config = case_config(arch, seq_len, args)
+                    case.update(batch_size=config.data.batch_size, rule_impl=config.model.rule_impl)
+                    trace_path = Path(args.profile) / f"{arch}-{seq_len}.xplane.pb" if args.profile else None
+                    case.update(run_case(config, args, trace_path))
+                except Exception as exc:  # noqa: BLE001  (out of memory, refused shape, bad config): report, go on
+                    case["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}"
+                gc.collect()
+                if arch == BASELINE:
+                    baseline = case.get("tokens_per_s")
+                elif baseline and "tokens_per_s" in case:
+                    case["vs_attention"] = case["tokens_per_s"] / baseline
+                report["cases"].append(case)
+                print_row(case)
+                save()  # after every case, so that an interrupted sweep keeps what it measured
     print(f"# {len(report['cases'])} cases in {time.perf_counter() - start:.0f} s; wrote {args.out}")
 
 

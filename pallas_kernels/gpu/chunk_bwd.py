@@ -9,8 +9,7 @@ per-token decay's gradient, a reverse cumulative sum inside each chunk, is JAX's
 1. `value_grad` (grid B x H x N x V/BV, parallel; body tiles.value_grad_kernel): P_n^T dO_n, the values'
    gradient through the chunk's own queries (P = Aqk).
 2. `state_grad` (grid B x H x V/BV, sequential over the chunks in reverse inside, dS in registers; Q exp(Gq)
-   and the recompute's X~ = X exp(G_last - G) and exp(G_last) prepared by XLA; in groups of chunks side by side
-   with chunk_fwd.Config.state_groups, `chunk_fwd.grouped_pass`):
+   and the recompute's X~ = X exp(G_last - G) and exp(G_last) prepared by XLA):
        dU_n = P_n^T dO_n + (X exp(G_last - G))_n dS_{n+1}
        dS_n = Diag(exp G_last) dS_{n+1} + (Q exp Gq)_n^T dO_n - W_n^T dU_n
    storing dU_n and dS_{n+1}; dS_0 is the initial state's gradient.
@@ -44,7 +43,6 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from edarnn import core
 from pallas_kernels.gpu import chunk_fwd
 from pallas_kernels.gpu.chunk_fwd import segment_specs, tile_spec, triton_call
 from pallas_kernels.tiles import (
@@ -94,16 +92,15 @@ def default_config():
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _state_grad_kernel(*refs, chunk_size, per_token, n_chunks, has_values, has_erase, operands):
+def _state_grad_kernel(*refs, chunk_size, per_token, n_chunks, has_erase, operands):
     """The sequential pass over one head's chunks, last first, for one V block (module docstring, kernel 2), on
     operands XLA prepared: Q exp(Gq) (`_decayed_queries`), X~ and exp(G_last) (chunk_fwd.end_decayed_keys).
     operands: the dtype dS and dU are rounded to for their products (chunk_fwd.product_operands), None for
-    float32. Without values (has_values False: no P^T dO, Q exp(Gq) or dO) the pass carries the map from a chunk
-    group's end gradient (chunk_fwd.grouped_pass)."""
+    float32."""
     refs = list(refs)
     take = lambda present=True: refs.pop(0) if present else None  # noqa: E731
-    du_local_ref, q_ref, x_ref, decay_ref = take(has_values), take(has_values), take(), take()
-    w_ref, do_ref, d_final_ref = take(has_erase), take(has_values), take()
+    du_local_ref, q_ref, x_ref, decay_ref = take(), take(), take(), take()
+    w_ref, do_ref, d_final_ref = take(has_erase), take(), take()
     du_ref, d_ends_ref, d_initial_ref = refs
     f32 = jnp.float32
     b, h, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -116,14 +113,10 @@ def _state_grad_kernel(*refs, chunk_size, per_token, n_chunks, has_values, has_e
         n = n_chunks - 1 - i
         ts, qs = pl.ds(n * rows, rows), pl.ds(n * chunk_size, chunk_size)
         d_ends_ref[b, h, n, :, vs] = d_state.astype(d_ends_ref.dtype)
-        du = dot(x_ref[b, ts, h, :], cast(d_state))
-        if has_values:
-            du = du + du_local_ref[b, ts, h, vs].astype(f32)
+        du = du_local_ref[b, ts, h, vs].astype(f32) + dot(x_ref[b, ts, h, :], cast(d_state))
         du_ref[b, ts, h, vs] = du.astype(du_ref.dtype)
         decay = decay_ref[b, n, h, :].reshape(-1, 1)  # [D, 1]
-        d_state = decay * d_state
-        if has_values:
-            d_state = d_state + dot(q_ref[b, qs, h, :], do_ref[b, qs, h, vs], trans_a=True)
+        d_state = decay * d_state + dot(q_ref[b, qs, h, :], do_ref[b, qs, h, vs], trans_a=True)
         if has_erase:
             d_state = d_state - dot(w_ref[b, ts, h, :], cast(du), trans_a=True)
         return d_state
@@ -379,42 +372,28 @@ def chunk_backward(
         out_shape=shape(z.shape, grad_dtype),
     )(scores, d_o)
 
-    operands = chunk_fwd.product_operands(forward_config, storage) if config.low_grads else None
-
-    def state_grad_pass(arrays, d_last, with_values, dtype):
-        """The state_grad kernel over every chunk, last first: (dU, the dS_{n+1} in dtype, dS_0)."""
-        du_local_, q_decayed_, x_to_end_, state_decay_, w_, d_o_ = arrays
-        head, tail = ([du_local_, q_decayed_], [d_o_]) if with_values else ([], [])
-        inputs = [*head, x_to_end_, state_decay_, *([w_] if has_erase else []), *tail, d_last]
-        width = d_last.shape[-1]
-        return triton_call(
-            functools.partial(
-                _state_grad_kernel,
-                chunk_size=chunk_size,
-                per_token=per_token,
-                n_chunks=state_decay_.shape[1],
-                has_values=with_values,
-                has_erase=has_erase,
-                operands=operands,
-            ),
-            config.state_grad_warps,
-            interpret,
-            stages=config.state_grad_stages if key <= 128 else 1,
-            grid=(d_last.shape[0], heads, width // min(config.state_grad_block_v, width)),
-            out_shape=[
-                shape((*x_to_end_.shape[:3], width), dtype),
-                shape((d_last.shape[0], heads, state_decay_.shape[1], key, width), dtype),
-                shape(d_last.shape, f32),
-            ],
-        )(*inputs)
-
-    arrays = (du_local, q_decayed, x_to_end, state_decay, w, d_o)
-    groups = core.chunk_groups(n_chunks, forward_config.state_groups, "chunk_fwd.Config.state_groups")
-    du, d_ends, d_initial = (
-        state_grad_pass(arrays, d_final, True, grad_dtype)
-        if groups == 1
-        else chunk_fwd.grouped_pass(state_grad_pass, arrays, d_final, groups, grad_dtype, reverse=True)
+    state_block_v = chunk_fwd.sequential_block_v(
+        config.state_grad_block_v, batch * heads, value, forward_config.state_programs
     )
+    du, d_ends, d_initial = triton_call(
+        functools.partial(
+            _state_grad_kernel,
+            chunk_size=chunk_size,
+            per_token=per_token,
+            n_chunks=n_chunks,
+            has_erase=has_erase,
+            operands=chunk_fwd.product_operands(forward_config, storage) if config.low_grads else None,
+        ),
+        config.state_grad_warps,
+        interpret,
+        stages=config.state_grad_stages if key <= 128 else 1,
+        grid=(batch, heads, value // state_block_v),
+        out_shape=[
+            shape(z.shape, grad_dtype),
+            shape((batch, heads, n_chunks, key, value), grad_dtype),
+            shape((batch, heads, key, value), f32),
+        ],
+    )(*(a for a in (du_local, q_decayed, x_to_end, state_decay, w, d_o, d_final) if a is not None))
 
     def block_spec(height, width, blocks_of=1):
         """One block (of `blocks_of` per chunk) of rows, the grid's last index picking it, on (B, H, N, n)."""

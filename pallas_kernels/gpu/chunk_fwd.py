@@ -16,8 +16,6 @@ segments; P sub-steps per token):
 3. `state`  (grid B x H x V/BV, sequential over chunks inside): U = U~ - W S, the chunk's start state S, and
    S <- Diag(exp G_last) S + X~^T U, with S in registers; X~ = X exp(G_last - G) and exp(G_last), masked by
    segments, are prepared by XLA beforehand (`end_decayed_keys`).
-   With Config.state_groups > 1 the chunks are cut into groups that run side by side, each from a zero state and
-   once more from the identity (the group's map), joined by XLA (`grouped_pass`).
 4. `output` (grid B x H x N x V/BV, parallel; body in pallas_kernels.tiles): O = (Q exp Gq) S + Aqk U.
 
 `chunk_states` (kernels 1 to 3) is also the backward's recompute (chunk_bwd.py), which has the solve kernel write
@@ -84,9 +82,12 @@ class Config(NamedTuple):
     low_intermediates: bool = True  # Aqk, W, U~ in the inputs' storage dtype (bf16 inputs: bf16); A stays f32
     low_states: bool = True  # U and the chunks' start states likewise
     state_stages: int = 2  # Triton num_stages of the state kernel (software pipelining of its loop)
-    # the state passes (forward and backward) in up to this many groups of chunks side by side (`grouped_pass`;
-    # the largest divisor of the chunk count up to it): 1, one sequential pass (not yet measured on a GPU)
-    state_groups: int = 1
+    # the fewest programs the sequential state passes (forward and backward) aim for: their V blocks (state_block_v,
+    # chunk_bwd's state_grad_block_v) narrow by halves down to 16 until B x H x V / block reaches it
+    # (`sequential_block_v`). Session 11, H200, kda, K = V = 128: at B=2, T=32768, H=6 (24 programs at blocks of
+    # 64) blocks of 16 took the forward from 3.98 to 3.55 ms and forward + backward from 9.79 to 9.03 (32: 3.71 /
+    # 9.10); at B=4, T=4096, H=16 (128 programs) blocks of 32 were slower (session 3: 1.76 -> 2.00 ms forward).
+    state_programs: int = 96
 
 
 DEFAULT_CONFIG = Config()
@@ -112,13 +113,12 @@ def product_operands(config, storage):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _state_kernel(*refs, rows, n_chunks, has_values, has_erase, operands):
+def _state_kernel(*refs, rows, n_chunks, has_erase, operands):
     """The sequential pass over one head's chunks for one V block (see the module docstring), on the key-side
     operands that XLA prepared (`end_decayed_keys`): no exponentials and no segment masks in the loop. operands:
-    the dtype the products' computed operands are rounded to (`product_operands`), None for float32. Without
-    values (has_values False: U~ = 0) the pass carries a chunk group's transition map (`grouped_pass`)."""
+    the dtype the products' computed operands are rounded to (`product_operands`), None for float32."""
     refs = list(refs)
-    u_tilde_ref = refs.pop(0) if has_values else None
+    u_tilde_ref = refs.pop(0)
     w_ref = refs.pop(0) if has_erase else None
     x_ref, decay_ref, s0_ref, u_ref, states_ref, final_ref = refs
     b, h, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -128,7 +128,7 @@ def _state_kernel(*refs, rows, n_chunks, has_values, has_erase, operands):
 
     def chunk(n, state):
         ts = pl.ds(n * rows, rows)
-        u = u_tilde_ref[b, ts, h, vs].astype(jnp.float32) if has_values else jnp.zeros((rows, block_v), jnp.float32)
+        u = u_tilde_ref[b, ts, h, vs].astype(jnp.float32)
         if has_erase:
             u = u - dot(w_ref[b, ts, h, :], cast(state))
         u_ref[b, ts, h, vs] = u.astype(u_ref.dtype)
@@ -291,102 +291,29 @@ def chunk_states(
         t = t[0] if inverse else None
 
     x_to_end, state_decay = end_decayed_keys(x, gcum, seg, seg_prev, rows, low)
-
-    def run(arrays, initial, with_values, dtype):
-        values, *keys = arrays
-        values = values if with_values else None
-        return state_pass(
-            values, *keys, initial, rows=rows, dtype=dtype, operands=operands, config=config, interpret=interpret
-        )
-
-    arrays = (u_tilde, w, x_to_end, state_decay)
-    groups = core.chunk_groups(n_chunks, config.state_groups, "chunk_fwd.Config.state_groups")
-    u, states, final_state = (
-        run(arrays, initial_state, True, state_dtype)
-        if groups == 1
-        else grouped_pass(run, arrays, initial_state, groups, state_dtype)
-    )
-    return ChunkStates(scores, w, u, states, final_state, t, x_to_end, state_decay)
-
-
-def state_pass(u_tilde, w, x_to_end, state_decay, initial_state, *, rows, dtype, operands, config, interpret):
-    """The state kernel over all chunks: (U [B, T P, H, V'] and the chunks' start states [B, H, N, K, V'] in
-    dtype, the final state [B, H, K, V'] float32). u_tilde [B, T P, H, V'] or None (no values: the pass carries
-    the map S0 -> S on initial_state's columns); w [B, T P, H, K] or None; x_to_end, state_decay as
-    `end_decayed_keys` gives them; initial_state [B, H, K, V']."""
-    batch, length, heads, key = x_to_end.shape
-    value = initial_state.shape[-1]
-    n_chunks = length // rows
-    block_v = min(config.state_block_v, value)
-    kernel = functools.partial(
-        _state_kernel,
-        rows=rows,
-        n_chunks=n_chunks,
-        has_values=u_tilde is not None,
-        has_erase=w is not None,
-        operands=operands,
-    )
-    return triton_call(
-        kernel,
+    state_block_v = sequential_block_v(config.state_block_v, batch * heads, value, config.state_programs)
+    u, states, final_state = triton_call(
+        functools.partial(_state_kernel, rows=rows, n_chunks=n_chunks, has_erase=w is not None, operands=operands),
         config.state_warps,
         interpret,
         stages=config.state_stages,
-        grid=(batch, heads, value // block_v),
+        grid=(batch, heads, value // state_block_v),
         out_shape=[
-            jax.ShapeDtypeStruct((batch, length, heads, value), dtype),
-            jax.ShapeDtypeStruct((batch, heads, n_chunks, key, value), dtype),
-            jax.ShapeDtypeStruct((batch, heads, key, value), jnp.float32),
+            jax.ShapeDtypeStruct(z.shape, state_dtype),
+            jax.ShapeDtypeStruct((batch, heads, n_chunks, key, value), state_dtype),
+            jax.ShapeDtypeStruct((batch, heads, key, value), f32),
         ],
     )(*(t for t in (u_tilde, w, x_to_end, state_decay, initial_state) if t is not None))
+    return ChunkStates(scores, w, u, states, final_state, t, x_to_end, state_decay)
 
 
-def grouped_pass(run, arrays, initial, groups, dtype, reverse=False):
-    """A sequential pass over chunks run in `groups` groups of consecutive chunks side by side (more programs,
-    chains `groups` times shorter: for few heads and long sequences; Config.state_groups), for a pass whose step
-    is affine in the carried [K, V] matrix, as the state pass (`state_pass`) and the backward's state-gradient pass
-    are:
-
-    1. run from zero on each group (the arrays cut into groups along time, a reshape): the local per-row results,
-       per-chunk carries and the group's last carry; and from the identity without the values (run's
-       with_values False): each row's and chunk's linear dependence on the group's incoming carry (K columns for
-       V) and the group's map;
-    2. the groups' true incoming carries, c' = M_g c + (local last carry of g), over the groups in an XLA loop
-       (from the last group back to the first when reverse);
-    3. every row's and chunk's result corrected by its dependence times its group's incoming carry (XLA products).
-
-    run(arrays, initial, with_values, dtype) -> (rows [B, T', H, V'] and chunks [B, H, N, K, V'] in dtype, last
-    [B, H, K, V'] float32) on arrays [B, T' or N, H, .] (None entries pass through) and initial [B, H, K, V'].
-    Returns what run(arrays, initial, True, dtype) does; the group passes' results are float32, so that rows and
-    chunks are rounded to dtype once, as by the sequential pass. The maps' pass is about the work of the pass
-    itself, and the corrections read and write the rows and chunks once more: about 3x the bytes of one
-    sequential pass (more with 16-bit storage: the group passes' results are float32)."""
-    batch, heads, key, value = initial.shape
-    f32 = jnp.float32
-    cut = lambda t: None if t is None else t.reshape(batch * groups, t.shape[1] // groups, *t.shape[2:])  # noqa: E731
-    pieces = [cut(t) for t in arrays]
-    rows_local, chunks_local, lasts = run(pieces, jnp.zeros((batch * groups, heads, key, value), f32), True, f32)
-    identity = jnp.broadcast_to(jnp.eye(key, dtype=f32), (batch * groups, heads, key, key))
-    row_maps, chunk_maps, group_maps = run(pieces, identity, False, f32)
-
-    by_group = lambda t: jnp.moveaxis(t.reshape(batch, groups, *t.shape[1:]), 1, 0)  # noqa: E731  [G, B, ...]
-
-    def next_carry(carry, group):
-        group_map, last = group
-        return jnp.einsum("bhkj,bhjv->bhkv", group_map, carry) + last, carry
-
-    final, incoming = jax.lax.scan(
-        next_carry, initial.astype(f32), (by_group(group_maps), by_group(lasts)), reverse=reverse
-    )
-    incoming = jnp.moveaxis(incoming, 0, 1)  # [B, G, H, K, V]
-    chunks = chunks_local.reshape(batch, groups, *chunks_local.shape[1:])
-    chunks = chunks + jnp.einsum("bghnkj,bghjv->bghnkv", chunk_maps.reshape(chunks.shape[:-1] + (key,)), incoming)
-    rows = rows_local.reshape(batch, groups, -1, heads, value)
-    rows = rows + jnp.einsum("bgthk,bghkv->bgthv", row_maps.reshape(*rows.shape[:-1], key), incoming)
-    return (
-        rows.reshape(batch, -1, heads, value).astype(dtype),
-        jnp.moveaxis(chunks, 1, 2).reshape(batch, heads, -1, key, value).astype(dtype),
-        final,
-    )
+def sequential_block_v(limit: int, batch_heads: int, value: int, programs: int) -> int:
+    """V block of a sequential state pass (one program per sequence, head and V block): min(limit, value), halved
+    while batch_heads x value / block < programs and the block is wider than 16 (Config.state_programs)."""
+    block = min(limit, value)
+    while block > 16 and batch_heads * (value // block) < programs:
+        block //= 2
+    return block
 
 
 def end_decayed_keys(x, gcum, seg, seg_prev, rows, dtype):
