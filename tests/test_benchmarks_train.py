@@ -51,31 +51,44 @@ def test_train_benchmark_writes_a_row_per_case_and_an_error_row(tmp_path, monkey
     assert "RESOURCE_EXHAUSTED" in table and "x attn" in table
 
 
-def test_train_benchmark_without_rule_traces_a_step_and_restores_the_rules(tmp_path):
+def test_train_benchmark_without_rule_traces_a_step_and_restores_the_rules(tmp_path, monkeypatch):
     """--without-rule (the ablation) runs the model with rule_stand_in in place of its rule, recorded in the
-    report, and leaves edarnn.rules.RULES as it was; --profile writes one trace per case."""
+    report, no MFU, and leaves edarnn.rules.RULES as it was; --profile writes one trace per case."""
     rules_before = dict(train_benchmark.rules.RULES)
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs.get("impl"))
+        return stand_in(*args, **kwargs)
+
+    stand_in = train_benchmark.rule_stand_in
+    monkeypatch.setattr(train_benchmark, "rule_stand_in", counted)
     out, traces = tmp_path / "train.json", tmp_path / "traces"
     argv = ["--tiny", "--archs", "gdn2", "--seq-lens", "64", "--steps", "1", "--warmup", "0", "--without-rule"]
     train_benchmark.main([*argv, "--profile", str(traces), "--out", str(out)])
     report = json.loads(out.read_text())
     (case,) = report["cases"]
-    assert report["config"]["without_rule"] is True and "error" not in case
+    assert report["config"]["without_rule"] is True and "error" not in case and case["mfu"] is None
+    assert calls  # traced into the step (once per distinct layer trace, not per step)
     assert case["trace"] == str(traces / "gdn2-64.xplane.pb") and (traces / "gdn2-64.xplane.pb").stat().st_size > 0
     assert train_benchmark.rules.RULES == rules_before
 
 
 def test_rule_stand_in_reads_every_input():
-    """rule_stand_in's output depends on q, k, v and every gate (so that no projection is dead code in the
-    ablation), in q's dtype, with a zero state of the rule's shape [B, H, K, V]."""
-    shapes = {"q": (2, 5, 3, 4), "k": (2, 5, 3, 4), "v": (2, 5, 3, 6), "g": (2, 5, 3), "beta": (2, 5, 3, 4)}
-    inputs = {name: jnp.ones(shape, jnp.bfloat16 if name in "qkv" else jnp.float32) for name, shape in shapes.items()}
+    """rule_stand_in, called as the model calls a rule (everything by keyword, eda's beta None, segment ids): its
+    output depends on q, k, v, e and every gate (so that no projection is dead code in the ablation), in q's
+    dtype, with a zero state of the rule's shape [B, H, K, V]."""
+    shapes = {"q": (2, 5, 3, 4), "k": (2, 5, 3, 4), "v": (2, 5, 3, 6), "e": (2, 5, 3, 4), "g": (2, 5, 3),
+              "b": (2, 5, 3, 4), "w": (2, 5, 3, 6), "gamma": (2, 5, 3)}  # fmt: skip
+    inputs = {name: jnp.ones(shape, jnp.bfloat16 if name in "qkve" else jnp.float32) for name, shape in shapes.items()}
+    options = dict(beta=None, initial_state=None, segment_ids=jnp.zeros((2, 5), jnp.int32), impl="chunk",
+                   chunk_size=16, normalize_qk=True)  # fmt: skip
 
     def total(inputs):
-        o, _ = train_benchmark.rule_stand_in(**inputs, initial_state=None, impl="chunk", normalize_qk=True)
+        o, _ = train_benchmark.rule_stand_in(**inputs, **options)
         return jnp.sum(o.astype(jnp.float32))
 
-    o, state = train_benchmark.rule_stand_in(**inputs, impl="chunk")
+    o, state = train_benchmark.rule_stand_in(**inputs, **options)
     assert o.dtype == jnp.bfloat16 and o.shape == (2, 5, 3, 6)
     assert state.shape == (2, 3, 4, 6) and state.dtype == jnp.float32 and not state.any()
     grads = jax.grad(total)(inputs)

@@ -49,9 +49,11 @@ VARIANTS = {  # name: chunk_fwd.Config fields ("bf16": the default, 16-bit stora
     "solve8": {"solve_warps": (8, 8)},
     "state8": {"state_warps": 8},
     "out32": {"output_block_v": 32},
-    "state32": {"state_block_v": 32},
-    "state16": {"state_block_v": 16},  # upper limits; Config.state_programs narrows further for few heads
-    "programs1": {"state_programs": 1},  # the state passes at the widest V blocks whatever B x H
+    # the state passes' V blocks as given, whatever B x H (state_programs 1: no narrowing; the backward's
+    # kernels_stategrad* below then set state_grad's exactly too); "bf16" narrows them by Config.state_programs
+    "programs1": {"state_programs": 1},  # blocks of 64
+    "state32": {"state_block_v": 32, "state_programs": 1},
+    "state16": {"state_block_v": 16, "state_programs": 1},
     "stages1": {"state_stages": 1},  # no software pipelining of the state kernel's loop
     "stages3": {"state_stages": 3},
 }

@@ -145,7 +145,10 @@ def run_case(config, args, trace_path: Path | None = None) -> dict:
                 times.append(time.perf_counter() - start)
         if trace_path is not None:
             batch = batches[len(times) % len(batches)]
-            record["trace"] = str(trace_to(trace_path, lambda: step(params, opt_state, batch)))
+            try:  # a failed trace costs the trace, not the timings
+                record["trace"] = str(trace_to(trace_path, lambda: step(params, opt_state, batch)))
+            except Exception as exc:  # noqa: BLE001
+                record["trace_error"] = f"{type(exc).__name__}: {str(exc).strip()[:300]}"
     median = statistics.median(times)
     tokens_per_s = batch_size * seq_len / median
     flops_per_token = model.flops_per_token(config.model, seq_len)
@@ -156,7 +159,8 @@ def run_case(config, args, trace_path: Path | None = None) -> dict:
         steps_timed=len(times),
         tokens_per_s=tokens_per_s,
         flops_per_token=flops_per_token,
-        mfu=metrics.mfu(flops_per_token, tokens_per_s, device_kind, jax.device_count()),
+        # the rules' FLOPs are counted in flops_per_token: no MFU for the ablation, which skips them
+        mfu=None if args.without_rule else metrics.mfu(flops_per_token, tokens_per_s, device_kind, jax.device_count()),
         last_loss=float(step_metrics["loss"]),
     )
     peak = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use")

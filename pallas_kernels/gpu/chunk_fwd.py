@@ -84,9 +84,11 @@ class Config(NamedTuple):
     state_stages: int = 2  # Triton num_stages of the state kernel (software pipelining of its loop)
     # the fewest programs the sequential state passes (forward and backward) aim for: their V blocks (state_block_v,
     # chunk_bwd's state_grad_block_v) narrow by halves down to 16 until B x H x V / block reaches it
-    # (`sequential_block_v`). Session 11, H200, kda, K = V = 128: at B=2, T=32768, H=6 (24 programs at blocks of
-    # 64) blocks of 16 took the forward from 3.98 to 3.55 ms and forward + backward from 9.79 to 9.03 (32: 3.71 /
-    # 9.10); at B=4, T=4096, H=16 (128 programs) blocks of 32 were slower (session 3: 1.76 -> 2.00 ms forward).
+    # (`sequential_block_v`). Session 11, H200, kda, K = V = 128, one call: at B=2, T=32768, H=6 (24 programs at
+    # blocks of 64) blocks of 16 in both passes took the forward from 3.98 to 3.55 ms and forward + backward from
+    # 9.79 to 9.03 (32: 3.71 / 9.10; calls differ by about 3%). At B=4, T=4096, H=16 (128 programs at 64) the
+    # threshold keeps 64: blocks of 32 were slower there in session 3 (gated_delta_rule 1.76 -> 2.00 ms forward,
+    # the state kernel of then). B x H between 24 and 48 (blocks of 32) is not measured.
     state_programs: int = 96
 
 
@@ -309,9 +311,10 @@ def chunk_states(
 
 def sequential_block_v(limit: int, batch_heads: int, value: int, programs: int) -> int:
     """V block of a sequential state pass (one program per sequence, head and V block): min(limit, value), halved
-    while batch_heads x value / block < programs and the block is wider than 16 (Config.state_programs)."""
+    while batch_heads x value / block < programs, as long as the half is at least 16 and divides value
+    (Config.state_programs)."""
     block = min(limit, value)
-    while block > 16 and batch_heads * (value // block) < programs:
+    while batch_heads * (value // block) < programs and block // 2 >= 16 and value % (block // 2) == 0:
         block //= 2
     return block
 
