@@ -18,13 +18,14 @@ fla no host launches at all; for JAX, XLA's loop); the note gives the state's by
 over that time (TB/s).
 
 Inputs are `experiments.benchmarks.rules.make_inputs` (q, k, v, e in --dtype, k and e L2-normalised; gates and
-log-decays float32); fla gets the same arrays through DLPack. fwd: the rule's output and final state.
-fwd+bwd: gradients of sum(o * do) w.r.t. every input, for a fixed random cotangent do (JAX: `jax.grad`, as the
-rules benchmark; torch: `o.backward(do)`). Times: median (and min, in the JSON) of up to --repeats calls after
---warmup calls, each call synchronised (block_until_ready / torch.cuda.synchronize) and timed on the host
-clock, cycling through --input-sets input sets. Memory: JAX, the compiled executable's temp + output bytes
-(XLA memory analysis); torch, torch.cuda.max_memory_allocated() over the timed calls minus what was allocated
-before them (the inputs): both are the memory a call needs beyond its inputs.
+log-decays float32); fla gets the same arrays through DLPack. fwd: the rule's output and final state. fwd+bwd:
+gradients of sum(o * do) w.r.t. every input, for a fixed random cotangent do (JAX: `jax.grad`, as the rules
+benchmark; torch: `o.backward(do)`). Times: median (and min, in the JSON) per call of up to --repeats bursts of
+--burst calls after --warmup calls, each burst synchronised once (block_until_ready / torch.cuda.synchronize) and
+timed on the host clock, cycling through --input-sets input sets (`rb.time_calls`; --burst 1, the default, times
+each call with its launch and synchronisation latency). Memory: JAX, the compiled executable's temp + output bytes
+(XLA memory analysis); torch, torch.cuda.max_memory_allocated() over the timed calls minus what was allocated before
+them (the inputs): both are the memory a call needs beyond its inputs.
 
 --check first compares every selected implementation at B=2, T=--check-seq, H<=2 in float32 (XLA's matmuls at
 float32 precision; Triton dots, fla's and edarnn's Pallas kernels' on the GPU, take float32 operands as TF32)
@@ -170,29 +171,20 @@ def to_torch(input_sets):
 
 
 def measure_torch(fn, input_sets, args):
-    """rb.measure for torch: warm up, then time synchronised calls; peak memory beyond the inputs."""
+    """rb.measure for torch: warm up, then `rb.time_calls` (args: warmup, repeats, burst, case_budget); peak
+    memory beyond the inputs."""
     import torch
 
+    synchronize = lambda _: torch.cuda.synchronize()  # noqa: E731
     for i in range(args.warmup):
-        fn(*input_sets[i % len(input_sets)])
-        torch.cuda.synchronize()
+        synchronize(fn(*input_sets[i % len(input_sets)]))
     torch.cuda.empty_cache()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    times = []
-    for i in range(args.repeats):
-        start = time.perf_counter()
-        fn(*input_sets[(args.warmup + i) % len(input_sets)])
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-        if sum(times) > args.case_budget and len(times) >= 3:
-            break
-    return {
-        "median_ms": 1e3 * statistics.median(times),
-        "min_ms": 1e3 * min(times),
-        "repeats": len(times),
-        "memory_bytes": torch.cuda.max_memory_allocated() - base,
-    }
+    record = rb.time_calls(
+        fn, input_sets, synchronize, warmup=0, repeats=args.repeats, burst=args.burst, budget=args.case_budget
+    )
+    return {**record, "memory_bytes": torch.cuda.max_memory_allocated() - base}
 
 
 def time_bursts(burst, state, synchronize, state_bytes, args):
@@ -492,6 +484,7 @@ def parse_args(argv=None):
     p.add_argument("--decode-steps", type=int, default=32, help="decode steps per timed burst (a decode row)")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
+    rb.add_burst_argument(p)
     p.add_argument("--input-sets", type=int, default=3)
     p.add_argument("--case-budget", type=float, default=10.0, help="seconds of timed calls per phase (>= 3 calls)")
     p.add_argument("--check", action="store_true", help="compare every implementation with impl='recurrent' first")
@@ -523,9 +516,10 @@ def main(argv=None):
         f"# {info['backend']} / {info['gpu']}; jax {info['jax']}; torch {info.get('torch')}, "
         f"triton {info.get('triton')}, fla {info.get('fla')}" + (f" ({fla})" if isinstance(fla, str) else "")
     )
+    timing = f"{args.repeats} calls" if args.burst == 1 else f"{args.repeats} bursts of {args.burst} calls, per call"
     print(
         f"# H={args.heads} K={args.key} V={args.value} {args.dtype.name}, gates f32, edarnn chunk "
-        f"{args.chunk_size or 'default'}; median ms of up to {args.repeats} calls; MiB beyond the inputs; check: the "
+        f"{args.chunk_size or 'default'}; median ms of up to {timing}; MiB beyond the inputs; check: the "
         "largest relative error at --check (! = over its tolerance or nothing compared, * = a phase refused)"
     )
 

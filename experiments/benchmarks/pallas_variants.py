@@ -7,15 +7,15 @@ machine), with flash-linear-attention's chunk ops in the same run for the ratio.
         --fla --profile kda:bf16/kernels --out $OUT/bwd.json
 
 A variant is a set of `pallas_kernels.gpu.chunk_fwd.Config` fields (VARIANTS below); the script swaps
-chunk_fwd.DEFAULT_CONFIG and compiles a fresh jit per variant. --backward times each variant per backward
-(BACKWARDS below): "fwd" the forward only, else forward and backward (gradients of sum(o * do) w.r.t. q, k, v and
-the gates, do random, as `kernels.py`'s fwd+bwd) with the plain-JAX chunk form's VJP ("xla") or the backward kernels
-(`forms.BACKWARD_KERNELS["gpu"]` swapped, and `chunk_bwd.Config` fields); such cases are named VARIANT/BACKWARD,
-and fla's case is then its fwd+bwd. Inputs are `experiments.benchmarks.rules
-.make_inputs` (q, k, v in --dtype, gates float32), --input-sets sets cycled; times are medians of --repeats
-synchronised calls after --warmup calls, host clock (as `kernels.py`). --profile RULE:VARIANT also records a JAX
-profiler trace of one call to --out's folder (summarise with `python -m experiments.benchmarks.profile
-summarize`). Prints one line per case as it goes and a table last.
+chunk_fwd.DEFAULT_CONFIG and compiles a fresh jit per variant. --backward times each variant per backward (BACKWARDS
+below): "fwd" the forward only, else forward and backward (gradients of sum(o * do) w.r.t. q, k, v and the gates, do
+random, as `kernels.py`'s fwd+bwd) with the plain-JAX chunk form's VJP ("xla") or the backward kernels
+(`forms.BACKWARD_KERNELS["gpu"]` swapped, and `chunk_bwd.Config` fields); such cases are named VARIANT/BACKWARD, and
+fla's case is then its fwd+bwd. Inputs are `experiments.benchmarks.rules.make_inputs` (q, k, v in --dtype, gates
+float32), --input-sets sets cycled; times are medians per call of --repeats bursts of --burst calls after --warmup
+calls, host clock (`rules.time_calls`, as `kernels.py`). --profile RULE:VARIANT also records a JAX profiler trace of
+one call to --out's folder (summarise with `python -m experiments.benchmarks.profile summarize`). Prints one line
+per case as it goes and a table last.
 """
 
 import os
@@ -25,7 +25,6 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave GPU mem
 import argparse  # noqa: E402
 import functools  # noqa: E402
 import json  # noqa: E402
-import statistics  # noqa: E402
 import time  # noqa: E402
 
 import jax  # noqa: E402
@@ -99,17 +98,6 @@ def with_cotangents(sets, seed=7):
     return [(*xs, jax.random.normal(jax.random.key(seed + i), v.shape, v.dtype)) for i, xs in enumerate(sets)]
 
 
-def timed(fn, input_sets, warmup, repeats):
-    for i in range(warmup):
-        jax.block_until_ready(fn(*input_sets[i % len(input_sets)]))
-    times = []
-    for i in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*input_sets[(warmup + i) % len(input_sets)]))
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times), 1e3 * min(times)
-
-
 def fla_times(rule, input_sets, args, phase_name="fwd"):
     """fla's chunk op on input_sets (with do appended for phase_name "fwd_bwd"): the median ms, or None."""
     from experiments.benchmarks import kernels  # noqa: PLC0415  (imports torch)
@@ -121,7 +109,7 @@ def fla_times(rule, input_sets, args, phase_name="fwd"):
     if phase_name == "fwd":
         input_sets = [(*xs, jnp.zeros((), xs[0].dtype)) for xs in input_sets]
     sets = kernels.to_torch([(xs[:-1], xs[-1]) for xs in input_sets])
-    ns = argparse.Namespace(warmup=args.warmup, repeats=args.repeats, case_budget=1e9)
+    ns = argparse.Namespace(warmup=args.warmup, repeats=args.repeats, burst=args.burst, case_budget=float("inf"))
     phase = kernels.torch_phases(fwd)[phase_name]
     return kernels.measure_torch(lambda xs, do: phase(xs, do), sets, ns)["median_ms"]
 
@@ -136,6 +124,7 @@ def main(argv=None):
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=20)
+    rb.add_burst_argument(parser)
     parser.add_argument("--input-sets", type=int, default=2)
     parser.add_argument("--backward", nargs="+", default=["fwd"], choices=list(BACKWARDS))
     parser.add_argument("--fla", action="store_true", help="time fla's chunk op too (gated_delta_rule, kda, gdn2)")
@@ -166,7 +155,10 @@ def main(argv=None):
             try:
                 jax.block_until_ready(fn(*case_sets[0]))
                 compile_s = time.perf_counter() - start
-                median, best = timed(fn, case_sets, args.warmup, args.repeats)
+                record = rb.time_calls(
+                    fn, case_sets, jax.block_until_ready, warmup=args.warmup, repeats=args.repeats, burst=args.burst
+                )
+                median, best = record["median_ms"], record["min_ms"]
             except Exception as exc:  # noqa: BLE001
                 report["cases"].append({"rule": rule, "variant": name, "error": f"{type(exc).__name__}: {exc}"[:400]})
                 print(rule, name, "ERROR", str(exc)[:300], flush=True)

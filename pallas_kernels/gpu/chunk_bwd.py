@@ -6,20 +6,20 @@ per-token decay's gradient, a reverse cumulative sum inside each chunk, is JAX's
 
 0. recompute: Aqk, W, U, T = (I + A)^-1 and each chunk's start state S_n by the forward's pair, solve and state
    kernels (`chunk_fwd.chunk_states`; the solve kernel also writes T); the forward keeps nothing but its inputs.
-1. `value_grad` (grid B x H x N x V/BV, parallel; body tiles.value_grad_kernel): P_n^T dO_n, the values'
+1. `value_grad` (grid V/BV x B x H x N, parallel; body tiles.value_grad_kernel): P_n^T dO_n, the values'
    gradient through the chunk's own queries (P = Aqk).
-2. `state_grad` (grid B x H x V/BV, sequential over the chunks in reverse inside, dS in registers; Q exp(Gq)
+2. `state_grad` (grid V/BV x B x H, sequential over the chunks in reverse inside, dS in registers; Q exp(Gq)
    and the recompute's X~ = X exp(G_last - G) and exp(G_last) prepared by XLA):
        dU_n = P_n^T dO_n + (X exp(G_last - G))_n dS_{n+1}
        dS_n = Diag(exp G_last) dS_{n+1} + (Q exp Gq)_n^T dO_n - W_n^T dU_n
    storing dU_n and dS_{n+1}; dS_0 is the initial state's gradient.
-3. `score_grad` (grid B x H x N x n, one program per block of 16 P rows; `_score_grad_kernel`): the small
+3. `score_grad` (grid n x B x H x N, one program per block of 16 P rows; `_score_grad_kernel`): the small
    per-chunk gradient matrices dP = dO U^T [C, L] and, with an erase address, dZ = T^T dU [L, V] (z's gradient)
    and dA = -dZ U^T [L, L], unmasked (the next kernel masks them).
-4. `state_products` (grid B x H x N x K/BK; `_state_products_kernel`): the products with the states dO_n S_n^T,
+4. `state_products` (grid K/BK x B x H x N; `_state_products_kernel`): the products with the states dO_n S_n^T,
    U_n dS_{n+1}^T and (erase) dZ_n S_n^T on [C or L, BK] tiles, and rowsum(S_n * dS_{n+1}) (times exp(G_last),
    by XLA, the state's term of each chunk's last-log-decay gradient), float32.
-5. `key_grad` (grid B x H x N x K/BK x n, one program per row block of 16 tokens, chunk and BK key channels,
+5. `key_grad` (grid K/BK x B x H x N x n, one program per row block of 16 tokens, chunk and BK key channels,
    Config.block_k; `_key_grad_kernel`): the key-channel gradients dq, dx, dy and those of the cumulative
    log-decays gq and gcum from dP, dA and the state products, each program's share of its chunk's last-log-decay
    gradient written apart and added to dgcum's last row by XLA. A scalar decay's gradients are per-K-block
@@ -33,7 +33,10 @@ input gradients end in that dtype anyway, so this adds one rounding before the p
 log-decays' gradients and dS_0 are float32. Q exp(Gq) is prepared in the recompute's intermediates' dtype, and with
 low_grads and bf16 products in the forward (chunk_fwd.product_operands) state_grad's products take dS and dU
 rounded to bf16, as the forward's take S and U.
-Segment masks are the forward's. Arrays keep the public [B, T, H, D] layout, as in chunk_fwd.
+Segment masks are the forward's. Arrays keep the public [B, T, H, D] layout and grids their chunk-local axes first,
+as in chunk_fwd, but for key_grad's row blocks: they are separate static bodies (`_key_grad_kernel`), and programs of
+different bodies side by side missed the instruction cache (Nsight Compute, session 12: 84% of key_grad's stalls
+were on instruction fetch with the row blocks first), so they stay the last, slowest, axis.
 """
 
 import functools
@@ -44,7 +47,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels.gpu import chunk_fwd
-from pallas_kernels.gpu.chunk_fwd import segment_specs, tile_spec, triton_call
+from pallas_kernels.gpu.chunk_fwd import tile_spec, triton_call
 from pallas_kernels.tiles import (
     BLOCK_TOKENS,
     block_scores_grad,
@@ -103,8 +106,8 @@ def _state_grad_kernel(*refs, chunk_size, per_token, n_chunks, has_erase, operan
     w_ref, do_ref, d_final_ref = take(has_erase), take(), take()
     du_ref, d_ends_ref, d_initial_ref = refs
     f32 = jnp.float32
-    b, h, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    block_v = du_ref.shape[-1] // pl.num_programs(2)
+    j, b, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    block_v = du_ref.shape[-1] // pl.num_programs(0)
     vs = pl.ds(j * block_v, block_v)
     rows = chunk_size * per_token
     cast = (lambda t: t) if operands is None else (lambda t: t.astype(operands))  # noqa: E731
@@ -126,7 +129,7 @@ def _state_grad_kernel(*refs, chunk_size, per_token, n_chunks, has_erase, operan
 
 
 def _score_grad_kernel(*refs, block_v, has_erase):
-    """Block i (the grid's last axis) of one chunk's score gradients, over V in blocks of block_v:
+    """Block i (the grid's first axis) of one chunk's score gradients, over V in blocks of block_v:
     dP_i = dO_i U^T [c_q, L]; with an erase address also dZ_i = T[:, i]^T dU [c, V] and dA_i = -dZ_i U^T [c, L].
 
     Refs (blocks): do [c_q, V] (block i's tokens), u [L, V]; with an erase address t [L, c] (block i's columns of
@@ -366,9 +369,9 @@ def chunk_backward(
         value_grad_kernel,
         config.value_grad_warps,
         interpret,
-        grid=(batch, heads, n_chunks, value // block_v),
-        in_specs=[tile_spec(chunk_size, rows, 4), tile_spec(chunk_size, block_v, 4, v_block=True)],
-        out_specs=tile_spec(rows, block_v, 4, v_block=True),
+        grid=(value // block_v, batch, heads, n_chunks),
+        in_specs=[tile_spec(chunk_size, rows), tile_spec(chunk_size, block_v, v_block=True)],
+        out_specs=tile_spec(rows, block_v, v_block=True),
         out_shape=shape(z.shape, grad_dtype),
     )(scores, d_o)
 
@@ -387,7 +390,7 @@ def chunk_backward(
         config.state_grad_warps,
         interpret,
         stages=config.state_grad_stages if key <= 128 else 1,
-        grid=(batch, heads, value // state_block_v),
+        grid=(value // state_block_v, batch, heads),
         out_shape=[
             shape(z.shape, grad_dtype),
             shape((batch, heads, n_chunks, key, value), grad_dtype),
@@ -396,19 +399,19 @@ def chunk_backward(
     )(*(a for a in (du_local, q_decayed, x_to_end, state_decay, w, d_o, d_final) if a is not None))
 
     def block_spec(height, width, blocks_of=1):
-        """One block (of `blocks_of` per chunk) of rows, the grid's last index picking it, on (B, H, N, n)."""
-        return pl.BlockSpec((None, height, None, width), lambda b, h, n, i: (b, n * blocks_of + i, h, 0))
+        """One block (of `blocks_of` per chunk) of rows, the grid's first index picking it, on (n, B, H, N)."""
+        return pl.BlockSpec((None, height, None, width), lambda i, b, h, n: (b, n * blocks_of + i, h, 0))
 
-    chunk_spec = lambda height, width: pl.BlockSpec((None, height, None, width), lambda b, h, n, i: (b, n, h, 0))  # noqa: E731
+    chunk_spec = lambda height, width: pl.BlockSpec((None, height, None, width), lambda i, b, h, n: (b, n, h, 0))  # noqa: E731
     score_v = min(config.block_v, value)
     d_scores = triton_call(
         functools.partial(_score_grad_kernel, block_v=score_v, has_erase=has_erase),
         config.score_grad_warps,
         interpret,
-        grid=(batch, heads, n_chunks, n_blocks),
+        grid=(n_blocks, batch, heads, n_chunks),
         in_specs=[block_spec(block_tokens, value, n_blocks), chunk_spec(rows, value)]
         + (
-            [pl.BlockSpec((None, rows, None, block), lambda b, h, n, i: (b, n, h, i)), chunk_spec(rows, value)]
+            [pl.BlockSpec((None, rows, None, block), lambda i, b, h, n: (b, n, h, i)), chunk_spec(rows, value)]
             if has_erase
             else []
         ),
@@ -424,14 +427,14 @@ def chunk_backward(
     channel = dim != 1  # a scalar decay's gradients are partial sums per K block, [.., n_k]
     width = block_k if channel else 1
 
-    state_spec = pl.BlockSpec((None, None, None, block_k, value), lambda b, h, n, j: (b, h, n, j, 0))
-    chunk_rows = lambda height: pl.BlockSpec((None, height, None, value), lambda b, h, n, j: (b, n, h, 0))  # noqa: E731
-    chunk_keys = lambda height: pl.BlockSpec((None, height, None, block_k), lambda b, h, n, j: (b, n, h, j))  # noqa: E731
+    state_spec = pl.BlockSpec((None, None, None, block_k, value), lambda j, b, h, n: (b, h, n, j, 0))
+    chunk_rows = lambda height: pl.BlockSpec((None, height, None, value), lambda j, b, h, n: (b, n, h, 0))  # noqa: E731
+    chunk_keys = lambda height: pl.BlockSpec((None, height, None, block_k), lambda j, b, h, n: (b, n, h, j))  # noqa: E731
     *state_products, d_decay = triton_call(
         functools.partial(_state_products_kernel, block_v=min(config.block_v, value), has_erase=has_erase),
         config.state_products_warps,
         interpret,
-        grid=(batch, heads, n_chunks, n_k),
+        grid=(n_k, batch, heads, n_chunks),
         in_specs=[chunk_rows(chunk_size), chunk_rows(rows)]
         + ([chunk_rows(rows)] if has_erase else [])
         + [state_spec, state_spec],
@@ -444,14 +447,14 @@ def chunk_backward(
     )(*(a for a in (d_o, u, dz, states, d_ends) if a is not None))
 
     def k_spec(height, w=block_k):
-        return pl.BlockSpec((None, height, None, w), lambda b, h, n, j, i: (b, n, h, j))
+        return pl.BlockSpec((None, height, None, w), lambda j, b, h, n, i: (b, n, h, j))
 
     def full(height, w):
-        return pl.BlockSpec((None, height, None, w), lambda b, h, n, j, i: (b, n, h, 0))
+        return pl.BlockSpec((None, height, None, w), lambda j, b, h, n, i: (b, n, h, 0))
 
     def out_spec(height, w=block_k):
         """Row block i's rows of a chunk's (height: the rows per chunk)."""
-        return pl.BlockSpec((None, height // n_blocks, None, w), lambda b, h, n, j, i: (b, n * n_blocks + i, h, j))
+        return pl.BlockSpec((None, height // n_blocks, None, w), lambda j, b, h, n, i: (b, n * n_blocks + i, h, j))
 
     decay_spec = lambda height: k_spec(height) if channel else full(height, 1)  # noqa: E731
 
@@ -465,14 +468,18 @@ def chunk_backward(
         ),
         config.key_grad_warps,
         interpret,
-        grid=(batch, heads, n_chunks, n_k, n_blocks),
+        grid=(n_k, batch, heads, n_chunks, n_blocks),
         in_specs=[k_spec(chunk_size), decay_spec(chunk_size), k_spec(rows)]
         + ([k_spec(rows)] if has_erase else [])
         + [decay_spec(rows), full(chunk_size, rows)]
         + ([full(rows, rows)] if has_erase else [])
         + [k_spec(chunk_size), k_spec(rows)]
         + ([k_spec(rows)] if has_erase else [])
-        + (segment_specs(5, chunk_size, rows, 1) if has_segments else []),
+        + (
+            [pl.BlockSpec((None, r), lambda j, b, h, n, i: (b, n)) for r in (chunk_size, rows, 1)]
+            if has_segments
+            else []
+        ),
         out_specs=[out_spec(chunk_size), out_spec(chunk_size, width), out_spec(rows)]
         + ([out_spec(rows)] if has_erase else [])
         + [out_spec(rows, width), out_spec(n_blocks, width)],

@@ -5,7 +5,7 @@ to float32 rounding (in float32; 16-bit inputs are read and their intermediates 
 Specialised by static flags (scalar or channel-wise decay, with or without an erase address y, with or without
 segments; P sub-steps per token):
 
-1. `pair`   (grid B x H x N x n^2, parallel; body tiles.pair_scores_kernel): one program per block pair (i, j)
+1. `pair`   (grid n^2 x B x H x N, parallel; body tiles.pair_scores_kernel): one program per block pair (i, j)
    of 16-token blocks: the query scores Aqk_ij and, with an erase address, the pair scores A_ij (zeros for j > i).
    (Session 8, kda's forward: one program per row block i and all its key blocks j <= i, the row side loaded
    once, was 1.9x slower; one per chunk with the key channels in blocks of 32, 1.6x.)
@@ -13,15 +13,21 @@ segments; P sub-steps per token):
    substitution, W = T (Y exp G) and U~ = T Z.
    (One fused kernel per chunk for 1 and 2, `tiles.intra_kernel`, the TPU's layout, was 1.08x / 1.48x / 2.83x
    slower here for gated_delta_rule / kda / eda at equal float32 storage, one H200 call each; see Config.)
-3. `state`  (grid B x H x V/BV, sequential over chunks inside): U = U~ - W S, the chunk's start state S, and
+3. `state`  (grid V/BV x B x H, sequential over chunks inside): U = U~ - W S, the chunk's start state S, and
    S <- Diag(exp G_last) S + X~^T U, with S in registers; X~ = X exp(G_last - G) and exp(G_last), masked by
    segments, are prepared by XLA beforehand (`end_decayed_keys`).
-4. `output` (grid B x H x N x V/BV, parallel; body in pallas_kernels.tiles): O = (Q exp Gq) S + Aqk U.
+4. `output` (grid V/BV x B x H x N, parallel; body in pallas_kernels.tiles): O = (Q exp Gq) S + Aqk U.
 
 `chunk_states` (kernels 1 to 3) is also the backward's recompute (chunk_bwd.py), which has the solve kernel write
 T = (I + A)^-1 as well.
 
 Arrays keep the public [B, T, H, D] layout: a chunk of one head is a strided [rows, D] tile.
+
+Grid order: the axes within a chunk or head (block pairs, V or K blocks, row blocks) come first, then B, H, N.
+Pallas' Triton lowering folds the leading axes into CUDA's x, the first fastest, and blocks launch in x order, so
+the programs that read the same chunk's tiles run side by side and find them in L2. (Chunk-local axes last, the
+order before session 12, put those programs B x H x N launches apart: Nsight Compute read twice the pair
+kernel's unique bytes from DRAM, at a 33% L2 hit rate; docs/performance.md.)
 """
 
 import functools
@@ -123,8 +129,8 @@ def _state_kernel(*refs, rows, n_chunks, has_erase, operands):
     u_tilde_ref = refs.pop(0)
     w_ref = refs.pop(0) if has_erase else None
     x_ref, decay_ref, s0_ref, u_ref, states_ref, final_ref = refs
-    b, h, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    block_v = u_ref.shape[-1] // pl.num_programs(2)
+    j, b, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    block_v = u_ref.shape[-1] // pl.num_programs(0)
     vs = pl.ds(j * block_v, block_v)
     cast = (lambda t: t) if operands is None else (lambda t: t.astype(operands))  # noqa: E731
 
@@ -146,12 +152,10 @@ def _state_kernel(*refs, rows, n_chunks, has_erase, operands):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def tile_spec(rows, width, grid_rank=3, v_block=False):
-    """BlockSpec of one chunk's rows of a [B, T', H, width...] array on the grid (B, H, N) or (B, H, N, V/BV);
-    v_block: the last axis is cut in blocks of `width`, the grid's last index picks one."""
-    if grid_rank == 3:
-        return pl.BlockSpec((None, rows, None, width), lambda b, h, n: (b, n, h, 0))
-    return pl.BlockSpec((None, rows, None, width), lambda b, h, n, j: (b, n, h, j if v_block else 0))
+def tile_spec(rows, width, v_block=False):
+    """BlockSpec of one chunk's rows of a [B, T', H, width...] array on a grid (..., B, H, N) (module docstring:
+    grid order); v_block: the last axis is cut in blocks of `width`, the grid's first index picks one."""
+    return pl.BlockSpec((None, rows, None, width), lambda *ids: (ids[-3], ids[-1], ids[-2], ids[0] if v_block else 0))
 
 
 def triton_call(kernel, warps, interpret, stages=1, **kwargs):
@@ -161,15 +165,14 @@ def triton_call(kernel, warps, interpret, stages=1, **kwargs):
     return pl.pallas_call(kernel, interpret=interpret, compiler_params=params, **kwargs)
 
 
-def segment_specs(grid_rank, *widths):
-    """BlockSpecs of segment arrays ([B, rows of a chunk] or [B, 1]) on a grid (B, H, N) or (B, H, N, ...)."""
-    if grid_rank == 3:
-        return [pl.BlockSpec((None, r), lambda b, h, n: (b, n)) for r in widths]
-    return [pl.BlockSpec((None, r), lambda b, h, n, *_: (b, n)) for r in widths]
+def segment_specs(*widths):
+    """BlockSpecs of segment arrays ([B, rows of a chunk] or [B, 1]) on a grid (..., B, H, N) (module docstring:
+    grid order)."""
+    return [pl.BlockSpec((None, r), lambda *ids: (ids[-3], ids[-1])) for r in widths]
 
 
 def pair_specs(chunk_size, rows, n_blocks, key, dim, has_erase, has_segments):
-    """(in_specs, out_specs) of the pair-scores kernel on the grid (B, H, N, n_blocks^2): program p is row block
+    """(in_specs, out_specs) of the pair-scores kernel on the grid (n_blocks^2, B, H, N): program p is row block
     i = p // n_blocks and key block j = p % n_blocks, and writes block (i, j). Inputs q, gq (query block i), x, g
     (key block j), then y, g (row block i), then the segment numbers of block i's tokens and rows and of block j's
     rows; outputs Aqk, then A."""
@@ -178,20 +181,20 @@ def pair_specs(chunk_size, rows, n_blocks, key, dim, has_erase, has_segments):
     key_block = lambda n, p: n * n_blocks + p % n_blocks  # noqa: E731
 
     def row_side(height, width):
-        return pl.BlockSpec((None, height, None, width), lambda b, h, n, p: (b, row_block(n, p), h, 0))
+        return pl.BlockSpec((None, height, None, width), lambda p, b, h, n: (b, row_block(n, p), h, 0))
 
     def key_side(width):
-        return pl.BlockSpec((None, block, None, width), lambda b, h, n, p: (b, key_block(n, p), h, 0))
+        return pl.BlockSpec((None, block, None, width), lambda p, b, h, n: (b, key_block(n, p), h, 0))
 
     def segments(height, block_of):
-        return pl.BlockSpec((None, height), lambda b, h, n, p: (b, block_of(n, p)))
+        return pl.BlockSpec((None, height), lambda p, b, h, n: (b, block_of(n, p)))
 
     ins = [row_side(block_tokens, key), row_side(block_tokens, dim), key_side(key), key_side(dim)]
     ins += [row_side(block, key), row_side(block, dim)] if has_erase else []
     if has_segments:
         ins += [segments(block_tokens, row_block), segments(block, row_block), segments(block, key_block)]
     outs = [
-        pl.BlockSpec((None, height, None, block), lambda b, h, n, p: (b, row_block(n, p), h, p % n_blocks))
+        pl.BlockSpec((None, height, None, block), lambda p, b, h, n: (b, row_block(n, p), h, p % n_blocks))
         for height in ((block_tokens, block) if has_erase else (block_tokens,))
     ]
     return ins, outs
@@ -250,7 +253,7 @@ def chunk_states(
     ins, outs = pair_specs(chunk_size, rows, n_blocks, key, dim, has_erase, has_segments)
 
     def pair_kernel(*refs):
-        p = pl.program_id(3)
+        p = pl.program_id(0)
         pair_scores_kernel(
             *refs, i=p // n_blocks, j=p % n_blocks, per_token=per_token, has_erase=has_erase, has_segments=has_segments
         )
@@ -259,7 +262,7 @@ def chunk_states(
         pair_kernel,
         config.pair_warps[per_token - 1],
         interpret,
-        grid=(batch, heads, n_chunks, n_blocks * n_blocks),
+        grid=(n_blocks * n_blocks, batch, heads, n_chunks),
         in_specs=ins,
         out_specs=outs,
         out_shape=[jax.ShapeDtypeStruct((batch, length, heads, rows), low)]
@@ -285,7 +288,7 @@ def chunk_states(
             interpret,
             grid=(batch, heads, n_chunks),
             in_specs=[tile_spec(rows, rows), tile_spec(rows, key), tile_spec(rows, value), tile_spec(rows, dim)]
-            + (segment_specs(3, rows, 1) if has_segments else []),
+            + (segment_specs(rows, 1) if has_segments else []),
             out_specs=[tile_spec(rows, key), tile_spec(rows, value)] + ([tile_spec(rows, rows)] if inverse else []),
             out_shape=[jax.ShapeDtypeStruct(x.shape, low), jax.ShapeDtypeStruct(z.shape, low)]
             + ([jax.ShapeDtypeStruct((batch, length * per_token, heads, rows), low)] if inverse else []),
@@ -299,7 +302,7 @@ def chunk_states(
         config.state_warps,
         interpret,
         stages=config.state_stages,
-        grid=(batch, heads, value // state_block_v),
+        grid=(value // state_block_v, batch, heads),
         out_shape=[
             jax.ShapeDtypeStruct(z.shape, state_dtype),
             jax.ShapeDtypeStruct((batch, heads, n_chunks, key, value), state_dtype),
@@ -376,16 +379,16 @@ def chunk_forward(
         functools.partial(output_kernel, has_segments=has_segments, operands=product_operands(config, storage)),
         config.output_warps,
         interpret,
-        grid=(batch, heads, n_chunks, value // output_block_v),
+        grid=(value // output_block_v, batch, heads, n_chunks),
         in_specs=[
-            tile_spec(chunk_size, key, 4),
-            tile_spec(chunk_size, dim, 4),
-            tile_spec(chunk_size, rows, 4),
-            tile_spec(rows, output_block_v, 4, v_block=True),
-            pl.BlockSpec((None, None, None, key, output_block_v), lambda b, h, n, j: (b, h, n, 0, j)),
+            tile_spec(chunk_size, key),
+            tile_spec(chunk_size, dim),
+            tile_spec(chunk_size, rows),
+            tile_spec(rows, output_block_v, v_block=True),
+            pl.BlockSpec((None, None, None, key, output_block_v), lambda j, b, h, n: (b, h, n, 0, j)),
         ]
-        + (segment_specs(4, chunk_size, 1) if has_segments else []),
-        out_specs=tile_spec(chunk_size, output_block_v, 4, v_block=True),
+        + (segment_specs(chunk_size, 1) if has_segments else []),
+        out_specs=tile_spec(chunk_size, output_block_v, v_block=True),
         out_shape=jax.ShapeDtypeStruct((batch, length, heads, value), jnp.dtype(storage or jnp.float32)),
     )(q, gq, scores, u, states, *((seg_q, seg_prev) if has_segments else ()))
     return o, final_state

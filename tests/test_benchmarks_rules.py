@@ -1,0 +1,59 @@
+"""CPU tests of the benchmarks' shared timing (experiments/benchmarks/rules.py's `time_calls`) and of the rules
+benchmark's --burst."""
+
+import json
+
+import pytest
+
+from experiments.benchmarks import rules as rb
+
+
+class FakeClock:
+    """time.perf_counter stand-in that only calls advance: each call takes `per_call` seconds."""
+
+    def __init__(self, per_call):
+        self.now, self.per_call = 0.0, per_call
+
+    def __call__(self):
+        return self.now
+
+    def tick(self, result):
+        self.now += self.per_call
+        return result
+
+
+def test_time_calls_times_bursts_synchronised_once_and_divides_by_the_burst(monkeypatch):
+    """warmup calls each synchronised, then `repeats` bursts of `burst` calls cycling through the input sets in
+    order, synchronised once after each burst's last call; the times are per call."""
+    clock = FakeClock(per_call=0.25)
+    monkeypatch.setattr(rb.time, "perf_counter", clock)
+    calls, synced = [], []
+    record = rb.time_calls(
+        lambda x: clock.tick(calls.append(x) or x), [(0,), (1,), (2,)], synced.append, warmup=2, repeats=3, burst=4
+    )
+    assert calls == [i % 3 for i in range(2 + 3 * 4)]
+    assert synced == [0, 1, 5 % 3, 9 % 3, 13 % 3]
+    assert record == {"median_ms": 250.0, "min_ms": 250.0, "repeats": 3, "burst": 4}
+
+
+def test_time_calls_stops_at_the_budget_after_three_bursts(monkeypatch):
+    clock = FakeClock(per_call=1.0)
+    monkeypatch.setattr(rb.time, "perf_counter", clock)
+    record = rb.time_calls(clock.tick, [(0,)], lambda _: None, warmup=0, repeats=50, burst=2, budget=1.0)
+    assert record["repeats"] == 3
+
+
+def test_rules_benchmark_records_its_burst(tmp_path):
+    """A CPU run of the rules benchmark with --burst 3: every timed phase records it."""
+    out = tmp_path / "r.json"
+    argv = ["--batch", "1", "--seq", "16", "--heads", "1", "--key", "8", "--value", "8", "--rules", "delta_rule"]
+    rb.main([*argv, "--impls", "chunk", "--repeats", "2", "--warmup", "1", "--burst", "3", "--out", str(out)])
+    report = json.loads(out.read_text())
+    phases = [p for case in report["cases"] for p in case.values() if isinstance(p, dict) and "median_ms" in p]
+    assert phases and all(p["burst"] == 3 and p["repeats"] == 2 for p in phases)
+
+
+@pytest.mark.parametrize("burst", [0, -1])
+def test_a_burst_below_one_is_refused(burst):
+    with pytest.raises(SystemExit):
+        rb.parse_args(["--burst", str(burst)])
