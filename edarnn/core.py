@@ -177,15 +177,17 @@ def associative_scan(q: Array, sub: Substeps, initial_state: Array, segment_ids:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def chunk_end_decays(gcum: Array, seg_rows: Array | None = None, seg_prev: Array | None = None):
+def chunk_end_decays(gcum: Array, seg_rows: Array | None = None, seg_prev: Array | None = None, axis: int = -2):
     """(decay_to_end [..., L, D], state_decay [..., 1, D]) of chunks, from their cumulative log-decays gcum
     [..., L, D]: exp(G_last - G) on the rows of each chunk's last segment (0 on rows before it), and exp(G_last)
     where that segment began before the chunk (0 where the state is reset inside it). seg_rows [..., L, 1] and
-    seg_prev [..., 1, 1] (the number before the chunk): running segment numbers, or None."""
-    g_last = gcum[..., -1:, :]
+    seg_prev [..., 1, 1] (the number before the chunk): running segment numbers, or None. axis: where L lies
+    (then the shapes above with L, and the 1 of state_decay and seg_prev, on that axis)."""
+    length = gcum.shape[axis]
+    g_last = jax.lax.slice_in_dim(gcum, length - 1, length, axis=axis)
     decay_to_end, state_decay = jnp.exp(g_last - gcum), jnp.exp(g_last)
     if seg_rows is not None:
-        seg_last = seg_rows[..., -1:, :]
+        seg_last = jax.lax.slice_in_dim(seg_rows, length - 1, length, axis=axis)
         decay_to_end = jnp.where(seg_rows == seg_last, decay_to_end, 0.0)
         state_decay = jnp.where(seg_last == seg_prev, state_decay, 0.0)
     return decay_to_end, state_decay

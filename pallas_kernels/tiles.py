@@ -182,18 +182,22 @@ def row_block_scores(a, ga, i, keys, masks):
     return scores + [block_scores(a, ga, keys.x[i], keys.g[i], masks[i], diagonal=True)]
 
 
-def unit_lower_inverse_tile(a):
-    """(I + a)^-1 for strictly lower-triangular a [c, c], by forward substitution, one row per step."""
-    size = a.shape[0]
+def unit_lower_inverse_tiles(tiles):
+    """[(I + a)^-1 for a in tiles], each a strictly lower-triangular [c, c], by forward substitution, one row per
+    step; the tiles' substitutions are interleaved in one loop, so that their independent chains of dependent
+    reductions overlap."""
+    size = tiles[0].shape[0]
     rows = jax.lax.broadcasted_iota(jnp.int32, (size, size), 0)
     cols = jax.lax.broadcasted_iota(jnp.int32, (size, size), 1)
 
-    def substitute(i, t):
+    def substitute(i, inverses):
         unit = jnp.where(iota(size, 1) == i, 1.0, 0.0)
-        new_row = unit - jnp.sum(row(a, i).T * t, axis=0, keepdims=True)
-        return jnp.where(rows == i, new_row, t)
+        pairs = list(zip(tiles, inverses, strict=True))
+        new_rows = [unit - jnp.sum(row(a, i).T * t, axis=0, keepdims=True) for a, t in pairs]
+        return tuple(jnp.where(rows == i, new, t) for new, (_, t) in zip(new_rows, pairs, strict=True))
 
-    return jax.lax.fori_loop(jnp.int32(1), jnp.int32(size), substitute, (rows == cols).astype(jnp.float32))
+    identity = (rows == cols).astype(jnp.float32)
+    return list(jax.lax.fori_loop(jnp.int32(1), jnp.int32(size), substitute, (identity,) * len(tiles)))
 
 
 def pair_mask(local, i, j, seg_rows=None, seg_cols=None):
@@ -221,13 +225,13 @@ def inverse_blocks(keys, y_ref, seg, seg_t, block):
 
 def inverse_of_blocks(a_row, n):
     """T = (I + A)^-1 as blocks {(i, j): [c, c]} for j <= i, from a_row(i) = [A_i0, ..., A_ii] (A_ii strictly
-    lower): T_ii = (I + A_ii)^-1 and T_ij = -T_ii sum_m A_im T_mj."""
-    t = {}
+    lower): T_ii = (I + A_ii)^-1, the n diagonal blocks in one interleaved substitution, then
+    T_ij = -T_ii sum_m A_im T_mj."""
+    a = [a_row(i) for i in range(n)]
+    t = dict(zip(((i, i) for i in range(n)), unit_lower_inverse_tiles([a[i][i] for i in range(n)]), strict=True))
     for i in range(n):
-        a = a_row(i)
-        t[i, i] = unit_lower_inverse_tile(a[i])
         for j in range(i):
-            t[i, j] = -dot(t[i, i], sum(dot(a[m], t[m, j]) for m in range(j, i)))
+            t[i, j] = -dot(t[i, i], sum(dot(a[i][m], t[m, j]) for m in range(j, i)))
     return t
 
 

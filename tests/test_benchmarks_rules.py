@@ -24,23 +24,32 @@ class FakeClock:
 
 def test_time_calls_times_bursts_synchronised_once_and_divides_by_the_burst(monkeypatch):
     """warmup calls each synchronised, then `repeats` bursts of `burst` calls cycling through the input sets in
-    order, synchronised once after each burst's last call; the times are per call."""
+    order, synchronised once after each burst's last call; the times are per call and include the wait for the
+    device (here each call takes 0.25 s to launch and each synchronisation 1 s)."""
     clock = FakeClock(per_call=0.25)
     monkeypatch.setattr(rb.time, "perf_counter", clock)
     calls, synced = [], []
+
+    def synchronize(result):
+        synced.append(result)
+        clock.now += 1.0
+
     record = rb.time_calls(
-        lambda x: clock.tick(calls.append(x) or x), [(0,), (1,), (2,)], synced.append, warmup=2, repeats=3, burst=4
+        lambda x: clock.tick(calls.append(x) or x), [(0,), (1,), (2,)], synchronize, warmup=2, repeats=3, burst=4
     )
     assert calls == [i % 3 for i in range(2 + 3 * 4)]
     assert synced == [0, 1, 5 % 3, 9 % 3, 13 % 3]
-    assert record == {"median_ms": 250.0, "min_ms": 250.0, "repeats": 3, "burst": 4}
+    assert record == {"median_ms": 500.0, "min_ms": 500.0, "repeats": 3, "burst": 4}  # (4 x 0.25 + 1) / 4 s
 
 
-def test_time_calls_stops_at_the_budget_after_three_bursts(monkeypatch):
+def test_time_calls_stops_once_the_budget_is_spent_by_whole_bursts(monkeypatch):
+    """The budget counts every call of the bursts (2 s a burst here): 7 s allow 4 bursts; at least 3 always."""
     clock = FakeClock(per_call=1.0)
     monkeypatch.setattr(rb.time, "perf_counter", clock)
-    record = rb.time_calls(clock.tick, [(0,)], lambda _: None, warmup=0, repeats=50, burst=2, budget=1.0)
-    assert record["repeats"] == 3
+    sync = lambda _: None  # noqa: E731
+    record = rb.time_calls(clock.tick, [(0,)], sync, warmup=0, repeats=50, burst=2, budget=7.0)
+    assert record["repeats"] == 4
+    assert rb.time_calls(clock.tick, [(0,)], sync, warmup=0, repeats=50, burst=2, budget=0.0)["repeats"] == 3
 
 
 def test_rules_benchmark_records_its_burst(tmp_path):

@@ -132,6 +132,7 @@ def main(argv=None):
     parser.add_argument("--out", default="variants.json")
     args = parser.parse_args(argv)
     report = {"device": str(jax.devices()[0]), "shape": args.shape, "dtype": args.dtype, "cases": []}
+    report.update(warmup=args.warmup, repeats=args.repeats, burst=args.burst, input_sets=args.input_sets)
     report["chunk_rows"] = rules.CHUNK_ROWS  # the rules' default chunks: 64 sub-steps (rules.chunk_tokens)
     default_backward = forms.BACKWARD_KERNELS["gpu"]
     out_dir = os.path.dirname(os.path.abspath(args.out))

@@ -274,6 +274,8 @@ def _key_grad_kernel(*refs, block_tokens, per_token, has_erase, has_segments):
         return jnp.exp(ref - g_ref[rows[k], :]) * total if factored else total
 
     def row_block(k):
+        """Block k's rows: the row sides first (dq, then dy), so that the decayed key tiles of the blocks before k
+        are dead before the key side's loop over the blocks after it (fewer live registers)."""
         keys = keys_before(k) if factored and k > 0 else None
         q, gq = load(q_ref, tokens[k]), gq_ref[tokens[k], :]
         dq = in_segment(load(q_state_ref, tokens[k]), seg_q[k], seg_prev) * jnp.exp(gq)
@@ -281,20 +283,22 @@ def _key_grad_kernel(*refs, block_tokens, per_token, has_erase, has_segments):
         dq_ref[...] = dq.astype(dq_ref.dtype)
         dgq_ref[...] = decay_width(q * dq, width)
 
-        x, g = load(x_ref, rows[k]), g_ref[rows[k], :]
+        g = g_ref[rows[k], :]
+        dg = 0.0
+        if has_erase:
+            dy = -in_segment(load(y_state_ref, rows[k]), seg[k], seg_prev) * jnp.exp(g)
+            dy = dy + pair("y", k, k, "a") + rows_before(k, "y", keys)
+            dy_ref[...] = dy.astype(dy_ref.dtype)
+            dg = load(y_ref, rows[k]) * dy
+
+        x = load(x_ref, rows[k])
         dx = load(x_state_ref, rows[k]) * in_segment(jnp.exp(g_last - g), seg[k], seg_last)
         d_last_ref[...] = decay_width(jnp.sum(x * dx, axis=0, keepdims=True), width)
         for side in present:
             dx = dx + pair(side, k, k, "b")
         dx = dx + rows_after(k)
         dx_ref[...] = dx.astype(dx_ref.dtype)
-        dg = -x * dx
-        if has_erase:
-            dy = -in_segment(load(y_state_ref, rows[k]), seg[k], seg_prev) * jnp.exp(g)
-            dy = dy + pair("y", k, k, "a") + rows_before(k, "y", keys)
-            dy_ref[...] = dy.astype(dy_ref.dtype)
-            dg = dg + load(y_ref, rows[k]) * dy
-        dg_ref[...] = decay_width(dg, width)
+        dg_ref[...] = decay_width(dg - x * dx, width)
 
     for k in range(n):  # one static body per row block, the grid's last axis picking it
         pl.when(pl.program_id(4) == k)(functools.partial(row_block, k))

@@ -155,7 +155,12 @@ def _state_kernel(*refs, rows, n_chunks, has_erase, operands):
 def tile_spec(rows, width, v_block=False):
     """BlockSpec of one chunk's rows of a [B, T', H, width...] array on a grid (..., B, H, N) (module docstring:
     grid order); v_block: the last axis is cut in blocks of `width`, the grid's first index picks one."""
-    return pl.BlockSpec((None, rows, None, width), lambda *ids: (ids[-3], ids[-1], ids[-2], ids[0] if v_block else 0))
+
+    def index(*ids):
+        assert not v_block or len(ids) > 3, "v_block: the V-block axis comes before (B, H, N)"
+        return ids[-3], ids[-1], ids[-2], ids[0] if v_block else 0
+
+    return pl.BlockSpec((None, rows, None, width), index)
 
 
 def triton_call(kernel, warps, interpret, stages=1, **kwargs):
@@ -330,11 +335,10 @@ def end_decayed_keys(x, gcum, seg, seg_prev, rows, dtype):
     [B, N, H, D] float32), masked by segments."""
     batch, length, heads, dim = gcum.shape
     by_chunk = lambda t: t.reshape(batch, length // rows, rows, *t.shape[2:])  # noqa: E731
-    g = jnp.swapaxes(by_chunk(gcum), 2, 3)  # [B, N, H, R, D]
-    segs = () if seg is None else (by_chunk(seg)[:, :, None, :, None], seg_prev[:, :, None, None, None])
-    decay_to_end, state_decay = core.chunk_end_decays(g, *segs)
-    x_to_end = by_chunk(x).astype(jnp.float32) * jnp.swapaxes(decay_to_end, 2, 3)
-    return x_to_end.reshape(x.shape).astype(dtype), state_decay[:, :, :, 0]
+    segs = () if seg is None else (by_chunk(seg)[:, :, :, None, None], seg_prev[:, :, None, None, None])
+    decay_to_end, state_decay = core.chunk_end_decays(by_chunk(gcum), *segs, axis=2)  # rows on axis 2, no transposes
+    x_to_end = by_chunk(x).astype(jnp.float32) * decay_to_end
+    return x_to_end.reshape(x.shape).astype(dtype), state_decay[:, :, 0]
 
 
 def chunk_forward(
