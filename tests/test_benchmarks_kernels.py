@@ -28,10 +28,11 @@ def test_time_bursts_times_whole_bursts_and_feeds_the_state_forward():
     assert record["state_tb_per_s"] == pytest.approx(20 / (record["median_ms"] / 1e3) / 1e12)
 
 
-def test_measure_decode_bursts_are_steps_of_the_rule(monkeypatch):
+@pytest.mark.parametrize("unroll", [0, 1, 2])
+def test_measure_decode_bursts_are_steps_of_the_rule(monkeypatch, unroll):
     """The jitted burst of measure_decode runs --decode-steps steps, each on the state the one before returned and
-    on its own token (the batch rolled by the step's index)."""
-    args = types.SimpleNamespace(warmup=0, repeats=1, decode_steps=3, case_budget=1e9)
+    on its own token (the batch rolled by the step's index), whatever the loop's unroll (0: all steps)."""
+    args = types.SimpleNamespace(warmup=0, repeats=1, decode_steps=3, decode_unroll=unroll, case_budget=1e9)
     fn = kernels.edarnn_fn("kda", "recurrent", None, True)
     keys = iter(jax.random.split(jax.random.key(0), 5))
     normal = lambda *shape: jax.random.normal(next(keys), shape, jnp.float32)  # noqa: E731
@@ -40,7 +41,7 @@ def test_measure_decode_bursts_are_steps_of_the_rule(monkeypatch):
     state = jnp.ones((2, 2, 16, 16), jnp.float32)
     final = []
     monkeypatch.setattr(kernels, "time_bursts", lambda burst, s, *_: final.append(burst(s)) or {})
-    assert kernels.measure_decode(fn, [((*token, state), None)], args) == {"loop": "jit scan"}
+    assert kernels.measure_decode(fn, [((*token, state), None)], args) == {"loop": f"jit scan, unroll {unroll or 3}"}
     expected = state
     for i in range(3):
         expected = rules.kda_step(expected, *(jnp.roll(x, i, axis=0)[:, 0] for x in token))[1]
@@ -64,6 +65,11 @@ def test_decode_rows_alone_time_one_token_steps_of_the_rule(tmp_path):
     o, new_state = fn(q, k, v, g, beta, state)
     expected_o, expected_state = rules.kda_step(state, q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0])
     assert jnp.allclose(o[:, 0], expected_o, atol=1e-6) and jnp.allclose(new_state, expected_state, atol=1e-6)
+
+
+def test_a_negative_decode_unroll_is_refused():
+    with pytest.raises(SystemExit):
+        kernels.parse_args(["--decode-unroll", "-1"])
 
 
 def test_decode_steps_below_one_is_refused():

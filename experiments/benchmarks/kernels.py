@@ -12,9 +12,10 @@ and decode rows (T = 1, B = --decode-batch, a random [B, H, K, V] float32 initia
 token-by-token kernel) and impl="recurrent" (the default of `rules.<rule>_step`) against fla's fused_recurrent_*
 op, forward only (fla has no backward for them). A decode row's time is per step of a burst of --decode-steps
 steps run back to back as a compiled decoding loop runs them (each step's final state the next one's initial
-state, each step on a different token, its output kept): in JAX one jitted `lax.scan`, the state donated; for fla
-the burst captured as a CUDA graph and replayed (eager where capture fails). One synchronisation per burst (for
-fla no host launches at all; for JAX, XLA's loop); the note gives the state's bytes read and written per step
+state, each step on a different token, its output kept): in JAX one jitted `lax.scan`, the state donated, unrolled
+by --decode-unroll (default: all steps); for fla the burst captured as a CUDA graph and replayed (eager where
+capture fails). One synchronisation per burst (for fla no host launches at all; for JAX, none unrolled, else
+XLA's loop condition read on the host every iteration); the note gives the state's bytes read and written per step
 over that time (TB/s).
 
 Inputs are `experiments.benchmarks.rules.make_inputs` (q, k, v, e in --dtype, k and e L2-normalised; gates and
@@ -215,15 +216,15 @@ def time_bursts(burst, state, synchronize, state_bytes, args):
 
 def measure_decode(fn, input_sets, args):
     """time_bursts for fn(q, k, v, *gates, h0) -> (o, state) in JAX: the burst is one jitted `rb.decode_loop` over
-    the steps (as a jitted generation loop runs), each step on its own token (`rb.token_steps`), its output kept,
-    the state donated."""
+    the steps (as a jitted generation loop runs), unrolled by --decode-unroll (0: all steps), each step on its own
+    token (`rb.token_steps`), its output kept, the state donated."""
     (inputs, _), *_ = input_sets
     tokens, state = rb.token_steps(inputs[:-1], args.decode_steps), jnp.array(inputs[-1])  # a copy: bursts donate it
-
-    burst = rb.decode_loop(lambda s, token: fn(*token, s))
+    unroll = args.decode_unroll or args.decode_steps
+    burst = rb.decode_loop(lambda s, token: fn(*token, s), unroll=unroll)
     compiled = jax.jit(burst, donate_argnums=1).lower(tokens, state).compile()
     record = time_bursts(lambda s: compiled(tokens, s)[0], state, jax.block_until_ready, state.nbytes, args)
-    return {**record, "loop": "jit scan"}
+    return {**record, "loop": f"jit scan, unroll {unroll}"}
 
 
 def measure_decode_torch(fn, input_sets, args):
@@ -482,6 +483,13 @@ def parse_args(argv=None):
     p.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS, help="default: all")
     p.add_argument("--decode-batch", type=int, default=64, help="B of the T=1 decode rows; 0: none")
     p.add_argument("--decode-steps", type=int, default=32, help="decode steps per timed burst (a decode row)")
+    p.add_argument(
+        "--decode-unroll",
+        type=int,
+        default=0,
+        help="unroll of the JAX decode burst's scan (0: all steps, no host round trip between steps, as fla's CUDA "
+        "graph; 1: XLA's loop, its condition on the host every step)",
+    )
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     rb.add_burst_argument(p)
@@ -494,6 +502,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.decode_steps < 1:
         p.error(f"--decode-steps must be >= 1; got {args.decode_steps}")
+    if args.decode_unroll < 0:
+        p.error(f"--decode-unroll must be >= 0 (0: all steps); got {args.decode_unroll}")
     args.dtype = jnp.dtype(args.dtype)
     args.plot = args.plot or os.path.splitext(args.out)[0] + ".png"
     return args

@@ -27,12 +27,19 @@ from experiments.benchmarks.rules import decode_loop, token_steps
 
 
 def record(
-    rule: str, impl: str, backward: bool, shape: tuple[int, ...], dtype: str, out_dir: str, decode: int = 0
+    rule: str,
+    impl: str,
+    backward: bool,
+    shape: tuple[int, ...],
+    dtype: str,
+    out_dir: str,
+    decode: int = 0,
+    decode_unroll: int = 0,
 ) -> str:
     """Trace one jitted call (after a warm-up) and copy the XSpace file to out_dir; returns its path. decode > 0:
     the call is a decoding loop instead (`decode_loop`, as kernels.py's decode rows time it): `decode` one-token
     steps of `rules.<rule>_step` from a random float32 state, each on its own token (`token_steps`), outputs kept
-    (T of the shape unused)."""
+    (T of the shape unused); the loop unrolled by decode_unroll (0: all steps; 1: XLA's loop)."""
     batch, seq, heads, key, value = shape
     inputs = [x.astype(dtype) if i < 3 else x for i, x in enumerate(random_inputs(rule, batch, seq, heads, key, value))]
     call = lambda *a: rules.RULES[rule](*a, impl=impl)  # noqa: E731
@@ -40,7 +47,7 @@ def record(
         step = getattr(rules, f"{rule}_step")
         tokens = token_steps([x[:, 0] for x in inputs], decode)
         inputs = [tokens, jax.random.normal(jax.random.key(1), (batch, heads, key, value))]
-        fn = jax.jit(decode_loop(lambda s, token: step(s, *token, impl=impl)))
+        fn = jax.jit(decode_loop(lambda s, token: step(s, *token, impl=impl), unroll=decode_unroll or decode))
     elif backward:
         loss = lambda *a: jnp.sum(call(*a)[0].astype(jnp.float32))  # noqa: E731
         fn = jax.jit(jax.grad(loss, argnums=tuple(range(len(inputs)))))
@@ -95,13 +102,19 @@ def main(argv=None):
     rec.add_argument("--shape", type=int, nargs=5, default=(4, 4096, 16, 128, 128), metavar=("B", "T", "H", "K", "V"))
     rec.add_argument("--dtype", default="bfloat16")
     rec.add_argument("--decode", type=int, default=0, metavar="STEPS", help="trace a loop of STEPS decoding steps")
+    rec.add_argument("--decode-unroll", type=int, default=0, help="the loop's unroll (0: all steps, as kernels.py)")
     rec.add_argument("--out-dir", default=".")
     summ = verbs.add_parser("summarize")
     summ.add_argument("trace")
     summ.add_argument("--top", type=int, default=25)
     args = parser.parse_args(argv)
     if args.verb == "record":
-        print(record(args.rule, args.impl, args.backward, tuple(args.shape), args.dtype, args.out_dir, args.decode))
+        shape = tuple(args.shape)
+        print(
+            record(
+                args.rule, args.impl, args.backward, shape, args.dtype, args.out_dir, args.decode, args.decode_unroll
+            )
+        )
     else:
         summarize(args.trace, args.top)
 
