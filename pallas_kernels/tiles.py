@@ -166,20 +166,21 @@ def key_blocks(x_ref, g_ref, block):
     return KeyBlocks(x, g, [x_j * jnp.exp(l_j - g_j) for x_j, l_j, g_j in zip(x, last, g, strict=True)], last)
 
 
-def row_block_scores(a, ga, i, keys, masks):
+def row_block_scores(a, ga, i, keys, masks, with_diagonal=True):
     """[S_i0, ..., S_ii]: block_scores of rows a [m, K], ga [m, D] (inside key block i's span) against the key
-    blocks j <= i, masks[j] [m, c]. Channel-wise decays: the rows are referenced once to the end of block i - 1
-    and a pair adds the [1, K] factor exp(last_{i-1} - last_j), so whole-tile exponentials are O(1) per block
-    row; every factor <= 1."""
+    blocks j <= i (j < i without the diagonal), masks[j] [m, c]. Channel-wise decays: the rows are referenced once
+    to the end of block i - 1 and a pair adds the [1, K] factor exp(last_{i-1} - last_j), so whole-tile
+    exponentials are O(1) per block row; every factor <= 1."""
+    diagonal = [block_scores(a, ga, keys.x[i], keys.g[i], masks[i], diagonal=True)] if with_diagonal else []
     if keys.x_off is None:
-        return [block_scores(a, ga, keys.x[j], keys.g[j], masks[j], j == i) for j in range(i + 1)]
+        return [block_scores(a, ga, keys.x[j], keys.g[j], masks[j], False) for j in range(i)] + diagonal
     scores = []
     if i > 0:
         a_off = a * jnp.exp(ga - keys.last[i - 1])
         for j in range(i):
             pair = dot(a_off * jnp.exp(keys.last[i - 1] - keys.last[j]), keys.x_off[j], trans_b=True)
             scores.append(jnp.where(masks[j], pair, 0.0))
-    return scores + [block_scores(a, ga, keys.x[i], keys.g[i], masks[i], diagonal=True)]
+    return scores + diagonal
 
 
 def unit_lower_inverse_tiles(tiles):
@@ -214,24 +215,28 @@ def inverse_blocks(keys, y_ref, seg, seg_t, block):
     T_ii = (I + A_ii)^-1 and T_ij = -T_ii sum_m A_im T_mj. keys: `key_blocks` of x and g; seg, seg_t: per block,
     its segment numbers as a column [c, 1] and as a row [1, c], or None."""
     local = iota(block) > iota(block, 1)
+    y = lambda i: y_ref[pl.ds(i * block, block), :].astype(jnp.float32)  # noqa: E731
+    masks = lambda i: [pair_mask(local, i, j, seg[i], seg_t[j]) for j in range(i + 1)]  # noqa: E731
 
-    def a_row(i):
-        masks = [pair_mask(local, i, j, seg[i], seg_t[j]) for j in range(i + 1)]
-        y_i = y_ref[pl.ds(i * block, block), :].astype(jnp.float32)
-        return row_block_scores(y_i, keys.g[i], i, keys, masks)
+    def diagonal(i):
+        return block_scores(y(i), keys.g[i], keys.x[i], keys.g[i], masks(i)[i], diagonal=True)
 
-    return inverse_of_blocks(a_row, len(keys.x))
+    def below(i):
+        return row_block_scores(y(i), keys.g[i], i, keys, masks(i), with_diagonal=False)
+
+    return inverse_of_blocks(diagonal, below, len(keys.x))
 
 
-def inverse_of_blocks(a_row, n):
-    """T = (I + A)^-1 as blocks {(i, j): [c, c]} for j <= i, from a_row(i) = [A_i0, ..., A_ii] (A_ii strictly
-    lower): T_ii = (I + A_ii)^-1, the n diagonal blocks in one interleaved substitution, then
-    T_ij = -T_ii sum_m A_im T_mj."""
-    a = [a_row(i) for i in range(n)]
-    t = dict(zip(((i, i) for i in range(n)), unit_lower_inverse_tiles([a[i][i] for i in range(n)]), strict=True))
-    for i in range(n):
+def inverse_of_blocks(diagonal, below, n):
+    """T = (I + A)^-1 as blocks {(i, j): [c, c]} for j <= i, from diagonal(i) = A_ii (strictly lower) and
+    below(i) = [A_i0, ..., A_i,i-1]: T_ii = (I + A_ii)^-1, the n diagonal blocks in one interleaved substitution
+    (only they live through it), then row by row T_ij = -T_ii sum_m A_im T_mj."""
+    inverses = unit_lower_inverse_tiles([diagonal(i) for i in range(n)])
+    t = {(i, i): inverse for i, inverse in enumerate(inverses)}
+    for i in range(1, n):
+        a = below(i)
         for j in range(i):
-            t[i, j] = -dot(t[i, i], sum(dot(a[i][m], t[m, j]) for m in range(j, i)))
+            t[i, j] = -dot(t[i, i], sum(dot(a[m], t[m, j]) for m in range(j, i)))
     return t
 
 
@@ -346,10 +351,8 @@ def solve_kernel(a_ref, y_ref, z_ref, g_ref, *refs, block, has_segments, write_i
     n = a_ref.shape[0] // block
     rows = [pl.ds(i * block, block) for i in range(n)]
 
-    def a_row(i):
-        return [a_ref[rows[i], rows[j]].astype(jnp.float32) for j in range(i + 1)]
-
-    t = inverse_of_blocks(a_row, n)
+    a = lambda i, j: a_ref[rows[i], rows[j]].astype(jnp.float32)  # noqa: E731
+    t = inverse_of_blocks(lambda i: a(i, i), lambda i: [a(i, j) for j in range(i)], n)
     seg = [segment_column(seg_ref, r) for r in rows] if has_segments else None
     write_w_u(t, y_ref, z_ref, g_ref, w_ref, u_ref, block, seg, prev_ref)
     if write_inverse:

@@ -4,6 +4,8 @@ give the chunk form's gradients (the token-by-token kernel's VJP is the recurren
 forward and backward, lowers to Triton for CUDA without a GPU (which catches operations the Triton lowering
 lacks). GPU runs: `pytest -m gpu`."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -445,7 +447,7 @@ def test_chunk_backward_kernels_lower_to_triton(case, setting, backward_kernels,
     assert all(f'name = "{kernel}"' in text for kernel in BACKWARD_KERNELS)
 
 
-def _lowered_training_step(case, storage):
+def _lowered_training_step(case, storage, b=1, h=2):
     """The lowered text (for CUDA) of a training step's forward and backward at K = V = 128, chunks of 64."""
 
     def loss(q, sub, s0, seg):
@@ -453,7 +455,30 @@ def _lowered_training_step(case, storage):
         return jnp.sum(o * o) + jnp.sum(state)
 
     step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
-    return step.trace(*_lowering_inputs(case, 128, k=128, v=128)).lower(lowering_platforms=("cuda",)).as_text()
+    specs = _lowering_inputs(case, 128, k=128, v=128, b=b, h=h)
+    return step.trace(*specs).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def test_launch_grids_put_a_chunks_programs_side_by_side(no_x64):
+    """CUDA launches blocks in x order, and Pallas folds a grid's leading axes into x (the first fastest). The
+    parallel kernels list their chunk-local axes first, so that a chunk's programs run together and share its
+    tiles through L2 (Nsight Compute, session 12); key_grad keeps its row blocks last (4 static bodies: side by
+    side they missed the instruction cache); the sequential state passes their V blocks first. Here B=2, H=3,
+    N=2 chunks of 64 (4 row blocks), K=V=128 (2 blocks of 64; the state passes' V blocks of 16)."""
+    text = _lowered_training_step("channel-decay delta", None, b=2, h=3)
+    grids = {}
+    for line in text.splitlines():
+        if "xla.gpu.triton" in line:
+            name = re.search(r'name = "(\w+)"', line).group(1)
+            grids[name] = tuple(int(re.search(rf"grid_{axis} = (\d+)", line).group(1)) for axis in "xyz")
+    b, h, n_chunks = 2, 3, 2
+    local = {"pair_kernel": 16, "output_kernel": 2, "value_grad_kernel": 2, "_score_grad_kernel": 4}
+    local["_state_products_kernel"] = 2
+    for name, count in local.items():
+        assert grids[name] == (count * b, h, n_chunks), name
+    assert grids["solve_kernel"] == (b, h, n_chunks)
+    assert grids["_state_kernel"] == grids["_state_grad_kernel"] == (8, b, h)
+    assert grids["_key_grad_kernel"] == (2 * b * h, n_chunks, 4)
 
 
 GPU_FORWARD_CASES = {  # (chunk_fwd.Config fields, K = V) of the full-width bf16 test's cases

@@ -47,6 +47,8 @@ def record(
         step = getattr(rules, f"{rule}_step")
         tokens = token_steps([x[:, 0] for x in inputs], decode)
         inputs = [tokens, jax.random.normal(jax.random.key(1), (batch, heads, key, value))]
+        if decode_unroll < 0:
+            raise ValueError(f"decode_unroll must be >= 0 (0: all steps); got {decode_unroll}")
         fn = jax.jit(decode_loop(lambda s, token: step(s, *token, impl=impl), unroll=decode_unroll or decode))
     elif backward:
         loss = lambda *a: jnp.sum(call(*a)[0].astype(jnp.float32))  # noqa: E731
@@ -54,7 +56,9 @@ def record(
     else:
         fn = jax.jit(call)
     jax.block_until_ready(fn(*inputs))
-    phase = f"decode{decode}" if decode else "fwd_bwd" if backward else "fwd"
+    phase = (
+        f"decode{decode}-unroll{min(decode_unroll or decode, decode)}" if decode else "fwd_bwd" if backward else "fwd"
+    )
     return trace_to(os.path.join(out_dir, f"{rule}-{impl}-{phase}.xplane.pb"), lambda: fn(*inputs))
 
 

@@ -73,8 +73,9 @@ def token_steps(tokens, steps):
 def decode_loop(step, unroll=1):
     """A decoding loop (tokens, state) -> (final state, outputs stacked): step(state, token) -> (o, state) applied
     to each step's token of `token_steps` in a `lax.scan`, every output kept. unroll: the scan's (an int, or True
-    for all steps). XLA runs a GPU loop's condition on the host, a round trip per iteration (about 11 µs a step in
-    session 11's decode trace); unrolled steps run back to back, as a CUDA graph of the steps does."""
+    for all steps). XLA runs a GPU loop's condition on the host, a round trip per iteration (JAX issue 2491; the
+    likely cause of the 11 µs of gaps a step in session 11's decode trace, not yet measured apart); a fully
+    unrolled scan compiles to no loop, its steps back to back, as a CUDA graph of the steps runs them."""
 
     def loop(tokens, state):
         def one(s, token):

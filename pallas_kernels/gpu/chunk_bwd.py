@@ -289,7 +289,7 @@ def _key_grad_kernel(*refs, block_tokens, per_token, has_erase, has_segments):
             dy = -in_segment(load(y_state_ref, rows[k]), seg[k], seg_prev) * jnp.exp(g)
             dy = dy + pair("y", k, k, "a") + rows_before(k, "y", keys)
             dy_ref[...] = dy.astype(dy_ref.dtype)
-            dg = load(y_ref, rows[k]) * dy
+            dg = decay_width(load(y_ref, rows[k]) * dy, width)
 
         x = load(x_ref, rows[k])
         dx = load(x_state_ref, rows[k]) * in_segment(jnp.exp(g_last - g), seg[k], seg_last)
@@ -298,7 +298,7 @@ def _key_grad_kernel(*refs, block_tokens, per_token, has_erase, has_segments):
             dx = dx + pair(side, k, k, "b")
         dx = dx + rows_after(k)
         dx_ref[...] = dx.astype(dx_ref.dtype)
-        dg_ref[...] = decay_width(dg - x * dx, width)
+        dg_ref[...] = dg - decay_width(x * dx, width)
 
     for k in range(n):  # one static body per row block, the grid's last axis picking it
         pl.when(pl.program_id(4) == k)(functools.partial(row_block, k))
