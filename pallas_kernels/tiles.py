@@ -216,10 +216,10 @@ def inverse_blocks(keys, y_ref, seg, seg_t, block):
     its segment numbers as a column [c, 1] and as a row [1, c], or None."""
     local = iota(block) > iota(block, 1)
     y = lambda i: y_ref[pl.ds(i * block, block), :].astype(jnp.float32)  # noqa: E731
-    masks = lambda i: [pair_mask(local, i, j, seg[i], seg_t[j]) for j in range(i + 1)]  # noqa: E731
+    masks = lambda i: [pair_mask(local, i, j, seg[i], seg_t[j]) for j in range(i)]  # noqa: E731
 
     def diagonal(i):
-        return block_scores(y(i), keys.g[i], keys.x[i], keys.g[i], masks(i)[i], diagonal=True)
+        return block_scores(y(i), keys.g[i], keys.x[i], keys.g[i], pair_mask(local, i, i, seg[i], seg_t[i]), True)
 
     def below(i):
         return row_block_scores(y(i), keys.g[i], i, keys, masks(i), with_diagonal=False)

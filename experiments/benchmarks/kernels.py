@@ -220,7 +220,7 @@ def measure_decode(fn, input_sets, args):
     token (`rb.token_steps`), its output kept, the state donated."""
     (inputs, _), *_ = input_sets
     tokens, state = rb.token_steps(inputs[:-1], args.decode_steps), jnp.array(inputs[-1])  # a copy: bursts donate it
-    unroll = min(args.decode_unroll or args.decode_steps, args.decode_steps)
+    unroll = rb.burst_unroll(args.decode_unroll, args.decode_steps)
     burst = rb.decode_loop(lambda s, token: fn(*token, s), unroll=unroll)
     compiled = jax.jit(burst, donate_argnums=1).lower(tokens, state).compile()
     record = time_bursts(lambda s: compiled(tokens, s)[0], state, jax.block_until_ready, state.nbytes, args)

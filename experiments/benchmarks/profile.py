@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from edarnn import rules
 from edarnn.check_forms import random_inputs
-from experiments.benchmarks.rules import decode_loop, token_steps
+from experiments.benchmarks.rules import burst_unroll, decode_loop, token_steps
 
 
 def record(
@@ -47,18 +47,15 @@ def record(
         step = getattr(rules, f"{rule}_step")
         tokens = token_steps([x[:, 0] for x in inputs], decode)
         inputs = [tokens, jax.random.normal(jax.random.key(1), (batch, heads, key, value))]
-        if decode_unroll < 0:
-            raise ValueError(f"decode_unroll must be >= 0 (0: all steps); got {decode_unroll}")
-        fn = jax.jit(decode_loop(lambda s, token: step(s, *token, impl=impl), unroll=decode_unroll or decode))
+        decode_unroll = burst_unroll(decode_unroll, decode)
+        fn = jax.jit(decode_loop(lambda s, token: step(s, *token, impl=impl), unroll=decode_unroll))
     elif backward:
         loss = lambda *a: jnp.sum(call(*a)[0].astype(jnp.float32))  # noqa: E731
         fn = jax.jit(jax.grad(loss, argnums=tuple(range(len(inputs)))))
     else:
         fn = jax.jit(call)
     jax.block_until_ready(fn(*inputs))
-    phase = (
-        f"decode{decode}-unroll{min(decode_unroll or decode, decode)}" if decode else "fwd_bwd" if backward else "fwd"
-    )
+    phase = f"decode{decode}-unroll{decode_unroll}" if decode else "fwd_bwd" if backward else "fwd"
     return trace_to(os.path.join(out_dir, f"{rule}-{impl}-{phase}.xplane.pb"), lambda: fn(*inputs))
 
 

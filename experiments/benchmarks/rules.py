@@ -70,6 +70,13 @@ def token_steps(tokens, steps):
     return [jnp.stack([jnp.roll(x, i, axis=0) for i in range(steps)]) for x in tokens]
 
 
+def burst_unroll(unroll: int, steps: int) -> int:
+    """The scan unroll of a decoding burst of `steps` steps asked for as `unroll` (0: all steps), at most steps."""
+    if unroll < 0:
+        raise ValueError(f"the decode unroll must be >= 0 (0: all steps); got {unroll}")
+    return min(unroll or steps, steps)
+
+
 def decode_loop(step, unroll=1):
     """A decoding loop (tokens, state) -> (final state, outputs stacked): step(state, token) -> (o, state) applied
     to each step's token of `token_steps` in a `lax.scan`, every output kept. unroll: the scan's (an int, or True
