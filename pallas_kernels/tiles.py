@@ -171,16 +171,17 @@ def row_block_scores(a, ga, i, keys, masks, with_diagonal=True):
     blocks j <= i (j < i without the diagonal), masks[j] [m, c]. Channel-wise decays: the rows are referenced once
     to the end of block i - 1 and a pair adds the [1, K] factor exp(last_{i-1} - last_j), so whole-tile
     exponentials are O(1) per block row; every factor <= 1."""
-    diagonal = [block_scores(a, ga, keys.x[i], keys.g[i], masks[i], diagonal=True)] if with_diagonal else []
-    if keys.x_off is None:
-        return [block_scores(a, ga, keys.x[j], keys.g[j], masks[j], False) for j in range(i)] + diagonal
     scores = []
-    if i > 0:
+    if keys.x_off is None:
+        scores = [block_scores(a, ga, keys.x[j], keys.g[j], masks[j], False) for j in range(i)]
+    elif i > 0:
         a_off = a * jnp.exp(ga - keys.last[i - 1])
         for j in range(i):
             pair = dot(a_off * jnp.exp(keys.last[i - 1] - keys.last[j]), keys.x_off[j], trans_b=True)
             scores.append(jnp.where(masks[j], pair, 0.0))
-    return scores + diagonal
+    if with_diagonal:
+        scores.append(block_scores(a, ga, keys.x[i], keys.g[i], masks[i], diagonal=True))
+    return scores
 
 
 def unit_lower_inverse_tiles(tiles):
@@ -193,9 +194,10 @@ def unit_lower_inverse_tiles(tiles):
 
     def substitute(i, inverses):
         unit = jnp.where(iota(size, 1) == i, 1.0, 0.0)
-        pairs = list(zip(tiles, inverses, strict=True))
-        new_rows = [unit - jnp.sum(row(a, i).T * t, axis=0, keepdims=True) for a, t in pairs]
-        return tuple(jnp.where(rows == i, new, t) for new, (_, t) in zip(new_rows, pairs, strict=True))
+        new_rows = [
+            unit - jnp.sum(row(a, i).T * t, axis=0, keepdims=True) for a, t in zip(tiles, inverses, strict=True)
+        ]
+        return tuple(jnp.where(rows == i, new, t) for new, t in zip(new_rows, inverses, strict=True))
 
     identity = (rows == cols).astype(jnp.float32)
     return list(jax.lax.fori_loop(jnp.int32(1), jnp.int32(size), substitute, (identity,) * len(tiles)))
