@@ -166,41 +166,36 @@ def key_blocks(x_ref, g_ref, block):
     return KeyBlocks(x, g, [x_j * jnp.exp(l_j - g_j) for x_j, l_j, g_j in zip(x, last, g, strict=True)], last)
 
 
-def row_block_scores(a, ga, i, keys, masks, with_diagonal=True):
+def row_block_scores(a, ga, i, keys, masks):
     """[S_i0, ..., S_ii]: block_scores of rows a [m, K], ga [m, D] (inside key block i's span) against the key
-    blocks j <= i (j < i without the diagonal), masks[j] [m, c]. Channel-wise decays: the rows are referenced once
-    to the end of block i - 1 and a pair adds the [1, K] factor exp(last_{i-1} - last_j), so whole-tile
-    exponentials are O(1) per block row; every factor <= 1."""
-    scores = []
+    blocks j <= i, masks[j] [m, c]. Channel-wise decays: the rows are referenced once to the end of block i - 1
+    and a pair adds the [1, K] factor exp(last_{i-1} - last_j), so whole-tile exponentials are O(1) per block
+    row; every factor <= 1."""
     if keys.x_off is None:
-        scores = [block_scores(a, ga, keys.x[j], keys.g[j], masks[j], False) for j in range(i)]
-    elif i > 0:
+        return [block_scores(a, ga, keys.x[j], keys.g[j], masks[j], j == i) for j in range(i + 1)]
+    scores = []
+    if i > 0:
         a_off = a * jnp.exp(ga - keys.last[i - 1])
         for j in range(i):
             pair = dot(a_off * jnp.exp(keys.last[i - 1] - keys.last[j]), keys.x_off[j], trans_b=True)
             scores.append(jnp.where(masks[j], pair, 0.0))
-    if with_diagonal:
-        scores.append(block_scores(a, ga, keys.x[i], keys.g[i], masks[i], diagonal=True))
-    return scores
+    return scores + [block_scores(a, ga, keys.x[i], keys.g[i], masks[i], diagonal=True)]
 
 
-def unit_lower_inverse_tiles(tiles):
-    """[(I + a)^-1 for a in tiles], each a strictly lower-triangular [c, c], by forward substitution, one row per
-    step; the tiles' substitutions are interleaved in one loop, so that their independent chains of dependent
-    reductions overlap."""
-    size = tiles[0].shape[0]
+def unit_lower_inverse_tile(a):
+    """(I + a)^-1 for strictly lower-triangular a [c, c], by forward substitution, one row per step. (Session 13:
+    a chunk's diagonal blocks substituted together, their chains interleaved in one loop, took the GPU solve kernel
+    to 198 registers against 128 and from 391 to 448 us in kda's forward: not kept.)"""
+    size = a.shape[0]
     rows = jax.lax.broadcasted_iota(jnp.int32, (size, size), 0)
     cols = jax.lax.broadcasted_iota(jnp.int32, (size, size), 1)
 
-    def substitute(i, inverses):
+    def substitute(i, t):
         unit = jnp.where(iota(size, 1) == i, 1.0, 0.0)
-        new_rows = [
-            unit - jnp.sum(row(a, i).T * t, axis=0, keepdims=True) for a, t in zip(tiles, inverses, strict=True)
-        ]
-        return tuple(jnp.where(rows == i, new, t) for new, t in zip(new_rows, inverses, strict=True))
+        new_row = unit - jnp.sum(row(a, i).T * t, axis=0, keepdims=True)
+        return jnp.where(rows == i, new_row, t)
 
-    identity = (rows == cols).astype(jnp.float32)
-    return list(jax.lax.fori_loop(jnp.int32(1), jnp.int32(size), substitute, (identity,) * len(tiles)))
+    return jax.lax.fori_loop(jnp.int32(1), jnp.int32(size), substitute, (rows == cols).astype(jnp.float32))
 
 
 def pair_mask(local, i, j, seg_rows=None, seg_cols=None):
@@ -217,26 +212,22 @@ def inverse_blocks(keys, y_ref, seg, seg_t, block):
     T_ii = (I + A_ii)^-1 and T_ij = -T_ii sum_m A_im T_mj. keys: `key_blocks` of x and g; seg, seg_t: per block,
     its segment numbers as a column [c, 1] and as a row [1, c], or None."""
     local = iota(block) > iota(block, 1)
-    y = lambda i: y_ref[pl.ds(i * block, block), :].astype(jnp.float32)  # noqa: E731
-    masks = lambda i: [pair_mask(local, i, j, seg[i], seg_t[j]) for j in range(i)]  # noqa: E731
 
-    def diagonal(i):
-        return block_scores(y(i), keys.g[i], keys.x[i], keys.g[i], pair_mask(local, i, i, seg[i], seg_t[i]), True)
+    def a_row(i):
+        masks = [pair_mask(local, i, j, seg[i], seg_t[j]) for j in range(i + 1)]
+        y_i = y_ref[pl.ds(i * block, block), :].astype(jnp.float32)
+        return row_block_scores(y_i, keys.g[i], i, keys, masks)
 
-    def below(i):
-        return row_block_scores(y(i), keys.g[i], i, keys, masks(i), with_diagonal=False)
-
-    return inverse_of_blocks(diagonal, below, len(keys.x))
+    return inverse_of_blocks(a_row, len(keys.x))
 
 
-def inverse_of_blocks(diagonal, below, n):
-    """T = (I + A)^-1 as blocks {(i, j): [c, c]} for j <= i, from diagonal(i) = A_ii (strictly lower) and
-    below(i) = [A_i0, ..., A_i,i-1]: T_ii = (I + A_ii)^-1, the n diagonal blocks in one interleaved substitution
-    (only they live through it), then row by row T_ij = -T_ii sum_m A_im T_mj."""
-    inverses = unit_lower_inverse_tiles([diagonal(i) for i in range(n)])
-    t = {(i, i): inverse for i, inverse in enumerate(inverses)}
-    for i in range(1, n):
-        a = below(i)
+def inverse_of_blocks(a_row, n):
+    """T = (I + A)^-1 as blocks {(i, j): [c, c]} for j <= i, from a_row(i) = [A_i0, ..., A_ii] (A_ii strictly
+    lower): T_ii = (I + A_ii)^-1 and T_ij = -T_ii sum_m A_im T_mj."""
+    t = {}
+    for i in range(n):
+        a = a_row(i)
+        t[i, i] = unit_lower_inverse_tile(a[i])
         for j in range(i):
             t[i, j] = -dot(t[i, i], sum(dot(a[m], t[m, j]) for m in range(j, i)))
     return t
@@ -353,8 +344,10 @@ def solve_kernel(a_ref, y_ref, z_ref, g_ref, *refs, block, has_segments, write_i
     n = a_ref.shape[0] // block
     rows = [pl.ds(i * block, block) for i in range(n)]
 
-    a = lambda i, j: a_ref[rows[i], rows[j]].astype(jnp.float32)  # noqa: E731
-    t = inverse_of_blocks(lambda i: a(i, i), lambda i: [a(i, j) for j in range(i)], n)
+    def a_row(i):
+        return [a_ref[rows[i], rows[j]].astype(jnp.float32) for j in range(i + 1)]
+
+    t = inverse_of_blocks(a_row, n)
     seg = [segment_column(seg_ref, r) for r in rows] if has_segments else None
     write_w_u(t, y_ref, z_ref, g_ref, w_ref, u_ref, block, seg, prev_ref)
     if write_inverse:

@@ -198,7 +198,8 @@ def _key_grad_kernel(*refs, block_tokens, per_token, has_erase, has_segments):
     row blocks i > k, with r' the end of block k, d_x = exp(r' - G_k) * sum_i dP_ik^T (q_i exp(Gq_i - r')) +
     dA_ik^T (y_i exp(G_i - r')); every factor <= 1. One exponential tile per block instead of two per pair, and
     each block loaded once (measured 1-3% faster than per pair, docs/performance.md); scalar decays, whose pair
-    decay is a [c, c] outer difference, keep `block_scores_grad` per pair.
+    decay is a [c, c] outer difference, keep `block_scores_grad` per pair. (Session 13: the row sides (dq, dy)
+    before the key side, for shorter live ranges, spilled more, 508k requests against 475k: not kept.)
 
     Refs (blocks): q [C, BK], gq [C, D'], x [L, BK], y [L, BK] (erase), g [L, D'] (D' = BK, or 1 for a scalar
     decay), dp [C, L], da [L, L] (erase), q_state [C, BK], x_state [L, BK], y_state [L, BK] (erase; the three state
@@ -274,8 +275,6 @@ def _key_grad_kernel(*refs, block_tokens, per_token, has_erase, has_segments):
         return jnp.exp(ref - g_ref[rows[k], :]) * total if factored else total
 
     def row_block(k):
-        """Block k's rows: the row sides first (dq, then dy), so that the decayed key tiles of the blocks before k
-        are dead before the key side's loop over the blocks after it (fewer live registers)."""
         keys = keys_before(k) if factored and k > 0 else None
         q, gq = load(q_ref, tokens[k]), gq_ref[tokens[k], :]
         dq = in_segment(load(q_state_ref, tokens[k]), seg_q[k], seg_prev) * jnp.exp(gq)
@@ -283,22 +282,20 @@ def _key_grad_kernel(*refs, block_tokens, per_token, has_erase, has_segments):
         dq_ref[...] = dq.astype(dq_ref.dtype)
         dgq_ref[...] = decay_width(q * dq, width)
 
-        g = g_ref[rows[k], :]
-        dg = 0.0
-        if has_erase:
-            dy = -in_segment(load(y_state_ref, rows[k]), seg[k], seg_prev) * jnp.exp(g)
-            dy = dy + pair("y", k, k, "a") + rows_before(k, "y", keys)
-            dy_ref[...] = dy.astype(dy_ref.dtype)
-            dg = decay_width(load(y_ref, rows[k]) * dy, width)
-
-        x = load(x_ref, rows[k])
+        x, g = load(x_ref, rows[k]), g_ref[rows[k], :]
         dx = load(x_state_ref, rows[k]) * in_segment(jnp.exp(g_last - g), seg[k], seg_last)
         d_last_ref[...] = decay_width(jnp.sum(x * dx, axis=0, keepdims=True), width)
         for side in present:
             dx = dx + pair(side, k, k, "b")
         dx = dx + rows_after(k)
         dx_ref[...] = dx.astype(dx_ref.dtype)
-        dg_ref[...] = dg - decay_width(x * dx, width)
+        dg = -x * dx
+        if has_erase:
+            dy = -in_segment(load(y_state_ref, rows[k]), seg[k], seg_prev) * jnp.exp(g)
+            dy = dy + pair("y", k, k, "a") + rows_before(k, "y", keys)
+            dy_ref[...] = dy.astype(dy_ref.dtype)
+            dg = dg + load(y_ref, rows[k]) * dy
+        dg_ref[...] = decay_width(dg, width)
 
     for k in range(n):  # one static body per row block, the grid's last axis picking it
         pl.when(pl.program_id(4) == k)(functools.partial(row_block, k))
