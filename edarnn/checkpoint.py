@@ -2,10 +2,11 @@
 grain iterator state of the training data and the config, in `<workdir>/checkpoints/<step>/{state,data,config}`.
 
 Orbax writes a checkpoint into a temporary directory and renames it when complete, so a run killed mid-save
-leaves no half checkpoint under its step (the temporary directory is removed at the next start). A checkpoint
-that is complete on disk but unreadable (truncated or garbled files) fails its checksums or its parse on restore:
-`restore_latest` then warns, moves it to `<workdir>/corrupt_checkpoints/` and loads the one before. A
-checkpoint of another model (config.model differs) is an error, not a corrupt checkpoint.
+leaves no half checkpoint under its step (the temporary directory is removed, with a warning, at the next start).
+A checkpoint that is complete on disk but unreadable (truncated or garbled files) fails its parse on restore, or
+its digest: each checkpoint stores `state_digest` of its state beside it (item "digest"), and the restored state
+must give the same. `restore_latest` then warns, moves it to `<workdir>/corrupt_checkpoints/` and loads the one
+before. A checkpoint of another model (config.model differs) is an error, not a corrupt checkpoint.
 """
 
 import json
@@ -15,6 +16,7 @@ import time
 
 import grain.checkpoint
 import jax
+import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
@@ -22,13 +24,39 @@ from jax.experimental import multihost_utils
 
 from edarnn import config as config_lib
 
-_ITEMS = ("state", "data", "config")
+_ITEMS = ("state", "data", "config", "digest")
+_UNFINISHED = "*.orbax-checkpoint-tmp*"  # orbax's temporary directory of a save in progress
+
+
+def _bit_sums(x):
+    """[2] uint32: the plain and the odd-weighted sum of the bits of x's elements (see state_digest)."""
+    width = jnp.dtype(x.dtype).itemsize
+    if width > 4:  # 64-bit elements as pairs of 32-bit words
+        bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    else:
+        bits = jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{8 * width}")).astype(jnp.uint32)
+    bits = bits.ravel()
+    weights = 2 * jnp.arange(bits.size, dtype=jnp.uint32) + 1
+    return jnp.stack([jnp.sum(bits, dtype=jnp.uint32), jnp.sum(bits * weights, dtype=jnp.uint32)])
+
+
+_tree_bit_sums = jax.jit(lambda tree: jax.tree.map(_bit_sums, tree))
+
+
+def state_digest(state) -> list[list[int]]:
+    """Per leaf of `state` (a pytree of arrays, any sharding, in tree order), two 32-bit sums of its elements'
+    bits: the plain sum and the sum weighted by odd numbers (2 i + 1 for element i), modulo 2^32. Any one flipped
+    bit changes both (an odd weight is invertible modulo 2^32), two swapped elements the second. Computed on the
+    devices, one pass over the state."""
+    return [[int(v) for v in pair] for pair in jax.tree.leaves(jax.device_get(_tree_bit_sums(state)))]
 
 
 def make_manager(directory: str, train_config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
     """A manager for checkpoints under `directory` that keeps the newest `train_config.keep_last` and, with
     `train_config.keep_best`, the best by that evaluation metric; saves in the background if
-    `train_config.async_checkpoints`."""
+    `train_config.async_checkpoints`. Unfinished saves (a run killed while saving) are removed with a warning."""
+    for unfinished in sorted(epath.Path(directory).glob(_UNFINISHED)) if epath.Path(directory).exists() else []:
+        logging.warning("removing %s: a save that did not finish (the run stopped while saving)", unfinished)
     keep = [ocp.checkpoint_managers.LatestN(n=train_config.keep_last)]
     if train_config.keep_best:
         name = train_config.keep_best
@@ -62,15 +90,16 @@ def save(
     config: ml_collections.ConfigDict,
     metrics: dict[str, float] | None = None,
 ):
-    """Saves `state` (a pytree of arrays), the iterator's position and `config` as checkpoint `step`, ranked by
-    `metrics` for keep_best. Returns at once with async checkpoints; the arrays are copied first, so the caller
-    may donate or overwrite them."""
+    """Saves `state` (a pytree of arrays), the iterator's position, `config` and the state's digest as checkpoint
+    `step`, ranked by `metrics` for keep_best. Returns at once with async checkpoints (after the digest, one pass
+    over the state); the arrays are copied first, so the caller may donate or overwrite them."""
     manager.save(
         step,
         args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data=grain.checkpoint.CheckpointSave(data_iterator),
             config=ocp.args.JsonSave(config.to_dict()),
+            digest=ocp.args.JsonSave(state_digest(state)),
         ),
         metrics=metrics,
         force=True,
@@ -83,9 +112,9 @@ def restore_latest(
     """Restores the newest readable checkpoint (of `steps` if given, else of all): returns (step, state) with state
     laid out as `abstract_state` (a pytree of jax.ShapeDtypeStruct with shardings), and sets `data_iterator` to the
     saved position; None if there is no readable checkpoint (the iterator then stays where it was). Unreadable
-    checkpoints are skipped with a warning and moved aside. A readable checkpoint of another model (its
-    config.model differs from `config`'s) raises ValueError: resuming it would need its config, starting afresh a
-    new work dir."""
+    checkpoints, and those whose state does not match their digest, are skipped with a warning and moved aside. A
+    readable checkpoint of another model (its config.model differs from `config`'s) raises ValueError: resuming it
+    would need its config, starting afresh a new work dir."""
     start = data_iterator.get_state()
     model_config = json.loads(json.dumps(config.model.to_dict()))  # as saved: tuples become lists
     for step in sorted(manager.all_steps() if steps is None else steps, reverse=True):
@@ -97,8 +126,11 @@ def restore_latest(
                     args=ocp.args.Composite(
                         state=ocp.args.StandardRestore(abstract_state),
                         data=grain.checkpoint.CheckpointRestore(data_iterator),
+                        digest=ocp.args.JsonRestore(),
                     ),
                 )
+                if state_digest(restored["state"]) != restored["digest"]:
+                    raise ValueError("the restored state does not match the digest saved with it")
         except Exception as error:  # any failure to read means: not this checkpoint
             aside = _set_aside(manager, step)
             logging.warning(

@@ -108,9 +108,17 @@ def resolve(
     what ties the sections together: the batch splits into grad_accum micro-batches of whole sequences on every
     data x fsdp device and into equal parts per process."""
     config = ml_collections.ConfigDict(config.to_dict())  # unlocked; the caller's config is left as it was
+    seq_len = config.data.seq_len
+    _require(type(seq_len) is int and seq_len > 0, "data.seq_len", f"must be a positive int; got {seq_len!r}")
+    source_vocab = data.vocab_size(config.data)
     if not config.model.vocab_size:
-        config.model.vocab_size = data.vocab_size(config.data)
+        config.model.vocab_size = source_vocab
     model.check_config(config.model)
+    _require(
+        config.model.vocab_size >= source_vocab,
+        "model.vocab_size",
+        f"must cover the data source's {source_vocab} token ids (0: take them); got {config.model.vocab_size}",
+    )
     data_parallel, fsdp, _ = sharding.mesh_shape(config.mesh, device_count)
 
     train = config.train

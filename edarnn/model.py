@@ -539,6 +539,8 @@ def check_config(config) -> None:
         value = config[field]
         if type(value) is not int or value < 1:
             raise ValueError(f"config.model.{field} must be a positive int; got {value!r}")
+    if isinstance(config.norm_eps, bool) or not isinstance(config.norm_eps, int | float) or config.norm_eps <= 0:
+        raise ValueError(f"config.model.norm_eps must be a positive number; got {config.norm_eps!r}")
     chunk = config.chunk_size
     if chunk is not None and not core.is_power_of_two(chunk):
         raise ValueError(f"config.model.chunk_size must be a power of two or None (the rule's); got {chunk!r}")

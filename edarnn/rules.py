@@ -29,6 +29,7 @@ The step functions `<rule>_step(state, ...)` take one token ([B, H, D] inputs, [
 (o [B, H, V], new_state); they equal `recurrent`.
 """
 
+import contextvars
 import inspect
 
 import jax
@@ -103,6 +104,16 @@ def resolve_impl(
 # ----------------------------------------------------------------------------------------------------------
 
 
+# True while a one-token step (`<rule>_step`) runs its rule on a length-1 sequence: the shape messages then speak
+# of the step's arguments, without the time axis the step inserted.
+_ONE_TOKEN = contextvars.ContextVar("edarnn_one_token", default=False)
+
+
+def _as_given(shape: tuple) -> tuple:
+    """A shape as the caller gave it (a step's arguments: without the time axis at 1)."""
+    return shape[:1] + shape[2:] if _ONE_TOKEN.get() and len(shape) > 1 else shape
+
+
 class _Shapes:
     """Checks every argument of one call against the dimensions B, T, H, K, V read off q and v."""
 
@@ -110,7 +121,9 @@ class _Shapes:
         self.rule = rule
         for name, t in (("q", q), ("k", k), ("v", v)):
             if jnp.ndim(t) != 4:
-                raise ValueError(f"{rule}: `{name}` must have rank 4, [B, T, H, D]; got shape {jnp.shape(t)}")
+                rank, layout = (3, "[B, H, D]") if _ONE_TOKEN.get() else (4, "[B, T, H, D]")
+                shape = _as_given(jnp.shape(t))
+                raise ValueError(f"{rule}: `{name}` must have rank {rank}, {layout}; got shape {shape}")
         b, t, key_heads, kd = jnp.shape(q)
         self.dims = {"B": b, "T": t, "h": key_heads, "H": jnp.shape(v)[2], "K": kd, "V": jnp.shape(v)[-1]}
         if min(self.dims.values()) < 1:
@@ -130,6 +143,7 @@ class _Shapes:
         return {("H_k" if c == "h" else c): n for c, n in dims.items()}
 
     def _expected(self, letters: str) -> str:
+        letters = letters.replace("T", "") if _ONE_TOKEN.get() else letters
         named = self._named({c: self.dims[c] for c in letters})
         return f"[{', '.join(named)}] = {tuple(named.values())}"
 
@@ -146,7 +160,7 @@ class _Shapes:
                 raise ValueError(f"{self.rule}: `{name}` must be a floating-point array; got {jnp.result_type(t)}")
             return
         wanted = " or ".join(self._expected(lay) for lay in layouts)
-        raise ValueError(f"{self.rule}: `{name}` must have shape {wanted}; got {shape}")
+        raise ValueError(f"{self.rule}: `{name}` must have shape {wanted}; got {_as_given(shape)}")
 
 
 def _check_options(rule, shapes, *, scale, initial_state, segment_ids, impl, chunk_size, normalize_qk):
@@ -465,7 +479,11 @@ def _token_step(rule):
         for name, value in bound.arguments.items():
             if name in per_token and value is not None:
                 bound.arguments[name] = jnp.asarray(value)[:, None]
-        o, new_state = rule(*bound.args, **bound.kwargs, initial_state=state, impl=impl)
+        one_token = _ONE_TOKEN.set(True)
+        try:
+            o, new_state = rule(*bound.args, **bound.kwargs, initial_state=state, impl=impl)
+        finally:
+            _ONE_TOKEN.reset(one_token)
         return o[:, 0], new_state
 
     step.__name__ = step.__qualname__ = f"{rule.__name__}_step"

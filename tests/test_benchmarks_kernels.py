@@ -75,3 +75,21 @@ def test_a_negative_decode_unroll_is_refused():
 def test_decode_steps_below_one_is_refused():
     with pytest.raises(SystemExit):
         kernels.parse_args(["--decode-steps", "0"])
+
+
+def test_sequence_rows_check_time_and_plot(tmp_path):
+    """The sweep's rows (here T = 64 at 64 tokens per batch; Pallas in interpret mode and XLA softmax attention):
+    each checked against impl='recurrent' (the Pallas chunk kernels at --check-seq 80, two chunks), timed forward
+    and forward+backward with its compiled memory, written as JSON and plotted."""
+    out = tmp_path / "k.json"
+    argv = ["--seq-lens", "64", "--tokens-per-batch", "64", "--heads", "2", "--key", "16", "--value", "16"]
+    argv += ["--dtype", "float32", "--rules", "kda", "softmax_attention", "--impls", "pallas", "softmax"]
+    argv += ["--decode-batch", "0", "--repeats", "1", "--warmup", "1", "--input-sets", "1", "--case-budget", "1"]
+    kernels.main([*argv, "--check", "--check-seq", "80", "--out", str(out)])
+    cases = {(case["rule"], case["impl"]): case for case in json.loads(out.read_text())["cases"]}
+    assert set(cases) == {("kda", "pallas"), ("softmax_attention", "xla")}
+    for case in cases.values():
+        assert (case["T"], case["B"], case["check_status"]) == (64, 1, "ok") and case["check_error"] < 1e-5
+        for phase in ("fwd", "fwd_bwd"):
+            assert case[phase]["median_ms"] > 0 and case[phase]["memory_bytes"] > 0
+    assert out.with_suffix(".png").stat().st_size > 0

@@ -150,8 +150,9 @@ def test_nothing_readable(tmp_path, caplog):
     assert sorted(p.name.split("-")[0] for p in (tmp_path / "corrupt_checkpoints").iterdir()) == ["1", "2", "3"]
 
 
-def test_unfinished_save_is_ignored(tmp_path):
-    """A save cut off before orbax renamed its temporary directory (a kill mid-save) is not a checkpoint."""
+def test_unfinished_save_is_ignored(tmp_path, caplog):
+    """A save cut off before orbax renamed its temporary directory (a kill mid-save) is not a checkpoint: it is
+    removed with a warning naming it."""
     directory = tmp_path / "checkpoints"
     manager = checkpoint.make_manager(directory, _train_config())
     _save(manager, _iterator(), [1, 2])
@@ -160,10 +161,58 @@ def test_unfinished_save_is_ignored(tmp_path):
     (unfinished / "state").mkdir(parents=True)
     (unfinished / "state" / "_METADATA").write_text("{")
 
-    manager = checkpoint.make_manager(directory, _train_config())
+    with caplog.at_level(logging.WARNING):
+        manager = checkpoint.make_manager(directory, _train_config())
+    assert any(unfinished.name in r.getMessage() and "did not finish" in r.getMessage() for r in caplog.records)
     step, state = checkpoint.restore_latest(manager, ABSTRACT, _iterator(), CONFIG)
     assert step == 2
     _assert_state(state, 2)
+    assert not unfinished.exists()
+
+
+def test_flipped_bits_in_the_saved_arrays_are_caught(tmp_path, caplog):
+    """Bytes flipped in the array data only (the files parse; the values differ): the state no longer matches the
+    digest saved with it, so the checkpoint is skipped with a warning and the one before is loaded."""
+    big = lambda step: {"w": jnp.arange(100_000, dtype=jnp.float32) * step}  # noqa: E731
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=SHARDING), big(1))
+    directory = tmp_path / "checkpoints"
+    manager = checkpoint.make_manager(directory, _train_config(keep_last=3))
+    iterator = _iterator()
+    for step in (1, 2):
+        checkpoint.save(manager, step, big(step), iterator, CONFIG)
+    manager.close()
+    data = max((p for p in (directory / "2" / "state").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    assert data.stat().st_size > 100_000  # the arrays' data file, not metadata
+    content = bytearray(data.read_bytes())
+    middle = len(content) // 2
+    content[middle : middle + 4] = bytes(b ^ 0xFF for b in content[middle : middle + 4])
+    data.write_bytes(bytes(content))
+
+    manager = checkpoint.make_manager(directory, _train_config(keep_last=3))
+    with caplog.at_level(logging.WARNING):
+        step, state = checkpoint.restore_latest(manager, abstract, _iterator(), CONFIG)
+    assert step == 1
+    np.testing.assert_array_equal(state["w"], big(1)["w"])
+    assert any("checkpoint 2 is unreadable" in r.getMessage() and "digest" in r.getMessage() for r in caplog.records)
+
+
+def test_state_digest_sees_one_flipped_bit_and_swapped_elements():
+    """Every single-bit flip of a float32, bfloat16 or int32 element changes both sums; swapping two elements
+    changes the weighted one."""
+    state = {"f": jnp.linspace(-1, 1, 6, dtype=jnp.float32), "h": jnp.ones(3, jnp.bfloat16), "n": jnp.int32(7)}
+    digest = checkpoint.state_digest(state)
+    for index, (name, leaf) in enumerate(sorted(state.items())):
+        width = 8 * leaf.dtype.itemsize
+        raw = np.asarray(jax.lax.bitcast_convert_type(leaf, jnp.dtype(f"uint{width}"))).ravel()
+        for element in range(raw.size):
+            for bit in range(width):
+                flipped = raw.copy()
+                flipped[element] ^= 1 << bit
+                leaf_flipped = jax.lax.bitcast_convert_type(jnp.asarray(flipped.reshape(leaf.shape)), leaf.dtype)
+                changed = checkpoint.state_digest({**state, name: leaf_flipped})[index]
+                assert changed[0] != digest[index][0] and changed[1] != digest[index][1], (name, element, bit)
+    swapped = state["f"][jnp.array([1, 0, 2, 3, 4, 5])]
+    assert checkpoint.state_digest({**state, "f": swapped})[0][1] != digest[0][1]
 
 
 def test_checkpoint_of_another_model_is_refused(tmp_path):

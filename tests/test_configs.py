@@ -109,6 +109,10 @@ def _set(config, path: str, value):
         ("model.d_model", 0, 1, "config.model.d_model"),
         ("model.dtype", "float16", 1, "config.model.dtype"),
         ("model.chunk_size", 48, 1, "config.model.chunk_size"),
+        ("model.norm_eps", 0.0, 1, "config.model.norm_eps"),
+        ("model.norm_eps", -1.0, 1, "config.model.norm_eps"),
+        ("model.vocab_size", 5, 1, "config.model.vocab_size"),  # the default's MQAR uses 80 token ids
+        ("data.seq_len", 0, 1, "config.data.seq_len"),
         ("data.source", "wiki", 1, "data.source"),
         ("train.steps", 0, 1, "config.train.steps"),
         ("train.lr", 0.0, 1, "config.train.lr"),

@@ -173,8 +173,41 @@ def test_pallas_value_width_that_its_blocks_cannot_cover(rng):
         rules.kda(**inputs, impl="pallas")
 
 
+@pytest.mark.parametrize(
+    ("dims", "message"),
+    [
+        ({"K": 48, "V": 32}, "K must be a power of two >= 16; got 48"),
+        ({"K": 32, "V": 8}, "V must be a power of two >= 16; got 8"),
+        ({"K": 32, "V": 32, "chunk_size": 8}, "chunk_size must be a power of two >= 16; got 8"),
+    ],
+)
+def test_pallas_widths_the_gpu_kernels_cannot_take(dims, message, rng, monkeypatch):
+    """On a GPU, the Triton kernels' tiles need K, V and the chunk size to be powers of two of at least 16."""
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    chunk_size = dims.pop("chunk_size", 16)
+    inputs = make_inputs("kda", rng, T=T, B=B, H=H, **dims)
+    with pytest.raises(ValueError, match=f'impl="pallas" on a GPU: {message}'):
+        rules.kda(**inputs, impl="pallas", chunk_size=chunk_size)
+
+
 def test_value_heads_not_a_multiple_of_key_heads(rng):
     inputs = make_inputs("kda", rng, T=T, B=B, H=2, K=K, V=V)
     grouped = {**inputs, "v": normal(rng, B, T, 3, V), "g": inputs["g"][:, :, :1].repeat(3, 2)}
     with pytest.raises(ValueError, match="`v` has 3 heads; with grouped values that must be a multiple of the H_k = 2"):
         rules.kda(**{**grouped, "beta": grouped["g"][..., 0]})
+
+
+def test_step_messages_name_the_steps_shapes(rng):
+    """A one-token step's errors speak of its own arguments ([B, H, ...], no time axis), and the rule's own
+    messages keep theirs after a step has run."""
+    b, h, k, v = 2, 3, 4, 5
+    state = jnp.zeros((b, h, k, v))
+    q, values, gate = jnp.ones((b, h, k)), jnp.ones((b, h, v)), jnp.ones((b, h))
+    with pytest.raises(ValueError, match=re.escape("`g` must have shape [B, H] = (2, 3); got (2, 3, 4)")):
+        rules.gated_delta_rule_step(state, q, q, values, jnp.ones((b, h, k)), gate)
+    with pytest.raises(ValueError, match=re.escape("`q` must have rank 3, [B, H, D]; got shape (2, 4)")):
+        rules.gated_delta_rule_step(state, jnp.ones((b, k)), q, values, gate, gate)
+    rules.gated_delta_rule_step(state, q, q, values, gate, gate)  # well-formed
+    sequence = jnp.ones((b, 7, h, k))
+    with pytest.raises(ValueError, match=re.escape("`g` must have shape [B, T, H] = (2, 7, 3); got (2, 7, 3, 4)")):
+        rules.gated_delta_rule(sequence, sequence, jnp.ones((b, 7, h, v)), sequence, jnp.ones((b, 7, h)))

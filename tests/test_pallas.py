@@ -217,6 +217,22 @@ def test_pallas_grads_match_chunk(variant, with_segments, rng, backward_kernels)
     assert_close(actual, expected, KERNEL_RTOL, f"{variant} pallas grad")
 
 
+@pytest.mark.parametrize("variant", ["kda", "eda-channel"])
+def test_pallas_grouped_values(variant, rng, backward_kernels):
+    """v, the gates and the state with 3x the heads of q, k and e (grouped values): the recurrent form's output
+    and final state, the chunk form's gradients (rules.py repeats q, k, e per value head before the kernels)."""
+    rule = rule_of(variant)
+    small, wide = make_inputs(variant, rng, T=T, H=2), make_inputs(variant, rng, T=T, H=6)
+    grouped = {name: small[name] if name in ("q", "k", "e") else wide[name] for name in wide}
+    state = make_state(rng, H=6)
+    actual = run(rule, grouped, state, impl="pallas", chunk_size=16)
+    assert_close(actual, reference(rule, grouped, state), KERNEL_RTOL, f"{variant} pallas, grouped values")
+    cotangents = random_cotangents(rng, wide)
+    actual = grad_runner(rule, "pallas", 16)(cotangents, grouped, state, None)
+    expected = grad_runner(rule, "chunk", 16)(cotangents, grouped, state, None)
+    assert_close(actual, expected, KERNEL_RTOL, f"{variant} pallas grad, grouped values")
+
+
 @pytest.mark.parametrize("variant", [*SEGMENT_VARIANTS, "kda"])
 def test_pallas_grads_across_the_blocks_of_a_chunk(variant, rng, backward_kernels, fresh_traces):
     """Chunks of 32 tokens (two 16-token blocks: the block pairs below the diagonal),
@@ -395,6 +411,21 @@ def test_recurrent_kernel_lowers_to_triton(case, no_x64):
     forward = jax.jit(lambda q, sub, s0, seg: forms.recurrent(q, sub, s0, seg, False))
     lowered = forward.trace(*_lowering_inputs(case, 3)).lower(lowering_platforms=("cuda",))
     assert lowered.as_text().count("xla.gpu.triton") == 1
+
+
+def test_decode_kernel_updates_the_state_in_place_on_a_gpu(no_x64, monkeypatch):
+    """A jitted decoding step with the state donated, lowered for CUDA as on a GPU: the Triton call aliases its
+    state operand to its state output (input_output_aliases), and the jitted function its argument to its result,
+    so the state is updated in place."""
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    b, h, k, v = 2, 4, 128, 128
+    spec = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)  # noqa: E731
+    token = (spec(b, h, k), spec(b, h, k), spec(b, h, v), spec(b, h, k), spec(b, h))
+    step = jax.jit(lambda s, *t: rules.kda_step(s, *t, impl="pallas"), donate_argnums=0)
+    text = step.trace(spec(b, h, k, v), *token).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("xla.gpu.triton") == 1
+    assert re.search(r"output_operand_alias<output_tuple_indices = \[\d+\], operand_index = \d+", text)
+    assert "tf.aliasing_output" in text
 
 
 def _forward_kernel_count(case):
@@ -595,17 +626,66 @@ def test_pallas_segments_on_gpu_bf16(rule):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("rule", ["gated_delta_rule", "kda", "eda"])
+@pytest.mark.parametrize("rule", ["gated_delta_rule", "kda", "gdn2", "eda"])
 def test_pallas_decode_step_on_gpu(rule):
-    """One decoding step for a batch of 64, state donated (updated in place), equals the recurrent step."""
+    """One decoding step for a batch of 64, state donated (updated in place), device memory poisoned with NaN
+    before the step: the recurrent step's output and state."""
     from edarnn.check_forms import random_inputs
 
     token = [x[:, 0] for x in random_inputs(rule, 64, 1, 16, 128, 128)]
     state = jax.random.normal(jax.random.key(0), (64, 16, 128, 128), jnp.float32)
     step = rules.__dict__[f"{rule}_step"]
     expected = step(state, *token)
-    actual = jax.jit(lambda s, *t: step(s, *t, impl="pallas"), donate_argnums=0)(state.copy(), *token)
+    decode = jax.jit(lambda s, *t: step(s, *t, impl="pallas"), donate_argnums=0)
+    decode = decode.lower(state, *token).compile()
+    poison_gpu_memory()
+    actual = decode(state.copy(), *token)
     assert relative_error(actual[0], expected[0]) < 1e-4 and relative_error(actual[1], expected[1]) < 1e-4
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rule", ["gated_delta_rule", "kda", "gdn2", "eda"])
+def test_pallas_prefill_on_gpu(rule):
+    """A prefill shorter than a chunk (37 tokens: the token-by-token kernel) from a given state, device memory
+    poisoned: the recurrent form's output and final state."""
+    from edarnn.check_forms import random_inputs
+
+    inputs = random_inputs(rule, 8, 37, 16, 128, 128)
+    state = jax.random.normal(jax.random.key(0), (8, 16, 128, 128), jnp.float32)
+    expected = rules.RULES[rule](*inputs, initial_state=state, impl="recurrent")
+    prefill = jax.jit(lambda s, *a: rules.RULES[rule](*a, initial_state=s, impl="pallas"))
+    prefill = prefill.lower(state, *inputs).compile()
+    poison_gpu_memory()
+    o, final_state = prefill(state, *inputs)
+    assert relative_error(o, expected[0]) < 1e-4 and relative_error(final_state, expected[1]) < 1e-4
+
+
+DECAY_POSITION = {"gated_delta_rule": 3, "kda": 3, "gdn2": 3, "eda": 4}  # where random_inputs puts the log-decay
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rule", ["kda", "gdn2", "eda"])
+def test_pallas_decay_floor_on_gpu_bf16(rule, backward_kernels):
+    """Channel-wise log-decays uniform in [-5, 0] per token and channel (the floor the issue names) at full-width
+    heads, q, k, v in bf16, device memory poisoned: output, final state and every gradient finite; the output within
+    1e-2 of a float32 recurrent run."""
+    from edarnn.check_forms import random_inputs
+
+    inputs = list(random_inputs(rule, 2, 1000, 4, 128, 128))
+    position = DECAY_POSITION[rule]
+    inputs[position] = -5.0 * jax.random.uniform(jax.random.key(3), inputs[position].shape)
+    expected, _ = rules.RULES[rule](*inputs, impl="recurrent")
+    low = [x.astype(jnp.bfloat16) if i < 3 else x for i, x in enumerate(inputs)]
+
+    def loss(args):
+        o, final_state = rules.RULES[rule](*args, impl="pallas")
+        return jnp.sum(o.astype(jnp.float32) ** 2) + jnp.sum(final_state), o
+
+    step = jax.jit(jax.value_and_grad(loss, has_aux=True)).lower(low).compile()
+    poison_gpu_memory()
+    (value, o), grads = step(low)
+    assert np.isfinite(float(value)) and relative_error(o, expected) < 1e-2
+    assert all(np.isfinite(np.asarray(g, np.float32)).all() for g in grads)
 
 
 @pytest.mark.gpu
