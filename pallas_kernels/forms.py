@@ -59,19 +59,28 @@ def _chunk_kernels(q, gq, x, y, z, gcum, initial_state, seg, seg_q, seg_prev, ch
     args = (q, gq, x, y, z, gcum, initial_state, seg, seg_q, seg_prev)
     if platform == "tpu":
         return tpu_chunk_fwd.chunk_forward(*args, chunk_size=chunk_size, interpret=interpret)
-    return gpu_chunk_fwd.chunk_forward(*args, chunk_size=chunk_size, interpret=interpret, storage=storage)
+    return gpu_chunk_fwd.chunk_forward(*args, chunk_size=chunk_size, interpret=interpret, storage=storage)[:2]
 
 
 def _chunk_kernels_forward(*args):
-    return _chunk_kernels(*args), args[:10]
+    """The forward for differentiation: the inputs, and on the GPU with chunk_bwd.Config.keep_chunk_states the
+    forward's chunk states too, are the residuals."""
+    inputs, (chunk_size, interpret, platform, storage) = args[:10], args[10:]
+    if platform == "gpu" and gpu_chunk_bwd.default_config().keep_chunk_states:
+        o, final_state, states = gpu_chunk_fwd.chunk_forward(
+            *inputs, chunk_size=chunk_size, interpret=interpret, storage=storage, inverse=True
+        )
+        return (o, final_state), (inputs, states)
+    return _chunk_kernels(*args), (inputs, None)
 
 
-def _chunk_kernels_backward(chunk_size, interpret, platform, storage, inputs, cotangents):
+def _chunk_kernels_backward(chunk_size, interpret, platform, storage, residuals, cotangents):
+    inputs, states = residuals
     if platform == "tpu":
         grads = tpu_chunk_bwd.chunk_backward(*inputs, *cotangents, chunk_size=chunk_size, interpret=interpret)
     else:
         grads = gpu_chunk_bwd.chunk_backward(
-            *inputs, *cotangents, chunk_size=chunk_size, interpret=interpret, storage=storage
+            *inputs, *cotangents, chunk_size=chunk_size, interpret=interpret, storage=storage, kept=states
         )
     grads = tuple(None if d is None else d.astype(t.dtype) for d, t in zip(grads, inputs[:7], strict=True))
     return (*grads, None, None, None)  # the segment numbers (integers) have no cotangent

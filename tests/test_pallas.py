@@ -217,6 +217,27 @@ def test_pallas_grads_match_chunk(variant, with_segments, rng, backward_kernels)
     assert_close(actual, expected, KERNEL_RTOL, f"{variant} pallas grad")
 
 
+@pytest.mark.parametrize("variant", ["gated_delta_rule", "kda", "eda-bw"])
+def test_pallas_kept_chunk_states_give_the_recomputed_gradients(variant, rng, backward_kernels, monkeypatch):
+    """chunk_bwd.Config.keep_chunk_states: the backward takes the forward's chunk states instead of recomputing
+    them; the same kernels on the same inputs, so the gradients equal the recompute's, and the chunk form's. Chunks
+    of 32 (two row blocks), segments, an initial state."""
+    rule = rule_of(variant)
+    inputs, state = make_inputs(variant, rng, T=T), make_state(rng)
+    segment_ids = make_segment_ids(rng, SEGMENTS)
+    cotangents = random_cotangents(rng, inputs)
+
+    def grads(keep):  # a fresh jit: the configuration is read when tracing
+        monkeypatch.setattr(chunk_bwd, "DEFAULT_CONFIG", chunk_bwd.Config(keep_chunk_states=keep))
+        loss = loss_fn(rule, cotangents, impl="pallas", chunk_size=32)
+        return jax.jit(jax.grad(loss, argnums=(0, 1)))(inputs, state, segment_ids)
+
+    kept, recomputed = grads(True), grads(False)
+    assert_close(kept, recomputed, 1e-12, f"{variant} kept chunk states")
+    expected = grad_runner(rule, "chunk", 32)(cotangents, inputs, state, segment_ids)
+    assert_close(kept, expected, KERNEL_RTOL, f"{variant} kept chunk states against the chunk form")
+
+
 @pytest.mark.parametrize("variant", ["kda", "eda-channel"])
 def test_pallas_grouped_values(variant, rng, backward_kernels):
     """v, the gates and the state with 3x the heads of q, k and e (grouped values): the recurrent form's output
@@ -476,6 +497,15 @@ def test_chunk_backward_kernels_lower_to_triton(case, setting, backward_kernels,
     text = _lowered_training_step(case, storage)
     assert text.count("xla.gpu.triton") == 2 * _forward_kernel_count(case) - 1 + len(BACKWARD_KERNELS)
     assert all(f'name = "{kernel}"' in text for kernel in BACKWARD_KERNELS)
+
+
+@pytest.mark.parametrize("case", list(LOWERING_CASES))
+def test_kept_chunk_states_spare_the_recompute_kernels(case, backward_kernels, monkeypatch, no_x64):
+    """With chunk_bwd.Config.keep_chunk_states a training step lowers to the forward's kernels and the five
+    backward kernels only: no pair, solve and state kernels again."""
+    monkeypatch.setattr(chunk_bwd, "DEFAULT_CONFIG", chunk_bwd.Config(keep_chunk_states=True))
+    text = _lowered_training_step(case, jnp.bfloat16)
+    assert text.count("xla.gpu.triton") == _forward_kernel_count(case) + len(BACKWARD_KERNELS)
 
 
 def _lowered_training_step(case, storage, b=1, h=2):

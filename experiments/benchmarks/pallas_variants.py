@@ -13,9 +13,10 @@ random, as `kernels.py`'s fwd+bwd) with the plain-JAX chunk form's VJP ("xla") o
 (`forms.BACKWARD_KERNELS["gpu"]` swapped, and `chunk_bwd.Config` fields); such cases are named VARIANT/BACKWARD, and
 fla's case is then its fwd+bwd. Inputs are `experiments.benchmarks.rules.make_inputs` (q, k, v in --dtype, gates
 float32), --input-sets sets cycled; times are medians per call of --repeats bursts of --burst calls after --warmup
-calls, host clock (`rules.time_calls`, as `kernels.py`). --profile RULE:VARIANT also records a JAX profiler trace of
-one call to --out's folder (summarise with `python -m experiments.benchmarks.profile summarize`). Prints one line
-per case as it goes and a table last.
+calls, host clock (`rules.time_calls`, as `kernels.py`); each case records XLA's compiled memory beyond its inputs
+(temp_bytes: temporaries, e.g. what a forward keeps for its backward; output_bytes). --profile RULE:VARIANT also
+records a JAX profiler trace of one call to --out's folder (summarise with `python -m experiments.benchmarks.profile
+summarize`). Prints one line per case as it goes and a table last.
 """
 
 import os
@@ -71,6 +72,7 @@ BACKWARDS = {  # name: None (forward only), or (forms.BACKWARD_KERNELS["gpu"], c
     "kernels_stategrad32": (True, {"state_grad_block_v": 32}),
     "kernels_stategrad16": (True, {"state_grad_block_v": 16}),
     "kernels_stages1": (True, {"state_grad_stages": 1}),  # no software pipelining of the state_grad kernel's loop
+    "kernels_keep": (True, {"keep_chunk_states": True}),  # the forward's chunk states kept, not recomputed
 }
 
 
@@ -154,10 +156,16 @@ def main(argv=None):
             case_sets = sets if backward == "fwd" else grad_sets
             start = time.perf_counter()
             try:
-                jax.block_until_ready(fn(*case_sets[0]))
+                compiled = fn.lower(*case_sets[0]).compile()
                 compile_s = time.perf_counter() - start
+                analysis = compiled.memory_analysis()
                 record = rb.time_calls(
-                    fn, case_sets, jax.block_until_ready, warmup=args.warmup, repeats=args.repeats, burst=args.burst
+                    compiled,
+                    case_sets,
+                    jax.block_until_ready,
+                    warmup=args.warmup,
+                    repeats=args.repeats,
+                    burst=args.burst,
                 )
                 median, best = record["median_ms"], record["min_ms"]
             except Exception as exc:  # noqa: BLE001
@@ -167,11 +175,15 @@ def main(argv=None):
                 continue
             base = base or median
             case = {"rule": rule, "variant": name, "median_ms": median, "min_ms": best, "compile_s": compile_s}
+            if analysis is not None:  # XLA's device memory beyond the inputs: temporaries (kept residuals) and outputs
+                case.update(
+                    temp_bytes=int(analysis.temp_size_in_bytes), output_bytes=int(analysis.output_size_in_bytes)
+                )
             report["cases"].append(case)
             print(f"{rule:18s} {name:32s} {median:8.3f} ms (min {best:.3f}, x{median / base:.2f} of first)", flush=True)
             if f"{rule}:{name}" in args.profile:
                 path = os.path.join(out_dir, f"{rule}-{name.replace('/', '-')}.xplane.pb")
-                trace_to(path, lambda: fn(*case_sets[0]))  # noqa: B023  (called here, within the iteration)
+                trace_to(path, lambda: compiled(*case_sets[0]))  # noqa: B023  (called here, within the iteration)
             save()
         chunk_fwd.DEFAULT_CONFIG, chunk_bwd.DEFAULT_CONFIG = chunk_fwd.Config(), chunk_bwd.Config()
         forms.BACKWARD_KERNELS["gpu"] = default_backward

@@ -6,6 +6,7 @@ per-token decay's gradient, a reverse cumulative sum inside each chunk, is JAX's
 
 0. recompute: Aqk, W, U, T = (I + A)^-1 and each chunk's start state S_n by the forward's pair, solve and state
    kernels (`chunk_fwd.chunk_states`; the solve kernel also writes T); the forward keeps nothing but its inputs.
+   With Config.keep_chunk_states the forward keeps them instead (its solve writes T) and this step goes.
 1. `value_grad` (grid V/BV x B x H x N, parallel; body tiles.value_grad_kernel): P_n^T dO_n, the values'
    gradient through the chunk's own queries (P = Aqk).
 2. `state_grad` (grid V/BV x B x H, sequential over the chunks in reverse inside, dS in registers; Q exp(Gq)
@@ -80,6 +81,11 @@ class Config(NamedTuple):
     block_v: int = 64  # V blocks of the loops inside score_grad and state_products
     block_k: int = 64  # K blocks of the state_products and key_grad grids
     low_grads: bool = True  # with 16-bit inputs: P^T dO, dU, the dS_{n+1} and dq, dx, dy, dz in 16 bits
+    # the forward's chunk states (Aqk, W, U, T, the start states, X~ and exp(G_last): chunk_fwd.ChunkStates, about
+    # 330 KB per chunk-head for kda in bf16) kept from the forward to the backward instead of recomputed there by
+    # the pair, solve and state kernels (a quarter of kda's fwd+bwd kernel time in session 12's trace); the
+    # forward's solve then also writes T. False (recompute) until measured: pallas_variants' kernels_keep
+    keep_chunk_states: bool = False
 
 
 DEFAULT_CONFIG = Config()
@@ -321,11 +327,13 @@ def _decayed_queries(q, gq, seg_q, seg_prev, chunk_size, dtype):
 
 def chunk_backward(
     q, gq, x, y, z, gcum, initial_state, seg, seg_q, seg_prev, d_o, d_final, *, chunk_size, interpret,
-    storage=None, config=None, forward_config=None,
+    storage=None, config=None, forward_config=None, kept=None,
 ):  # fmt: skip
     """Gradients of `chunk_fwd.chunk_forward` (same prepared inputs and storage) given d_o [B, T, H, V] and d_final
     [B, H, K, V], the cotangents of its output and final state. config: this module's Config (default
-    DEFAULT_CONFIG); forward_config: the recompute's chunk_fwd.Config (default chunk_fwd's).
+    DEFAULT_CONFIG); forward_config: the recompute's chunk_fwd.Config (default chunk_fwd's); kept: the
+    forward's `chunk_fwd.ChunkStates` (computed with inverse=True and the same storage and forward_config), or None
+    to recompute them.
 
     Returns (dq, dgq, dx, dy, dz, dgcum, d_initial_state), each shaped like its input (dy None when y is None):
     float32, but dq, dx, dy, dz in the storage dtype with 16-bit storage and config.low_grads."""
@@ -343,26 +351,19 @@ def chunk_backward(
     f32 = jnp.float32
     grad_dtype = jnp.dtype(storage) if storage is not None and config.low_grads else f32
     shape = jax.ShapeDtypeStruct
-    recomputed = chunk_fwd.chunk_states(
-        q,
-        gq,
-        x,
-        y,
-        z,
-        gcum,
-        initial_state,
-        seg,
-        seg_q,
-        seg_prev,
-        chunk_size=chunk_size,
-        interpret=interpret,
-        config=forward_config,
-        storage=storage,
-        inverse=True,
-    )
-    scores, w, u, states, t = recomputed.scores, recomputed.w, recomputed.u, recomputed.states, recomputed.t
-    x_to_end, state_decay = recomputed.x_to_end, recomputed.state_decay
-    low = x_to_end.dtype  # the recompute's intermediates' dtype
+    chunk = kept
+    if chunk is None:  # the recompute
+        chunk = chunk_fwd.chunk_states(
+            *(q, gq, x, y, z, gcum, initial_state, seg, seg_q, seg_prev),
+            chunk_size=chunk_size,
+            interpret=interpret,
+            config=forward_config,
+            storage=storage,
+            inverse=True,
+        )
+    scores, w, u, states, t = chunk.scores, chunk.w, chunk.u, chunk.states, chunk.t
+    x_to_end, state_decay = chunk.x_to_end, chunk.state_decay
+    low = x_to_end.dtype  # the intermediates' dtype
     q_decayed = _decayed_queries(q, gq, seg_q, seg_prev, chunk_size, low)
 
     block_v = min(config.value_grad_block_v, value)

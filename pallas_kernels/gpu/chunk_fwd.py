@@ -342,8 +342,9 @@ def end_decayed_keys(x, gcum, seg, seg_prev, rows, dtype):
 
 
 def chunk_forward(
-    q, gq, x, y, z, gcum, initial_state, seg, seg_q, seg_prev, *, chunk_size, interpret, config=None, storage=None
-):
+    q, gq, x, y, z, gcum, initial_state, seg, seg_q, seg_prev, *, chunk_size, interpret, config=None, storage=None,
+    inverse=False,
+):  # fmt: skip
     """Chunkwise forward on prepared, padded inputs (see pallas_kernels.forms.prepare).
 
     q [B, T, H, K] (scaled), gq [B, T, H, D] (the chunk-local cumulative log-decay each query sees), x, y
@@ -353,7 +354,8 @@ def chunk_forward(
     of chunk_size. storage: the dtype q, x, y, z are read in (config.low_inputs) and the intermediates are stored
     in (config.low_intermediates, low_states), e.g. bfloat16 for bf16 inputs; None: float32.
     Returns (o [B, T, H, V] in storage (the caller's output dtype; rounded once, in the kernel), final_state
-    [B, H, K, V] f32).
+    [B, H, K, V] f32, the chunk states (`ChunkStates`, with T where `inverse`: what the backward kernels need,
+    chunk_bwd.Config.keep_chunk_states)).
     """
     config = config or default_config()
     if storage is not None and config.low_inputs:
@@ -362,7 +364,7 @@ def chunk_forward(
     rows, value, dim = x.shape[1] // length * chunk_size, z.shape[-1], gcum.shape[-1]
     n_chunks = length // chunk_size
     has_segments = seg is not None
-    scores, _, u, states, final_state, *_ = chunk_states(
+    chunk = chunk_states(
         q,
         gq,
         x,
@@ -377,6 +379,7 @@ def chunk_forward(
         interpret=interpret,
         config=config,
         storage=storage,
+        inverse=inverse,
     )
     output_block_v = min(config.output_block_v, value)
     o = triton_call(
@@ -394,5 +397,5 @@ def chunk_forward(
         + (segment_specs(chunk_size, 1) if has_segments else []),
         out_specs=tile_spec(chunk_size, output_block_v, v_block=True),
         out_shape=jax.ShapeDtypeStruct((batch, length, heads, value), jnp.dtype(storage or jnp.float32)),
-    )(q, gq, scores, u, states, *((seg_q, seg_prev) if has_segments else ()))
-    return o, final_state
+    )(q, gq, chunk.scores, chunk.u, chunk.states, *((seg_q, seg_prev) if has_segments else ()))
+    return o, chunk.final_state, chunk
