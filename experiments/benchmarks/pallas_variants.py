@@ -13,8 +13,8 @@ random, as `kernels.py`'s fwd+bwd) with the plain-JAX chunk form's VJP ("xla") o
 (`forms.BACKWARD_KERNELS["gpu"]` swapped, and `chunk_bwd.Config` fields); such cases are named VARIANT/BACKWARD, and
 fla's case is then its fwd+bwd. Inputs are `experiments.benchmarks.rules.make_inputs` (q, k, v in --dtype, gates
 float32), --input-sets sets cycled; times are medians per call of --repeats bursts of --burst calls after --warmup
-calls, host clock (`rules.time_calls`, as `kernels.py`); each case records XLA's compiled memory beyond its inputs
-(temp_bytes: temporaries, e.g. what a forward keeps for its backward; output_bytes). --profile RULE:VARIANT also
+calls, host clock (`rules.measure`, as `kernels.py`), with XLA's compiled memory beyond the inputs (temp_bytes:
+temporaries, e.g. what a forward keeps for its backward; output_bytes). --profile RULE:VARIANT also
 records a JAX profiler trace of one call to --out's folder (summarise with `python -m experiments.benchmarks.profile
 summarize`). Prints one line per case as it goes and a table last.
 """
@@ -26,7 +26,6 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave GPU mem
 import argparse  # noqa: E402
 import functools  # noqa: E402
 import json  # noqa: E402
-import time  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -137,6 +136,7 @@ def main(argv=None):
     report.update(warmup=args.warmup, repeats=args.repeats, burst=args.burst, input_sets=args.input_sets)
     report["chunk_rows"] = rules.CHUNK_ROWS  # the rules' default chunks: 64 sub-steps (rules.chunk_tokens)
     default_backward = forms.BACKWARD_KERNELS["gpu"]
+    timing = argparse.Namespace(warmup=args.warmup, repeats=args.repeats, burst=args.burst, case_budget=float("inf"))
     out_dir = os.path.dirname(os.path.abspath(args.out))
 
     def save():
@@ -154,36 +154,22 @@ def main(argv=None):
             chunk_fwd.DEFAULT_CONFIG = chunk_fwd.Config(**VARIANTS[variant])
             fn = case_fn(rule, backward)
             case_sets = sets if backward == "fwd" else grad_sets
-            start = time.perf_counter()
             try:
-                compiled = fn.lower(*case_sets[0]).compile()
-                compile_s = time.perf_counter() - start
-                analysis = compiled.memory_analysis()
-                record = rb.time_calls(
-                    compiled,
-                    case_sets,
-                    jax.block_until_ready,
-                    warmup=args.warmup,
-                    repeats=args.repeats,
-                    burst=args.burst,
-                )
-                median, best = record["median_ms"], record["min_ms"]
+                record = rb.measure(fn, case_sets, timing)
             except Exception as exc:  # noqa: BLE001
                 report["cases"].append({"rule": rule, "variant": name, "error": f"{type(exc).__name__}: {exc}"[:400]})
                 print(rule, name, "ERROR", str(exc)[:300], flush=True)
                 save()
                 continue
+            median, best = record["median_ms"], record["min_ms"]
             base = base or median
-            case = {"rule": rule, "variant": name, "median_ms": median, "min_ms": best, "compile_s": compile_s}
-            if analysis is not None:  # XLA's device memory beyond the inputs: temporaries (kept residuals) and outputs
-                case.update(
-                    temp_bytes=int(analysis.temp_size_in_bytes), output_bytes=int(analysis.output_size_in_bytes)
-                )
+            case = {"rule": rule, "variant": name, **record}
             report["cases"].append(case)
             print(f"{rule:18s} {name:32s} {median:8.3f} ms (min {best:.3f}, x{median / base:.2f} of first)", flush=True)
             if f"{rule}:{name}" in args.profile:
                 path = os.path.join(out_dir, f"{rule}-{name.replace('/', '-')}.xplane.pb")
-                trace_to(path, lambda: compiled(*case_sets[0]))  # noqa: B023  (called here, within the iteration)
+                jax.block_until_ready(fn(*case_sets[0]))  # compiled outside the trace
+                trace_to(path, lambda: fn(*case_sets[0]))  # noqa: B023  (called here, within the iteration)
             save()
         chunk_fwd.DEFAULT_CONFIG, chunk_bwd.DEFAULT_CONFIG = chunk_fwd.Config(), chunk_bwd.Config()
         forms.BACKWARD_KERNELS["gpu"] = default_backward
