@@ -1,12 +1,13 @@
 """Checkpoints with orbax: the training state (params, optimizer state), the step (the checkpoint's number), the
-grain iterator state of the training data and the config, in `<workdir>/checkpoints/<step>/{state,data,config}`.
+grain iterator state of the training data and the config, in `<workdir>/checkpoints/<step>/{state,data,config,digest}`.
 
 Orbax writes a checkpoint into a temporary directory and renames it when complete, so a run killed mid-save
 leaves no half checkpoint under its step (the temporary directory is removed, with a warning, at the next start).
 A checkpoint that is complete on disk but unreadable (truncated or garbled files) fails its parse on restore, or
 its digest: each checkpoint stores `state_digest` of its state beside it (item "digest"), and the restored state
-must give the same. `restore_latest` then warns, moves it to `<workdir>/corrupt_checkpoints/` and loads the one
-before. A checkpoint of another model (config.model differs) is an error, not a corrupt checkpoint.
+must give the same (checkpoints written before digests existed are restored unchecked). `restore_latest` then
+warns, moves it to `<workdir>/corrupt_checkpoints/` and loads the one before. A checkpoint of another model
+(config.model differs) is an error, not a corrupt checkpoint.
 """
 
 import json
@@ -29,15 +30,22 @@ _UNFINISHED = "*.orbax-checkpoint-tmp*"  # orbax's temporary directory of a save
 
 
 def _bit_sums(x):
-    """[2] uint32: the plain and the odd-weighted sum of the bits of x's elements (see state_digest)."""
+    """[2] uint32: the plain and the odd-weighted sum of the bits of x's elements (see state_digest). Element i's
+    row-major index comes from iotas, not a flattening, so a sharded leaf is reduced shard by shard (no gather)."""
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    if x.dtype == jnp.bool_:
+        x = x.astype(jnp.uint8)
     width = jnp.dtype(x.dtype).itemsize
     if width > 4:  # 64-bit elements as pairs of 32-bit words
         bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
     else:
         bits = jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{8 * width}")).astype(jnp.uint32)
-    bits = bits.ravel()
-    weights = 2 * jnp.arange(bits.size, dtype=jnp.uint32) + 1
-    return jnp.stack([jnp.sum(bits, dtype=jnp.uint32), jnp.sum(bits * weights, dtype=jnp.uint32)])
+    index, stride = jnp.zeros(bits.shape, jnp.uint32), 1
+    for axis in reversed(range(bits.ndim)):
+        index = index + jax.lax.broadcasted_iota(jnp.uint32, bits.shape, axis) * jnp.uint32(stride % 2**32)
+        stride *= bits.shape[axis]
+    return jnp.stack([jnp.sum(bits, dtype=jnp.uint32), jnp.sum(bits * (2 * index + 1), dtype=jnp.uint32)])
 
 
 _tree_bit_sums = jax.jit(lambda tree: jax.tree.map(_bit_sums, tree))
@@ -121,15 +129,17 @@ def restore_latest(
         try:
             saved_model, restored = _read_config(manager, step)["model"], None
             if saved_model == model_config:
+                has_digest = (manager.directory / str(step) / "digest").exists()  # not in checkpoints before it
+                items = {"digest": ocp.args.JsonRestore()} if has_digest else {}
                 restored = manager.restore(
                     step,
                     args=ocp.args.Composite(
                         state=ocp.args.StandardRestore(abstract_state),
                         data=grain.checkpoint.CheckpointRestore(data_iterator),
-                        digest=ocp.args.JsonRestore(),
+                        **items,
                     ),
                 )
-                if state_digest(restored["state"]) != restored["digest"]:
+                if has_digest and state_digest(restored["state"]) != restored["digest"]:
                     raise ValueError("the restored state does not match the digest saved with it")
         except Exception as error:  # any failure to read means: not this checkpoint
             aside = _set_aside(manager, step)

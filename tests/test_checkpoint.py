@@ -196,6 +196,48 @@ def test_flipped_bits_in_the_saved_arrays_are_caught(tmp_path, caplog):
     assert any("checkpoint 2 is unreadable" in r.getMessage() and "digest" in r.getMessage() for r in caplog.records)
 
 
+def test_state_digest_matches_its_definition_for_every_kind_of_leaf():
+    """The two sums per leaf against numpy on the flattened bits (element i weighted by 2 i + 1, modulo 2^32), for a
+    3-d float32 leaf, a bool leaf, a 64-bit leaf (two 32-bit words per element) and a typed PRNG key (its key data)."""
+
+    def expected(bits):
+        bits = np.asarray(bits).ravel().astype(np.uint64)
+        weights = 2 * np.arange(bits.size, dtype=np.uint64) + 1
+        return [int(bits.sum() % 2**32), int((bits * weights).sum() % 2**32)]
+
+    values = np.random.default_rng(0).standard_normal((3, 5, 7)).astype(np.float32)
+    flags = np.arange(10) % 3 == 0
+    wide = np.arange(6, dtype=np.int64) * (2**40 + 3)
+    key = jax.random.key(5)
+    state = {"a": jnp.asarray(values), "b": jnp.asarray(flags), "c": jnp.asarray(wide), "d": key}
+    assert checkpoint.state_digest(state) == [
+        expected(values.view(np.uint32)),
+        expected(flags.astype(np.uint8)),
+        expected(wide.view(np.uint32)),
+        expected(jax.random.key_data(key)),
+    ]
+
+
+def test_checkpoint_without_a_digest_is_restored_unchecked(tmp_path):
+    """A checkpoint written before digests existed (state, data and config only) is restored, not set aside."""
+    directory = tmp_path / "checkpoints"
+    manager = checkpoint.make_manager(directory, _train_config())
+    iterator = _iterator()
+    manager.save(
+        1,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(_state(1)),
+            data=grain.checkpoint.CheckpointSave(iterator),
+            config=ocp.args.JsonSave(CONFIG.to_dict()),
+        ),
+    )
+    manager.close()
+    manager = checkpoint.make_manager(directory, _train_config())
+    step, state = checkpoint.restore_latest(manager, ABSTRACT, _iterator(), CONFIG)
+    assert step == 1
+    _assert_state(state, 1)
+
+
 def test_state_digest_sees_one_flipped_bit_and_swapped_elements():
     """Every single-bit flip of a float32, bfloat16 or int32 element changes both sums; swapping two elements
     changes the weighted one."""

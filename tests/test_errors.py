@@ -184,8 +184,9 @@ def test_pallas_value_width_that_its_blocks_cannot_cover(rng):
 def test_pallas_widths_the_gpu_kernels_cannot_take(dims, message, rng, monkeypatch):
     """On a GPU, the Triton kernels' tiles need K, V and the chunk size to be powers of two of at least 16."""
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    chunk_size = dims.pop("chunk_size", 16)
-    inputs = make_inputs("kda", rng, T=T, B=B, H=H, **dims)
+    shape = {name: size for name, size in dims.items() if name != "chunk_size"}
+    inputs = make_inputs("kda", rng, T=T, B=B, H=H, **shape)
+    chunk_size = dims.get("chunk_size", 16)
     with pytest.raises(ValueError, match=f'impl="pallas" on a GPU: {message}'):
         rules.kda(**inputs, impl="pallas", chunk_size=chunk_size)
 
