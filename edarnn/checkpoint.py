@@ -1,5 +1,6 @@
 """Checkpoints with orbax: the training state (params, optimizer state), the step (the checkpoint's number), the
-grain iterator state of the training data and the config, in `<workdir>/checkpoints/<step>/{state,data,config,digest}`.
+grain iterator state of the training data, the config and a digest of the state, in
+`<workdir>/checkpoints/<step>/{state,data,config,digest}`.
 
 Orbax writes a checkpoint into a temporary directory and renames it when complete, so a run killed mid-save
 leaves no half checkpoint under its step (the temporary directory is removed, with a warning, at the next start).
