@@ -48,7 +48,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels.gpu import chunk_fwd
-from pallas_kernels.gpu.chunk_fwd import tile_spec, triton_call
+from pallas_kernels.gpu.chunk_fwd import segment_specs, tile_spec, triton_call
 from pallas_kernels.tiles import (
     BLOCK_TOKENS,
     block_scores_grad,
@@ -477,11 +477,7 @@ def chunk_backward(
         + ([full(rows, rows)] if has_erase else [])
         + [k_spec(chunk_size), k_spec(rows)]
         + ([k_spec(rows)] if has_erase else [])
-        + (
-            [pl.BlockSpec((None, r), lambda j, b, h, n, i: (b, n)) for r in (chunk_size, rows, 1)]
-            if has_segments
-            else []
-        ),
+        + (segment_specs(chunk_size, rows, 1, after=1) if has_segments else []),
         out_specs=[out_spec(chunk_size), out_spec(chunk_size, width), out_spec(rows)]
         + ([out_spec(rows)] if has_erase else [])
         + [out_spec(rows, width), out_spec(n_blocks, width)],

@@ -170,10 +170,10 @@ def triton_call(kernel, warps, interpret, stages=1, **kwargs):
     return pl.pallas_call(kernel, interpret=interpret, compiler_params=params, **kwargs)
 
 
-def segment_specs(*widths):
+def segment_specs(*widths, after=0):
     """BlockSpecs of segment arrays ([B, rows of a chunk] or [B, 1]) on a grid (..., B, H, N) (module docstring:
-    grid order)."""
-    return [pl.BlockSpec((None, r), lambda *ids: (ids[-3], ids[-1])) for r in widths]
+    grid order), or with `after` more axes after N (key_grad's row blocks)."""
+    return [pl.BlockSpec((None, r), lambda *ids: (ids[-3 - after], ids[-1 - after])) for r in widths]
 
 
 def pair_specs(chunk_size, rows, n_blocks, key, dim, has_erase, has_segments):
