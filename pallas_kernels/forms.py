@@ -50,28 +50,34 @@ def prepare(q, sub: core.Substeps, segment_ids, chunk_size):
     return q, gq, x, y, z, gcum, seg, seg_q, seg_prev
 
 
+def _forward_kernels(inputs, chunk_size, interpret, platform, storage, keep=False):
+    """The chunkwise forward kernels of `platform` on prepared inputs: (o [B, T, H, V], float32 or on the GPU in
+    storage, final_state [B, H, K, V] f32, T padded; and with keep (GPU) the chunk states for the backward, else
+    None)."""
+    if platform == "tpu":
+        return (*tpu_chunk_fwd.chunk_forward(*inputs, chunk_size=chunk_size, interpret=interpret), None)
+    o, final_state, states = gpu_chunk_fwd.chunk_forward(
+        *inputs, chunk_size=chunk_size, interpret=interpret, storage=storage, inverse=keep
+    )
+    return o, final_state, states if keep else None
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(10, 11, 12, 13))
 def _chunk_kernels(q, gq, x, y, z, gcum, initial_state, seg, seg_q, seg_prev, chunk_size, interpret, platform, storage):
-    """The chunkwise forward kernels of `platform` on prepared inputs (`prepare`), with that platform's backward
-    kernels as their VJP. storage (GPU): the dtype name the kernels read q, x, y, z in and store their
-    intermediates in (the caller's input dtype), or None for float32. Returns (o [B, T, H, V], float32 or on the
-    GPU in storage, final_state [B, H, K, V] f32), T padded."""
+    """The chunkwise forward kernels of `platform` (`_forward_kernels`) on prepared inputs (`prepare`), with that
+    platform's backward kernels as their VJP. storage (GPU): the dtype name the kernels read q, x, y, z in and store
+    their intermediates in (the caller's input dtype), or None for float32. Returns (o, final_state)."""
     args = (q, gq, x, y, z, gcum, initial_state, seg, seg_q, seg_prev)
-    if platform == "tpu":
-        return tpu_chunk_fwd.chunk_forward(*args, chunk_size=chunk_size, interpret=interpret)
-    return gpu_chunk_fwd.chunk_forward(*args, chunk_size=chunk_size, interpret=interpret, storage=storage)[:2]
+    return _forward_kernels(args, chunk_size, interpret, platform, storage)[:2]
 
 
 def _chunk_kernels_forward(*args):
     """The forward for differentiation: the inputs, and on the GPU with chunk_bwd.Config.keep_chunk_states the
     forward's chunk states too, are the residuals."""
     inputs, (chunk_size, interpret, platform, storage) = args[:10], args[10:]
-    if platform == "gpu" and gpu_chunk_bwd.default_config().keep_chunk_states:
-        o, final_state, states = gpu_chunk_fwd.chunk_forward(
-            *inputs, chunk_size=chunk_size, interpret=interpret, storage=storage, inverse=True
-        )
-        return (o, final_state), (inputs, states)
-    return _chunk_kernels(*args), (inputs, None)
+    keep = platform == "gpu" and gpu_chunk_bwd.default_config().keep_chunk_states
+    o, final_state, states = _forward_kernels(inputs, chunk_size, interpret, platform, storage, keep)
+    return (o, final_state), (inputs, states)
 
 
 def _chunk_kernels_backward(chunk_size, interpret, platform, storage, residuals, cotangents):

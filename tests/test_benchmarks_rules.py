@@ -66,3 +66,17 @@ def test_rules_benchmark_records_its_burst(tmp_path):
 def test_a_burst_below_one_is_refused(burst):
     with pytest.raises(SystemExit):
         rb.parse_args(["--burst", str(burst)])
+
+
+def test_fwd_bwd_returns_the_output_with_the_gradients():
+    """fwd+bwd returns o as well as the gradients of sum(o * do), so that its timing includes the whole forward, as
+    in training (the gradients alone let XLA drop the forward's output)."""
+    import jax
+    import jax.numpy as jnp
+
+    inputs, do = rb.make_inputs("gated_delta_rule", 0, (1, 9, 2, 4, 4), jnp.float32)
+    forward = lambda *xs: rb.rules.gated_delta_rule(*xs, impl="recurrent")  # noqa: E731
+    o, grads = jax.jit(rb.phases(forward)["fwd_bwd"])(inputs, do)
+    assert jnp.allclose(o, forward(*inputs)[0])
+    expected = jax.grad(lambda xs: jnp.sum(forward(*xs)[0] * do))(inputs)
+    assert all(jnp.allclose(a, b) for a, b in zip(grads, expected, strict=True))

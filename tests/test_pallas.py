@@ -490,10 +490,12 @@ BACKWARD_KERNELS = (
 def test_chunk_backward_kernels_lower_to_triton(case, setting, backward_kernels, monkeypatch, no_x64):
     """A training step's forward and backward at K = V = 128 (two K blocks in state_products and key_grad, two V
     blocks elsewhere), float32 and 16-bit storage (16-bit inputs with float32 states):
-    the forward kernels, those before the output kernel again (the backward recomputes the chunk states: pair,
-    solve, state), and the five backward kernels (value_grad, state_grad, score_grad, state_products, key_grad)."""
+    the forward kernels, those before the output kernel again (with keep_chunk_states=False the backward recomputes
+    the chunk states: pair, solve, state), and the five backward kernels (value_grad, state_grad, score_grad,
+    state_products, key_grad)."""
     storage, fields = LOWERING_SETTINGS[setting]
     monkeypatch.setattr(chunk_fwd, "DEFAULT_CONFIG", chunk_fwd.Config(**fields))
+    monkeypatch.setattr(chunk_bwd, "DEFAULT_CONFIG", chunk_bwd.Config(keep_chunk_states=False))
     text = _lowered_training_step(case, storage)
     assert text.count("xla.gpu.triton") == 2 * _forward_kernel_count(case) - 1 + len(BACKWARD_KERNELS)
     assert all(f'name = "{kernel}"' in text for kernel in BACKWARD_KERNELS)
@@ -501,8 +503,8 @@ def test_chunk_backward_kernels_lower_to_triton(case, setting, backward_kernels,
 
 @pytest.mark.parametrize("case", list(LOWERING_CASES))
 def test_kept_chunk_states_spare_the_recompute_kernels(case, backward_kernels, monkeypatch, no_x64):
-    """With chunk_bwd.Config.keep_chunk_states a training step lowers to the forward's kernels and the five
-    backward kernels only: no pair, solve and state kernels again."""
+    """With chunk_bwd.Config.keep_chunk_states (the default) a training step lowers to the forward's kernels and the
+    five backward kernels only: no pair, solve and state kernels again."""
     monkeypatch.setattr(chunk_bwd, "DEFAULT_CONFIG", chunk_bwd.Config(keep_chunk_states=True))
     text = _lowered_training_step(case, jnp.bfloat16)
     assert text.count("xla.gpu.triton") == _forward_kernel_count(case) + len(BACKWARD_KERNELS)
@@ -665,7 +667,8 @@ def test_pallas_decode_step_on_gpu(rule):
     token = [x[:, 0] for x in random_inputs(rule, 64, 1, 16, 128, 128)]
     state = jax.random.normal(jax.random.key(0), (64, 16, 128, 128), jnp.float32)
     step = rules.__dict__[f"{rule}_step"]
-    expected = step(state, *token)
+    with jax.default_matmul_precision("highest"):  # not TF32
+        expected = step(state, *token)
     decode = jax.jit(lambda s, *t: step(s, *t, impl="pallas"), donate_argnums=0)
     decode = decode.lower(state, *token).compile()
     poison_gpu_memory()
@@ -676,15 +679,17 @@ def test_pallas_decode_step_on_gpu(rule):
 @pytest.mark.gpu
 @pytest.mark.parametrize("rule", ["gated_delta_rule", "kda", "gdn2", "eda"])
 def test_pallas_prefill_on_gpu(rule):
-    """A prefill shorter than a chunk (37 tokens: the token-by-token kernel) from a given state, device memory
-    poisoned: the recurrent form's output and final state."""
+    """A prefill shorter than a chunk (29 tokens, below eda's 32-token chunks: the token-by-token kernel for every
+    rule) from a given state, device memory poisoned: the recurrent form's output and final state."""
     from edarnn.check_forms import random_inputs
 
-    inputs = random_inputs(rule, 8, 37, 16, 128, 128)
+    inputs = random_inputs(rule, 8, 29, 16, 128, 128)
     state = jax.random.normal(jax.random.key(0), (8, 16, 128, 128), jnp.float32)
-    expected = rules.RULES[rule](*inputs, initial_state=state, impl="recurrent")
-    prefill = jax.jit(lambda s, *a: rules.RULES[rule](*a, initial_state=s, impl="pallas"))
-    prefill = prefill.lower(state, *inputs).compile()
+    with jax.default_matmul_precision("highest"):  # not TF32
+        expected = rules.RULES[rule](*inputs, initial_state=state, impl="recurrent")
+    lowered = jax.jit(lambda s, *a: rules.RULES[rule](*a, initial_state=s, impl="pallas")).lower(state, *inputs)
+    assert "_recurrent_kernel" in lowered.as_text()
+    prefill = lowered.compile()
     poison_gpu_memory()
     o, final_state = prefill(state, *inputs)
     assert relative_error(o, expected[0]) < 1e-4 and relative_error(final_state, expected[1]) < 1e-4

@@ -19,14 +19,14 @@ XLA's loop condition read on the host every iteration); the note gives the state
 over that time (TB/s).
 
 Inputs are `experiments.benchmarks.rules.make_inputs` (q, k, v, e in --dtype, k and e L2-normalised; gates and
-log-decays float32); fla gets the same arrays through DLPack. fwd: the rule's output and final state. fwd+bwd:
-gradients of sum(o * do) w.r.t. every input, for a fixed random cotangent do (JAX: `jax.grad`, as the rules
-benchmark; torch: `o.backward(do)`). Times: median (and min, in the JSON) per call of up to --repeats bursts of
---burst calls after --warmup calls, each burst synchronised once (block_until_ready / torch.cuda.synchronize) and
-timed on the host clock, cycling through --input-sets input sets (`rb.time_calls`; --burst 1, the default, times
-each call with its launch and synchronisation latency). Memory: JAX, the compiled executable's temp + output bytes
-(XLA memory analysis); torch, torch.cuda.max_memory_allocated() over the timed calls minus what was allocated before
-them (the inputs): both are the memory a call needs beyond its inputs.
+log-decays float32); fla gets the same arrays through DLPack. fwd: the rule's output and final state. fwd+bwd: o and the
+gradients of sum(o * do) w.r.t. every input, for a fixed random cotangent do (JAX: `jax.vjp`, as the rules benchmark, o
+returned so that XLA computes the whole forward; torch: `o.backward(do)`). Times: median (and min, in the JSON) per call
+of up to --repeats bursts of --burst calls after --warmup calls, each burst synchronised once (block_until_ready /
+torch.cuda.synchronize) and timed on the host clock, cycling through --input-sets input sets (`rb.time_calls`; --burst
+1, the default, times each call with its launch and synchronisation latency). Memory: JAX, the compiled executable's
+temp + output bytes (XLA memory analysis); torch, torch.cuda.max_memory_allocated() over the timed calls minus what was
+allocated before them (the inputs): both are the memory a call needs beyond its inputs.
 
 --check first compares every selected implementation at B=2, T=--check-seq, H<=2 in float32 (XLA's matmuls at
 float32 precision; Triton dots, fla's and edarnn's Pallas kernels' on the GPU, take float32 operands as TF32)
@@ -154,11 +154,12 @@ def torch_phases(fwd):
             return fwd(*inputs)
 
     def fwd_bwd(inputs, do):
-        fwd(*inputs)[0].backward(do)
+        o = fwd(*inputs)[0]
+        o.backward(do)
         grads = [x.grad for x in inputs]
         for x in inputs:
             x.grad = None
-        return grads
+        return [o.detach(), *grads]
 
     return {"fwd": forward, "fwd_bwd": fwd_bwd}
 
@@ -331,7 +332,7 @@ def check(args, fla):
             sets = [rb.make_inputs(rule, 1234, shape, jnp.float32)]
             sets = with_state(sets) if state else sets
             names = ["q", "k", "v", *(n for n, _ in rb.INPUTS[rule]), *(["h0"] if state else [])]
-            labels = {"fwd": ["o", "state"] if state else ["o"], "fwd_bwd": [f"d{n}" for n in names]}
+            labels = {"fwd": ["o", "state"] if state else ["o"], "fwd_bwd": ["o", *(f"d{n}" for n in names)]}
             ref_fn = rb.reference_fn(rule) if rule == SOFTMAX else edarnn_fn(rule, "recurrent", 64, True)
             want = None
             for impl, reason in plan(rule, args, fla, False) + plan(rule, args, fla, True):
@@ -502,8 +503,10 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.decode_steps < 1:
         p.error(f"--decode-steps must be >= 1; got {args.decode_steps}")
-    if args.decode_unroll < 0:
-        p.error(f"--decode-unroll must be >= 0 (0: all steps); got {args.decode_unroll}")
+    try:
+        rb.burst_unroll(args.decode_unroll, args.decode_steps)
+    except ValueError as exc:
+        p.error(f"--decode-unroll: {exc}")
     args.dtype = jnp.dtype(args.dtype)
     args.plot = args.plot or os.path.splitext(args.out)[0] + ".png"
     return args

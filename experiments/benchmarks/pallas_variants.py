@@ -8,15 +8,15 @@ machine), with flash-linear-attention's chunk ops in the same run for the ratio.
 
 A variant is a set of `pallas_kernels.gpu.chunk_fwd.Config` fields (VARIANTS below); the script swaps
 chunk_fwd.DEFAULT_CONFIG and compiles a fresh jit per variant. --backward times each variant per backward (BACKWARDS
-below): "fwd" the forward only, else forward and backward (gradients of sum(o * do) w.r.t. q, k, v and the gates, do
-random, as `kernels.py`'s fwd+bwd) with the plain-JAX chunk form's VJP ("xla") or the backward kernels
+below): "fwd" the forward only, else forward and backward (o and the gradients of sum(o * do) w.r.t. q, k, v and the
+gates, do random, as `kernels.py`'s fwd+bwd) with the plain-JAX chunk form's VJP ("xla") or the backward kernels
 (`forms.BACKWARD_KERNELS["gpu"]` swapped, and `chunk_bwd.Config` fields); such cases are named VARIANT/BACKWARD, and
 fla's case is then its fwd+bwd. Inputs are `experiments.benchmarks.rules.make_inputs` (q, k, v in --dtype, gates
 float32), --input-sets sets cycled; times are medians per call of --repeats bursts of --burst calls after --warmup
 calls, host clock (`rules.measure`, as `kernels.py`), with XLA's compiled memory beyond the inputs (temp_bytes:
-temporaries, e.g. what a forward keeps for its backward; output_bytes). --profile RULE:VARIANT also
-records a JAX profiler trace of one call to --out's folder (summarise with `python -m experiments.benchmarks.profile
-summarize`). Prints one line per case as it goes and a table last.
+temporaries, e.g. what a forward keeps for its backward; output_bytes). --profile RULE:VARIANT also records a JAX
+profiler trace of one call to --out's folder (summarise with `python -m experiments.benchmarks.profile summarize`).
+Prints one line per case as it goes and a table last.
 """
 
 import os
@@ -71,13 +71,13 @@ BACKWARDS = {  # name: None (forward only), or (forms.BACKWARD_KERNELS["gpu"], c
     "kernels_stategrad32": (True, {"state_grad_block_v": 32}),
     "kernels_stategrad16": (True, {"state_grad_block_v": 16}),
     "kernels_stages1": (True, {"state_grad_stages": 1}),  # no software pipelining of the state_grad kernel's loop
-    "kernels_keep": (True, {"keep_chunk_states": True}),  # the forward's chunk states kept, not recomputed
+    "kernels_recompute": (True, {"keep_chunk_states": False}),  # the chunk states recomputed in the backward
 }
 
 
 def case_fn(rule, backward):
     """A fresh jit of the case: (q, k, v, *gates) -> (o, final_state) for "fwd", else (q, k, v, *gates, do) ->
-    the gradients of sum(o * do) w.r.t. q, k, v and the gates, under `backward`'s choice of backward."""
+    (o, the gradients of sum(o * do) w.r.t. q, k, v and the gates), under `backward`'s choice of backward."""
     forward = functools.partial(rules.RULES[rule], impl="pallas")
     if BACKWARDS[backward] is None:
         return jax.jit(forward)
@@ -85,12 +85,8 @@ def case_fn(rule, backward):
     forms.BACKWARD_KERNELS["gpu"] = kernels
     chunk_bwd.DEFAULT_CONFIG = chunk_bwd.Config(**fields)
 
-    def fwd_bwd(*args):
-        inputs, do = args[:-1], args[-1]
-        loss = lambda xs: jnp.sum(forward(*xs)[0].astype(jnp.float32) * do.astype(jnp.float32))  # noqa: E731
-        return jax.grad(loss)(inputs)
-
-    return jax.jit(fwd_bwd)
+    fwd_bwd = rb.phases(forward)["fwd_bwd"]
+    return jax.jit(lambda *args: fwd_bwd(args[:-1], args[-1]))
 
 
 def with_cotangents(sets, seed=7):

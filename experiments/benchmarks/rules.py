@@ -7,12 +7,12 @@ Each case is a (rule, impl) pair. Besides the seven rules there are two peers: `
 gated delta rule as plain-JAX ports commonly write it, see common_style_gdn.py; the baseline the ratio columns
 divide by) and `softmax_attention` (`jax.nn.dot_product_attention`, causal; cuDNN on GPU for 16-bit inputs).
 
-Forward is the jitted rule (output and final state); fwd+bwd is `jax.grad` of sum(o * do) with a fixed random
-cotangent `do`, w.r.t. every input. Functions are compiled ahead of time; warm-up calls are not timed; each
-timed call cycles through --input-sets different random inputs. Times are medians and minima per call over
---repeats bursts of --burst calls (`time_calls`: launched back to back, synchronised once; 1, the default, times
-each call with its launch and synchronisation latency), cut short once a phase has spent --case-budget seconds
-(the number actually run is recorded).
+Forward is the jitted rule (output and final state); fwd+bwd is the output o and the gradients of sum(o * do) with a
+fixed random cotangent `do`, w.r.t. every input (`jax.vjp`: o is returned, so the forward is all computed). Functions
+are compiled ahead of time; warm-up calls are not timed; each timed call cycles through --input-sets different random
+inputs. Times are medians and minima per call over --repeats bursts of --burst calls (`time_calls`: launched back to
+back, synchronised once; 1, the default, times each call with its launch and synchronisation latency), cut short once a
+phase has spent --case-budget seconds (the number actually run is recorded).
 
 Memory: `temp MiB` is the compiled fwd+bwd executable's scratch size (XLA memory analysis, per case). The
 device's `peak_bytes_in_use` is recorded too where the backend reports it; JAX cannot reset it, so it is the
@@ -138,12 +138,14 @@ def reference_fn(rule):
 
 
 def phases(fwd):
-    """{'fwd': (inputs, do) -> outputs, 'fwd_bwd': (inputs, do) -> d sum(o * do) / d inputs}."""
+    """{'fwd': (inputs, do) -> outputs, 'fwd_bwd': (inputs, do) -> (o, d sum(o * do) / d inputs)}. fwd_bwd returns
+    o so that its forward is live, as in training, where o feeds the next layer: returning the gradients alone let
+    XLA drop the forward's output (and, where the backward recomputes, the whole forward; before session 14)."""
     output = lambda inputs: (lambda out: out[0] if isinstance(out, tuple) else out)(fwd(*inputs))  # noqa: E731
 
     def fwd_bwd(inputs, do):
-        loss = lambda x: jnp.sum(output(x).astype(jnp.float32) * do.astype(jnp.float32))  # noqa: E731
-        return jax.grad(loss)(inputs)
+        o, pullback = jax.vjp(output, inputs)
+        return o, pullback(do.astype(o.dtype))[0]
 
     return {"fwd": lambda inputs, do: fwd(*inputs), "fwd_bwd": fwd_bwd}
 

@@ -84,8 +84,11 @@ class Config(NamedTuple):
     # the forward's chunk states (Aqk, W, U, T, the start states, X~ and exp(G_last): chunk_fwd.ChunkStates, about
     # 330 KB per chunk-head for kda in bf16) kept from the forward to the backward instead of recomputed there by
     # the pair, solve and state kernels (a quarter of kda's fwd+bwd kernel time in session 12's trace); the
-    # forward's solve then also writes T. False (recompute) until measured: pallas_variants' kernels_keep
-    keep_chunk_states: bool = False
+    # forward's solve then also writes T. Kept by measurement (session 14, H200, B=4 T=4096 H=16, kda bf16: fwd+bwd
+    # 5.41 ms recomputed, 4.42 ms kept, the same compiled peak memory: pallas_variants' kernels_recompute against
+    # kernels). The cost: a layer's residuals grow by those bytes until its backward (with remat per block, only the
+    # block being differentiated holds them)
+    keep_chunk_states: bool = True
 
 
 DEFAULT_CONFIG = Config()
