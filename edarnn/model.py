@@ -46,6 +46,7 @@ Initialisation:
   - RMSNorm scales 1.
 """
 
+import contextlib
 import math
 from typing import NamedTuple
 
@@ -64,8 +65,9 @@ GATE_RANK = 16  # rank of the per-channel gate projections d -> GATE_RANK -> H x
 CHANNEL_LOG_DECAY_MIN = -10.0  # floor of channel-wise log-decays: the rules' chunk form needs g >= -10 per token
 ROPE_THETA = 10_000.0
 # config.remat: each block is recomputed in the backward pass but for the recurrent mixers' rule outputs (named
-# MIXER_OUTPUT): the Pallas kernels' custom VJP keeps only its inputs, so their forward then does not run twice
-# (the chunk form's backward needs its forward's internals anyway, and attention's its softmax statistics)
+# MIXER_OUTPUT), and the Pallas kernels' custom VJP keeps only its inputs there (`rules.recompute_chunk_states`),
+# so their forward does not run twice (the chunk form's backward needs its forward's internals anyway, and
+# attention's its softmax statistics)
 MIXER_OUTPUT = "mixer_output"
 SAVE_MIXER_OUTPUT = jax.checkpoint_policies.save_only_these_names(MIXER_OUTPUT)
 # Parameters the model reads only cast to the compute dtype: inference may store them in it (same results, half
@@ -597,8 +599,9 @@ class LM(nnx.Module):
         """tokens [B, T] int; segment_ids [B, T] int or None -> logits [B, T, vocab_size] float32."""
         x = self._embed(tokens, segment_ids)
         block_fn = nnx.remat(Block.__call__, policy=SAVE_MIXER_OUTPUT) if self.remat else Block.__call__
-        for block in self.blocks:
-            x = block_fn(block, x, segment_ids)
+        with rules.recompute_chunk_states() if self.remat else contextlib.nullcontext():
+            for block in self.blocks:
+                x = block_fn(block, x, segment_ids)
         return self._logits(x)
 
     def prefill(self, tokens: Array, segment_ids: Array | None, max_len: int | None) -> tuple[Array, list]:

@@ -29,6 +29,7 @@ The step functions `<rule>_step(state, ...)` take one token ([B, H, D] inputs, [
 (o [B, H, V], new_state); they equal `recurrent`.
 """
 
+import contextlib
 import contextvars
 import inspect
 
@@ -55,6 +56,26 @@ def chunk_tokens(chunk_size: int | None, per_token: int) -> int:
 _FORMS = {"recurrent": core.recurrent, "scan": core.associative_scan}
 
 
+# True within `recompute_chunk_states()`: impl="pallas" keeps only its inputs for the backward.
+_RECOMPUTE_CHUNK_STATES = contextvars.ContextVar("edarnn_recompute_chunk_states", default=False)
+
+
+@contextlib.contextmanager
+def recompute_chunk_states():
+    """Within this context, impl="pallas" on a GPU keeps only its inputs for the backward pass, which recomputes the
+    chunk states (three kernels); outside it, the forward keeps them (faster: kda forward + backward 4.42 against
+    5.41 ms on an H200 at B=4, T=4096, H=16, K=V=128 in bf16, docs/performance.md, session 14; at about 330 KB
+    per chunk and head for kda at K=V=128 in bf16, alive until the backward). Use it around code differentiated
+    under rematerialisation (jax.checkpoint, nnx.remat) that saves the rule's output, as the model does with
+    config.remat: there the kept states are not saved, so the forward kernels would run again in the backward.
+    Read when the rule is traced."""
+    token = _RECOMPUTE_CHUNK_STATES.set(True)
+    try:
+        yield
+    finally:
+        _RECOMPUTE_CHUNK_STATES.reset(token)
+
+
 def _pallas(q, steps, state, segment_ids, chunk_size, storage=None):
     """The Pallas kernels of the default backend (GPU or TPU): the token-by-token kernel for sequences shorter than
     one chunk (decoding, short prefills), the chunkwise kernels otherwise; on the CPU the GPU kernels in interpret
@@ -74,7 +95,8 @@ def _pallas(q, steps, state, segment_ids, chunk_size, storage=None):
     platform, interpret = ("tpu", False) if backend == "tpu" else ("gpu", backend == "cpu")
     if q.shape[1] < chunk_size:
         return forms.recurrent(q, steps, state, segment_ids, interpret, platform)
-    return forms.chunkwise(q, steps, state, segment_ids, chunk_size, interpret, platform, storage)
+    keep = not _RECOMPUTE_CHUNK_STATES.get()
+    return forms.chunkwise(q, steps, state, segment_ids, chunk_size, interpret, platform, storage, keep)
 
 
 def resolve_impl(

@@ -62,25 +62,31 @@ def _forward_kernels(inputs, chunk_size, interpret, platform, storage, keep=Fals
     return o, final_state, states if keep else None
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(10, 11, 12, 13))
-def _chunk_kernels(q, gq, x, y, z, gcum, initial_state, seg, seg_q, seg_prev, chunk_size, interpret, platform, storage):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(10, 11, 12, 13, 14))
+def _chunk_kernels(
+    q, gq, x, y, z, gcum, initial_state, seg, seg_q, seg_prev, chunk_size, interpret, platform, storage, keep
+):  # fmt: skip
     """The chunkwise forward kernels of `platform` (`_forward_kernels`) on prepared inputs (`prepare`), with that
     platform's backward kernels as their VJP. storage (GPU): the dtype name the kernels read q, x, y, z in and store
-    their intermediates in (the caller's input dtype), or None for float32. Returns (o, final_state)."""
+    their intermediates in (the caller's input dtype), or None for float32; keep (GPU): the forward keeps its chunk
+    states for the backward (`chunkwise`). Returns (o, final_state)."""
     args = (q, gq, x, y, z, gcum, initial_state, seg, seg_q, seg_prev)
     return _forward_kernels(args, chunk_size, interpret, platform, storage)[:2]
 
 
 def _chunk_kernels_forward(*args):
-    """The forward for differentiation: the inputs, and on the GPU with chunk_bwd.Config.keep_chunk_states the
-    forward's chunk states too, are the residuals."""
-    inputs, (chunk_size, interpret, platform, storage) = args[:10], args[10:]
-    keep = platform == "gpu" and gpu_chunk_bwd.default_config().keep_chunk_states
-    o, final_state, states = _forward_kernels(inputs, chunk_size, interpret, platform, storage, keep)
-    return (o, final_state), (inputs, states)
+    """The forward for differentiation: the inputs, and on the GPU with keep the forward's chunk states too, are the
+    residuals. Without keep the forward is the primal call itself, nested: a rematerialised block whose policy saves
+    the output then lowers to the forward's kernels once (12 kernels for a gdn2 layer's training step, as without
+    remat); with the kernels called here directly it lowered to them twice (16)."""
+    inputs, (chunk_size, interpret, platform, storage, keep) = args[:10], args[10:]
+    if keep and platform == "gpu":
+        o, final_state, states = _forward_kernels(inputs, chunk_size, interpret, platform, storage, keep=True)
+        return (o, final_state), (inputs, states)
+    return _chunk_kernels(*args), (inputs, None)
 
 
-def _chunk_kernels_backward(chunk_size, interpret, platform, storage, residuals, cotangents):
+def _chunk_kernels_backward(chunk_size, interpret, platform, storage, _keep, residuals, cotangents):
     inputs, states = residuals
     if platform == "tpu":
         grads = tpu_chunk_bwd.chunk_backward(*inputs, *cotangents, chunk_size=chunk_size, interpret=interpret)
@@ -130,11 +136,12 @@ _recurrent = _with_recomputed_backward(
 )
 
 
-def _chunk_forward(q, sub, initial_state, segment_ids, chunk_size, interpret, platform, storage):
+def _chunk_forward(q, sub, initial_state, segment_ids, chunk_size, interpret, platform, storage, keep=False):
     """The chunkwise kernels on unprepared inputs; differentiated by the backward kernels (`_chunk_kernels`)."""
     q_, gq, x, y, z, gcum, *segments = prepare(q, sub, segment_ids, chunk_size)
     state = initial_state.astype(jnp.float32)
-    o, final_state = _chunk_kernels(q_, gq, x, y, z, gcum, state, *segments, chunk_size, interpret, platform, storage)
+    static = (chunk_size, interpret, platform, storage, keep)
+    o, final_state = _chunk_kernels(q_, gq, x, y, z, gcum, state, *segments, *static)
     return o[:, : q.shape[1]].astype(q.dtype), final_state.astype(initial_state.dtype)
 
 
@@ -151,15 +158,25 @@ _chunk_recomputed = _with_recomputed_backward(
 BACKWARD_KERNELS = {"gpu": True, "tpu": True}
 
 
-def chunkwise(q, sub, initial_state, segment_ids, chunk_size, interpret, platform="gpu", storage=None):
+def chunkwise(q, sub, initial_state, segment_ids, chunk_size, interpret, platform="gpu", storage=None, keep=True):
     """`edarnn.core.chunkwise` through the Pallas kernels of `platform` ("gpu": Triton, "tpu": Mosaic TPU);
     interpret=True runs them in Pallas interpret mode on any backend (for checking). The backward is the
     platform's choice in BACKWARD_KERNELS. storage: the caller's 16-bit input dtype (e.g. jnp.bfloat16), in
     which the GPU kernels read q, x, y, z and store their intermediates; None (or a 32/64-bit dtype): float32.
-    The GPU backward kernels recompute with the same storage (gpu/chunk_bwd.py)."""
+    The GPU backward kernels recompute with the same storage (gpu/chunk_bwd.py).
+
+    keep (GPU, backward kernels): the forward keeps its chunk states (chunk_fwd.ChunkStates: Aqk, W, U, T, the
+    start states, X~ and exp(G_last); its solve then also writes T) for the backward, which then skips the pair,
+    solve and state kernels; else it keeps only its inputs and the backward recomputes them. Kept by measurement
+    (session 14, H200, B=4 T=4096 H=16 K=V=128 bf16, forward + backward with the forward live: kda 5.41 -> 4.42
+    ms, gdn2 5.65 -> 4.65, gated_delta_rule 3.99 -> 3.26, eda 10.00 -> 8.00; the same compiled peak memory in a
+    one-layer program). What keeping costs: about 330 KB per chunk and head for kda in bf16, alive from the
+    forward to the backward; under rematerialisation that saves the rule's output it would run the forward
+    kernels again (`edarnn.rules.recompute_chunk_states` turns it off there)."""
     storage = jnp.dtype(storage).name if storage is not None and jnp.dtype(storage).itemsize == 2 else None
-    form = _chunk_forward if BACKWARD_KERNELS[platform] else _chunk_recomputed
-    return form(q, sub, initial_state, segment_ids, chunk_size, interpret, platform, storage)
+    if not BACKWARD_KERNELS[platform]:
+        return _chunk_recomputed(q, sub, initial_state, segment_ids, chunk_size, interpret, platform, storage)
+    return _chunk_forward(q, sub, initial_state, segment_ids, chunk_size, interpret, platform, storage, keep)
 
 
 def recurrent(q, sub, initial_state, segment_ids, interpret, platform="gpu"):

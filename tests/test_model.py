@@ -13,6 +13,7 @@ from conftest import jit, relative_error
 from flax import nnx
 
 from edarnn import model as M
+from edarnn import rules
 
 VOCAB = 13
 
@@ -184,8 +185,11 @@ def test_segment_positions_restart_at_every_change_of_id():
 
 def test_remat_does_not_run_the_kernels_forward_twice():
     """With remat, the backward pass recomputes a block but not its rule's Pallas kernels (the policy keeps the rule
-    output): the gradient's program calls as many kernels as without remat. A policy that keeps nothing would
-    call more (the forward's kernels again), which the test checks so that it can fail."""
+    output, and the kernels keep only their inputs there: `rules.recompute_chunk_states`): the gradient's program
+    calls as many kernels as without remat with the chunk states recomputed (the forward's, the recompute's and the
+    backward's), and more without recomputing (the default outside remat keeps them: forward and backward only). A
+    policy that keeps nothing would call more (the forward's kernels again), which the test checks so that it can
+    fail."""
 
     def kernel_calls(remat, policy=M.SAVE_MIXER_OUTPUT):
         config = tiny_config(n_layers=1, layers=["gdn2"], head_dim_k=16, head_dim_v=16, rule_impl="pallas", remat=remat)
@@ -195,6 +199,8 @@ def test_remat_does_not_run_the_kernels_forward_twice():
             grad = jax.make_jaxpr(jax.grad(loss, argnums=1))(graphdef, state, tokens, jnp.ones_like(tokens))
         return str(grad).count("pallas_call")
 
-    plain = kernel_calls(remat=False)
-    assert plain > 0 and kernel_calls(remat=True) == plain
-    assert kernel_calls(remat=True, policy=None) > plain
+    kept = kernel_calls(remat=False)
+    with rules.recompute_chunk_states():
+        recomputed = kernel_calls(remat=False)
+    assert 0 < kept < recomputed and kernel_calls(remat=True) == recomputed
+    assert kernel_calls(remat=True, policy=None) > recomputed

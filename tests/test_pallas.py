@@ -4,6 +4,7 @@ give the chunk form's gradients (the token-by-token kernel's VJP is the recurren
 forward and backward, lowers to Triton for CUDA without a GPU (which catches operations the Triton lowering
 lacks). GPU runs: `pytest -m gpu`."""
 
+import contextlib
 import re
 
 import jax
@@ -219,18 +220,18 @@ def test_pallas_grads_match_chunk(variant, with_segments, rng, backward_kernels)
 
 @pytest.mark.parametrize("variant", ["gated_delta_rule", "kda", "eda-bw"])
 def test_pallas_kept_chunk_states_give_the_recomputed_gradients(variant, rng, backward_kernels, monkeypatch):
-    """chunk_bwd.Config.keep_chunk_states: the backward takes the forward's chunk states instead of recomputing
-    them; the same kernels on the same inputs, so the gradients equal the recompute's, and the chunk form's. Chunks
-    of 32 (two row blocks), segments, an initial state."""
+    """Kept chunk states (the default) against `rules.recompute_chunk_states()`: the backward takes the forward's
+    chunk states instead of recomputing them; the same kernels on the same inputs, so the gradients equal the
+    recompute's, and the chunk form's. Chunks of 32 (two row blocks), segments, an initial state."""
     rule = rule_of(variant)
     inputs, state = make_inputs(variant, rng, T=T), make_state(rng)
     segment_ids = make_segment_ids(rng, SEGMENTS)
     cotangents = random_cotangents(rng, inputs)
 
-    def grads(keep):  # a fresh jit: the configuration is read when tracing
-        monkeypatch.setattr(chunk_bwd, "DEFAULT_CONFIG", chunk_bwd.Config(keep_chunk_states=keep))
+    def grads(keep):  # a fresh jit: the choice is read when tracing
         loss = loss_fn(rule, cotangents, impl="pallas", chunk_size=32)
-        return jax.jit(jax.grad(loss, argnums=(0, 1)))(inputs, state, segment_ids)
+        with contextlib.nullcontext() if keep else rules.recompute_chunk_states():
+            return jax.jit(jax.grad(loss, argnums=(0, 1)))(inputs, state, segment_ids)
 
     kept, recomputed = grads(True), grads(False)
     assert_close(kept, recomputed, 1e-12, f"{variant} kept chunk states")
@@ -490,31 +491,80 @@ BACKWARD_KERNELS = (
 def test_chunk_backward_kernels_lower_to_triton(case, setting, backward_kernels, monkeypatch, no_x64):
     """A training step's forward and backward at K = V = 128 (two K blocks in state_products and key_grad, two V
     blocks elsewhere), float32 and 16-bit storage (16-bit inputs with float32 states):
-    the forward kernels, those before the output kernel again (with keep_chunk_states=False the backward recomputes
-    the chunk states: pair, solve, state), and the five backward kernels (value_grad, state_grad, score_grad,
-    state_products, key_grad)."""
+    the forward kernels, those before the output kernel again (the forward keeping only its inputs, the backward
+    recomputes the chunk states: pair, solve, state), and the five backward kernels (value_grad, state_grad,
+    score_grad, state_products, key_grad)."""
     storage, fields = LOWERING_SETTINGS[setting]
     monkeypatch.setattr(chunk_fwd, "DEFAULT_CONFIG", chunk_fwd.Config(**fields))
-    monkeypatch.setattr(chunk_bwd, "DEFAULT_CONFIG", chunk_bwd.Config(keep_chunk_states=False))
-    text = _lowered_training_step(case, storage)
+    text = _lowered_training_step(case, storage, keep=False)
     assert text.count("xla.gpu.triton") == 2 * _forward_kernel_count(case) - 1 + len(BACKWARD_KERNELS)
     assert all(f'name = "{kernel}"' in text for kernel in BACKWARD_KERNELS)
 
 
 @pytest.mark.parametrize("case", list(LOWERING_CASES))
 def test_kept_chunk_states_spare_the_recompute_kernels(case, backward_kernels, monkeypatch, no_x64):
-    """With chunk_bwd.Config.keep_chunk_states (the default) a training step lowers to the forward's kernels and the
-    five backward kernels only: no pair, solve and state kernels again."""
-    monkeypatch.setattr(chunk_bwd, "DEFAULT_CONFIG", chunk_bwd.Config(keep_chunk_states=True))
+    """With the chunk states kept (the default) a training step lowers to the forward's kernels and the five
+    backward kernels only: no pair, solve and state kernels again."""
     text = _lowered_training_step(case, jnp.bfloat16)
     assert text.count("xla.gpu.triton") == _forward_kernel_count(case) + len(BACKWARD_KERNELS)
 
 
-def _lowered_training_step(case, storage, b=1, h=2):
+@pytest.mark.parametrize("variant", ["gated_delta_rule", "kda"])
+def test_mosaic_output_kernel_matches_the_triton_one(variant, rng, monkeypatch):
+    """chunk_fwd.Config.output_backend="mosaic" (gpu/mosaic.py, run by Mosaic GPU's interpreter) against the Triton
+    output kernel (interpret mode): bf16 inputs, chunks of 64, two V blocks, an initial state, segments that begin
+    inside the first chunk and at the second; both round the same float32 sums to bf16, so they differ by bf16
+    rounding at most; the recurrent form (float64) to bf16's precision."""
+    rule, shape = rule_of(variant), {"B": 1, "H": 1, "K": 64, "V": 128}
+    inputs = make_inputs(variant, rng, T=128, dtype=jnp.bfloat16, max_decay=0.1, **shape)  # the state reaches far
+    state, segment_ids = make_state(rng, **shape), make_segment_ids(rng, [[3, 1, 60, 64]])
+
+    def forward(backend):  # a fresh jit per configuration
+        monkeypatch.setattr(chunk_fwd, "DEFAULT_CONFIG", chunk_fwd.Config(output_backend=backend))
+        call = lambda i, s, seg: rules.RULES[rule](**i, initial_state=s, segment_ids=seg, impl="pallas")  # noqa: E731
+        return jax.jit(call)(inputs, state, segment_ids)
+
+    mosaic, triton = forward("mosaic"), forward("triton")
+    assert mosaic[0].dtype == jnp.bfloat16
+    assert relative_error(mosaic[0], triton[0]) < 4e-3 and relative_error(mosaic[1], triton[1]) == 0
+    expected = reference(rule, to_float64(inputs), state, segment_ids)
+    assert relative_error(mosaic[0], expected[0]) < 1e-2
+
+
+@pytest.mark.parametrize("case", list(LOWERING_CASES))
+def test_mosaic_output_kernel_lowers_for_cuda(case, monkeypatch, no_x64):
+    """With output_backend="mosaic" the forward lowers for CUDA on the CPU (Mosaic GPU checks its layouts while
+    lowering) to one Mosaic GPU kernel, the output, beside the Triton kernels before it."""
+    monkeypatch.setattr(chunk_fwd, "DEFAULT_CONFIG", chunk_fwd.Config(output_backend="mosaic"))
+    forward = jax.jit(lambda q, sub, s0, seg: forms.chunkwise(q, sub, s0, seg, 64, False, "gpu", jnp.bfloat16))
+    text = forward.trace(*_lowering_inputs(case, 128)).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("xla.gpu.triton") == _forward_kernel_count(case) - 1
+    assert len(re.findall(r"custom_call @mosaic_gpu", text)) == 1
+
+
+@pytest.mark.parametrize(
+    ("storage", "chunk_size", "message"),
+    [(None, 64, "one 16-bit dtype"), (jnp.bfloat16, 32, "multiple of 64 tokens")],
+)
+def test_mosaic_output_kernel_refuses_what_it_cannot_run(storage, chunk_size, message, monkeypatch, no_x64):
+    monkeypatch.setattr(chunk_fwd, "DEFAULT_CONFIG", chunk_fwd.Config(output_backend="mosaic"))
+    forward = jax.jit(lambda q, sub, s0, seg: forms.chunkwise(q, sub, s0, seg, chunk_size, False, "gpu", storage))
+    with pytest.raises(ValueError, match=message):
+        forward.trace(*_lowering_inputs("channel-decay delta", 128))
+
+
+def test_an_unknown_output_backend_is_refused(monkeypatch, no_x64):
+    monkeypatch.setattr(chunk_fwd, "DEFAULT_CONFIG", chunk_fwd.Config(output_backend="cuda"))
+    forward = jax.jit(lambda q, sub, s0, seg: forms.chunkwise(q, sub, s0, seg, 64, False, "gpu", jnp.bfloat16))
+    with pytest.raises(ValueError, match='output_backend must be "triton" or "mosaic"; got cuda'):
+        forward.trace(*_lowering_inputs("channel-decay delta", 128))
+
+
+def _lowered_training_step(case, storage, b=1, h=2, keep=True):
     """The lowered text (for CUDA) of a training step's forward and backward at K = V = 128, chunks of 64."""
 
     def loss(q, sub, s0, seg):
-        o, state = forms.chunkwise(q, sub, s0, seg, 64, False, "gpu", storage)
+        o, state = forms.chunkwise(q, sub, s0, seg, 64, False, "gpu", storage, keep)
         return jnp.sum(o * o) + jnp.sum(state)
 
     step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
@@ -635,6 +685,30 @@ def test_pallas_on_gpu_bf16(rule, case, monkeypatch):
     assert o.dtype == jnp.bfloat16 and not np.isnan(np.asarray(o, np.float32)).any()
     assert not np.isnan(np.asarray(state)).any()
     assert relative_error(o, expected) < 1e-2 and relative_error(state, expected_state) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rule", ["gated_delta_rule", "kda", "gdn2"])
+def test_mosaic_output_kernel_on_gpu_bf16(rule, monkeypatch):
+    """The Mosaic GPU output kernel compiled and run (TMA, wgmma) at full-width heads in bf16 with packed sequences,
+    device memory poisoned: within 1e-2 of a float32 recurrent run and within bf16 rounding of the Triton kernel."""
+    from edarnn.check_forms import random_inputs
+
+    inputs = [x.astype(jnp.bfloat16) if i < 3 else x for i, x in enumerate(random_inputs(rule, 2, 1000, 4, 128, 128))]
+    segment_ids = jnp.asarray(np.searchsorted(np.array([0, 100, 517]), np.arange(1000), side="right"))[None]
+    segment_ids = jnp.repeat(segment_ids, 2, axis=0)
+    expected = rules.RULES[rule](*[x.astype(jnp.float32) for x in inputs], segment_ids=segment_ids, impl="recurrent")
+
+    def forward(backend):
+        monkeypatch.setattr(chunk_fwd, "DEFAULT_CONFIG", chunk_fwd.Config(output_backend=backend))
+        compiled = jax.jit(lambda *a: rules.RULES[rule](*a, segment_ids=segment_ids, impl="pallas")).lower(*inputs)
+        compiled = compiled.compile()
+        poison_gpu_memory()
+        return compiled(*inputs)
+
+    mosaic, triton = forward("mosaic"), forward("triton")
+    assert not np.isnan(np.asarray(mosaic[0], np.float32)).any()
+    assert relative_error(mosaic[0], expected[0]) < 1e-2 and relative_error(mosaic[0], triton[0]) < 4e-3
 
 
 @pytest.mark.gpu

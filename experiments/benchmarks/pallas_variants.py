@@ -24,6 +24,7 @@ import os
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave GPU memory to torch too
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import functools  # noqa: E402
 import json  # noqa: E402
 
@@ -55,6 +56,7 @@ VARIANTS = {  # name: chunk_fwd.Config fields ("bf16": the default, 16-bit stora
     "state16": {"state_block_v": 16, "state_programs": 1},
     "stages1": {"state_stages": 1},  # no software pipelining of the state kernel's loop
     "stages3": {"state_stages": 3},
+    "mosaic_output": {"output_backend": "mosaic"},  # the output kernel on Mosaic GPU (TMA, wgmma), gpu/mosaic.py
 }
 
 BACKWARDS = {  # name: None (forward only), or (forms.BACKWARD_KERNELS["gpu"], chunk_bwd.Config fields)
@@ -71,16 +73,21 @@ BACKWARDS = {  # name: None (forward only), or (forms.BACKWARD_KERNELS["gpu"], c
     "kernels_stategrad32": (True, {"state_grad_block_v": 32}),
     "kernels_stategrad16": (True, {"state_grad_block_v": 16}),
     "kernels_stages1": (True, {"state_grad_stages": 1}),  # no software pipelining of the state_grad kernel's loop
-    "kernels_recompute": (True, {"keep_chunk_states": False}),  # the chunk states recomputed in the backward
+    "kernels_recompute": (True, {}),  # the chunk states recomputed in the backward (rules.recompute_chunk_states)
 }
 
 
 def case_fn(rule, backward):
     """A fresh jit of the case: (q, k, v, *gates) -> (o, final_state) for "fwd", else (q, k, v, *gates, do) ->
     (o, the gradients of sum(o * do) w.r.t. q, k, v and the gates), under `backward`'s choice of backward."""
-    forward = functools.partial(rules.RULES[rule], impl="pallas")
     if BACKWARDS[backward] is None:
-        return jax.jit(forward)
+        return jax.jit(functools.partial(rules.RULES[rule], impl="pallas"))
+
+    def forward(*inputs):
+        recompute = rules.recompute_chunk_states() if backward == "kernels_recompute" else contextlib.nullcontext()
+        with recompute:
+            return rules.RULES[rule](*inputs, impl="pallas")
+
     kernels, fields = BACKWARDS[backward]
     forms.BACKWARD_KERNELS["gpu"] = kernels
     chunk_bwd.DEFAULT_CONFIG = chunk_bwd.Config(**fields)

@@ -4,9 +4,9 @@ Reference: the VJP of `edarnn.core.chunkwise`, taken on the prepared inputs of `
 per-token decay's gradient, a reverse cumulative sum inside each chunk, is JAX's autodiff of
 `pallas_kernels.forms.prepare`). Given the cotangents dO of the output and dS_N of the final state:
 
-0. recompute: Aqk, W, U, T = (I + A)^-1 and each chunk's start state S_n by the forward's pair, solve and state
-   kernels (`chunk_fwd.chunk_states`; the solve kernel also writes T); the forward keeps nothing but its inputs.
-   With Config.keep_chunk_states the forward keeps them instead (its solve writes T) and this step goes.
+0. Aqk, W, U, T = (I + A)^-1 and each chunk's start state S_n: kept by the forward (its solve then also writes
+   T; the default, `pallas_kernels.forms.chunkwise`'s keep), or recomputed here by the forward's pair, solve and
+   state kernels (`chunk_fwd.chunk_states`) where the forward kept only its inputs.
 1. `value_grad` (grid V/BV x B x H x N, parallel; body tiles.value_grad_kernel): P_n^T dO_n, the values'
    gradient through the chunk's own queries (P = Aqk).
 2. `state_grad` (grid V/BV x B x H, sequential over the chunks in reverse inside, dS in registers; Q exp(Gq)
@@ -81,14 +81,6 @@ class Config(NamedTuple):
     block_v: int = 64  # V blocks of the loops inside score_grad and state_products
     block_k: int = 64  # K blocks of the state_products and key_grad grids
     low_grads: bool = True  # with 16-bit inputs: P^T dO, dU, the dS_{n+1} and dq, dx, dy, dz in 16 bits
-    # the forward's chunk states (Aqk, W, U, T, the start states, X~ and exp(G_last): chunk_fwd.ChunkStates, about
-    # 330 KB per chunk-head for kda in bf16) kept from the forward to the backward instead of recomputed there by
-    # the pair, solve and state kernels (a quarter of kda's fwd+bwd kernel time in session 12's trace); the
-    # forward's solve then also writes T. Kept by measurement (session 14, H200, B=4 T=4096 H=16, kda bf16: fwd+bwd
-    # 5.41 ms recomputed, 4.42 ms kept, the same compiled peak memory: pallas_variants' kernels_recompute against
-    # kernels). The cost: a layer's residuals grow by those bytes until its backward (with remat per block, only the
-    # block being differentiated holds them)
-    keep_chunk_states: bool = True
 
 
 DEFAULT_CONFIG = Config()

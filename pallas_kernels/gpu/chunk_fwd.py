@@ -39,6 +39,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from edarnn import core
+from pallas_kernels.gpu import mosaic
 from pallas_kernels.tiles import (
     BLOCK_TOKENS,
     dot,
@@ -96,6 +97,9 @@ class Config(NamedTuple):
     # threshold keeps 64: blocks of 32 were slower there in session 3 (gated_delta_rule 1.76 -> 2.00 ms forward,
     # the state kernel of then). B x H between 24 and 48 (blocks of 32) is not measured.
     state_programs: int = 96
+    # the output kernel's backend: "triton" (tiles.output_kernel) or "mosaic" (mosaic.output: TMA and wgmma, Hopper
+    # and newer; 16-bit storage, chunks of a multiple of 64 tokens); for the backend choice, not yet measured
+    output_backend: str = "triton"
 
 
 DEFAULT_CONFIG = Config()
@@ -354,8 +358,8 @@ def chunk_forward(
     of chunk_size. storage: the dtype q, x, y, z are read in (config.low_inputs) and the intermediates are stored
     in (config.low_intermediates, low_states), e.g. bfloat16 for bf16 inputs; None: float32.
     Returns (o [B, T, H, V] in storage (the caller's output dtype; rounded once, in the kernel), final_state
-    [B, H, K, V] f32, the chunk states (`ChunkStates`, with T where `inverse`: what the backward kernels need,
-    chunk_bwd.Config.keep_chunk_states)).
+    [B, H, K, V] f32, the chunk states (`ChunkStates`, with T where `inverse`: what the backward kernels need
+    when the forward keeps them, `pallas_kernels.forms.chunkwise`)).
     """
     config = config or default_config()
     if storage is not None and config.low_inputs:
@@ -382,6 +386,23 @@ def chunk_forward(
         inverse=inverse,
     )
     output_block_v = min(config.output_block_v, value)
+    if config.output_backend == "mosaic":
+        o = mosaic.output(
+            q,
+            gq.astype(jnp.float32),
+            chunk.scores,
+            chunk.u,
+            chunk.states,
+            seg_q,
+            seg_prev,
+            chunk_size=chunk_size,
+            block_v=output_block_v,
+            out_dtype=jnp.dtype(storage or jnp.float32),
+            interpret=interpret,
+        )
+        return o, chunk.final_state, chunk
+    if config.output_backend != "triton":
+        raise ValueError(f'chunk_fwd.Config.output_backend must be "triton" or "mosaic"; got {config.output_backend}')
     o = triton_call(
         functools.partial(output_kernel, has_segments=has_segments, operands=product_operands(config, storage)),
         config.output_warps,
