@@ -114,7 +114,8 @@ def _recurrent_kernels(q, sub, initial_state, segment_ids, interpret, platform):
 def _with_recomputed_backward(kernels, reference, n_static):
     """kernels(q, sub, initial_state, segment_ids, *static) with a custom VJP whose backward is the VJP of the
     plain-JAX reference(q, sub, initial_state, segment_ids, *static), recomputed. The static arguments are the
-    last n_static (the platform, then for the chunk form the storage dtype)."""
+    last n_static (the recurrent form's interpret and platform; the chunk form's chunk_size, interpret, platform,
+    storage and keep, which the recomputing VJP ignores)."""
     static_argnums = tuple(range(4, 4 + n_static))
 
     form = jax.custom_vjp(kernels, nondiff_argnums=static_argnums)
@@ -136,7 +137,7 @@ _recurrent = _with_recomputed_backward(
 )
 
 
-def _chunk_forward(q, sub, initial_state, segment_ids, chunk_size, interpret, platform, storage, keep=False):
+def _chunk_forward(q, sub, initial_state, segment_ids, chunk_size, interpret, platform, storage, keep):
     """The chunkwise kernels on unprepared inputs; differentiated by the backward kernels (`_chunk_kernels`)."""
     q_, gq, x, y, z, gcum, *segments = prepare(q, sub, segment_ids, chunk_size)
     state = initial_state.astype(jnp.float32)
@@ -146,7 +147,7 @@ def _chunk_forward(q, sub, initial_state, segment_ids, chunk_size, interpret, pl
 
 
 _chunk_recomputed = _with_recomputed_backward(
-    _chunk_forward, lambda q, sub, s0, seg, chunk_size, *_: core.chunkwise(q, sub, s0, seg, chunk_size), 4
+    _chunk_forward, lambda q, sub, s0, seg, chunk_size, *_: core.chunkwise(q, sub, s0, seg, chunk_size), 5
 )
 
 # The backward of the chunkwise kernels, per platform: True, the backward kernels (gpu/chunk_bwd.py,
@@ -174,9 +175,8 @@ def chunkwise(q, sub, initial_state, segment_ids, chunk_size, interpret, platfor
     forward to the backward; under rematerialisation that saves the rule's output it would run the forward
     kernels again (`edarnn.rules.recompute_chunk_states` turns it off there)."""
     storage = jnp.dtype(storage).name if storage is not None and jnp.dtype(storage).itemsize == 2 else None
-    if not BACKWARD_KERNELS[platform]:
-        return _chunk_recomputed(q, sub, initial_state, segment_ids, chunk_size, interpret, platform, storage)
-    return _chunk_forward(q, sub, initial_state, segment_ids, chunk_size, interpret, platform, storage, keep)
+    form = _chunk_forward if BACKWARD_KERNELS[platform] else _chunk_recomputed
+    return form(q, sub, initial_state, segment_ids, chunk_size, interpret, platform, storage, keep)
 
 
 def recurrent(q, sub, initial_state, segment_ids, interpret, platform="gpu"):
