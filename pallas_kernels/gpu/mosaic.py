@@ -32,7 +32,7 @@ def mma_transforms(width, dtype):
 
 
 def _interpret_params(interpret):
-    """Mosaic GPU's interpreter for interpret=True (not public in jax 0.10; the same class in later versions)."""
+    """Mosaic GPU's interpreter for interpret=True (a private module in jax 0.10.2: no public name for it there)."""
     if not interpret:
         return None
     from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams  # noqa: PLC0415
