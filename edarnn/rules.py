@@ -63,12 +63,11 @@ _RECOMPUTE_CHUNK_STATES = contextvars.ContextVar("edarnn_recompute_chunk_states"
 @contextlib.contextmanager
 def recompute_chunk_states():
     """Within this context, impl="pallas" on a GPU keeps only its inputs for the backward pass, which recomputes the
-    chunk states (three kernels); outside it, the forward keeps them (faster: kda forward + backward 4.42 against
-    5.41 ms on an H200 at B=4, T=4096, H=16, K=V=128 in bf16, docs/performance.md, session 14; at about 330 KB
-    per chunk and head for kda at K=V=128 in bf16, alive until the backward). Use it around code differentiated
-    under rematerialisation (jax.checkpoint, nnx.remat) that saves the rule's output, as the model does with
-    config.remat: there the kept states are not saved, so the forward kernels would run again in the backward.
-    Read when the rule is traced."""
+    chunk states (three kernels); outside it, the forward keeps them (faster, at a few hundred KB per chunk and
+    head alive until the backward: `pallas_kernels.forms.chunkwise` has the measurement). Use it around code
+    differentiated under rematerialisation (jax.checkpoint, nnx.remat) that saves the rule's output, as the model
+    does with config.remat: there the kept states are not saved, so the forward kernels would run again in the
+    backward. Read when the rule is traced."""
     token = _RECOMPUTE_CHUNK_STATES.set(True)
     try:
         yield

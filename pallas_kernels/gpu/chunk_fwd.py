@@ -362,6 +362,8 @@ def chunk_forward(
     when the forward keeps them, `pallas_kernels.forms.chunkwise`)).
     """
     config = config or default_config()
+    if config.output_backend not in ("triton", "mosaic"):
+        raise ValueError(f'chunk_fwd.Config.output_backend must be "triton" or "mosaic"; got {config.output_backend}')
     if storage is not None and config.low_inputs:
         q, x, y, z = (None if t is None else t.astype(storage) for t in (q, x, y, z))
     batch, length, heads, key = q.shape
@@ -401,8 +403,6 @@ def chunk_forward(
             interpret=interpret,
         )
         return o, chunk.final_state, chunk
-    if config.output_backend != "triton":
-        raise ValueError(f'chunk_fwd.Config.output_backend must be "triton" or "mosaic"; got {config.output_backend}')
     o = triton_call(
         functools.partial(output_kernel, has_segments=has_segments, operands=product_operands(config, storage)),
         config.output_warps,

@@ -74,7 +74,7 @@ def output(q, gq, scores, u, states, seg_q, seg_prev, *, chunk_size, block_v, ou
         plgpu.copy_gmem_to_smem(u_hbm.at[b, steps, h, values], u_tile, ready)
         plgpu.copy_gmem_to_smem(s_hbm.at[b, h, n, :, values], s_tile, ready)
         plgpu.barrier_wait(ready)
-        if scalar_decay:  # a column of the accumulator's layout, broadcast along K
+        if scalar_decay:  # a column of the accumulator's layout (the interpreter has no layout_cast), along K
             g = g_tile[...] if interpret else plgpu.layout_cast(g_tile[...], plgpu.Layout.WGMMA.reduce(1))
             decay = jax.lax.broadcast_in_dim(jnp.exp(g), (chunk_size, key), (0,))
         else:
