@@ -109,7 +109,11 @@ GRAD_CASES = [(v, False) for v in ["gla-channel", "gated_delta_rule", "kda", "ed
 
 
 @pytest.mark.parametrize(
-    "variant,with_segments", GRAD_CASES, ids=[f"{v}{'-segments' if s else ''}" for v, s in GRAD_CASES]
+    "variant,with_segments",
+    [  # a variant with a segments case runs without segments in the slow suite only (10-15 s a case)
+        pytest.param(v, s, marks=[pytest.mark.slow] if not s and v in SEGMENT_VARIANTS else []) for v, s in GRAD_CASES
+    ],
+    ids=[f"{v}{'-segments' if s else ''}" for v, s in GRAD_CASES],
 )
 def test_tpu_kernel_grads_match_chunk(variant, with_segments, rng, tpu_kernels):
     """The TPU backward kernels (tpu/chunk_bwd.py) give the chunk form's gradients of every input and the initial

@@ -126,7 +126,7 @@ def test_default_job_end_to_end(tmp_path):
 # stop, kill, corrupt, resume: the same losses as an uninterrupted run
 # ----------------------------------------------------------------------------------------------------------
 
-STEPS = 60
+STEPS = 40
 
 
 def _overrides(**extra) -> dict:
