@@ -74,6 +74,15 @@ def test_train_benchmark_without_rule_traces_a_step_and_restores_the_rules(tmp_p
     assert train_benchmark.rules.RULES == rules_before
 
 
+def test_no_remat_turns_remat_off_and_keeps_the_rest_of_the_config():
+    args = train_benchmark.parse_args(["--tiny", "--archs", "gdn2", "--seq-lens", "64"])
+    with_remat = train_benchmark.case_config("gdn2", 64, args)
+    args = train_benchmark.parse_args(["--tiny", "--archs", "gdn2", "--seq-lens", "64", "--no-remat"])
+    without = train_benchmark.case_config("gdn2", 64, args)
+    assert with_remat.model.remat and not without.model.remat
+    assert {**without.model.to_dict(), "remat": True} == with_remat.model.to_dict()
+
+
 def test_rule_stand_in_reads_every_input():
     """rule_stand_in, called as the model calls a rule (everything by keyword, eda's beta None, segment ids): its
     output depends on q, k, v, e and every gate (so that no projection is dead code in the ablation), in q's

@@ -162,6 +162,8 @@ def _environment(cache) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env.update(
         JAX_PLATFORMS="cpu",
+        XLA_FLAGS="--xla_cpu_use_fusion_emitters=false",
+        JAX_DISABLE_MOST_OPTIMIZATIONS="1",  # compile time dominates these runs; they compare results
         JAX_COMPILATION_CACHE_DIR=str(cache),
         JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
         JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
@@ -237,7 +239,7 @@ def test_sharded_run_matches_one_device(tmp_path):
     processes = {}
     for devices, mesh in runs.items():
         env = _environment(tmp_path / f"cache{devices}")
-        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+        env["XLA_FLAGS"] += f" --xla_force_host_platform_device_count={devices}"
         command = _command(tmp_path / f"devices{devices}", **sharded, **mesh)
         processes[devices] = subprocess.Popen(
             command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True

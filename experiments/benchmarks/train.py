@@ -70,10 +70,10 @@ ARCHITECTURES = tuple(LM_125M.ARCHITECTURES)
 
 
 def case_config(arch: str, seq_len: int, args):
-    """configs/lm_125m.py:<arch> at T = seq_len with B = max(1, tokens per batch // T), --rule-impl, and the tiny
-    model with --tiny; checked by edarnn.config.resolve for this machine's devices."""
+    """configs/lm_125m.py:<arch> at T = seq_len with B = max(1, tokens per batch // T), --rule-impl, remat off
+    with --no-remat, and the tiny model with --tiny; checked by edarnn.config.resolve for this machine's devices."""
     config = LM_125M.get_config(arch)
-    config.model.rule_impl = args.rule_impl
+    config.model.update(rule_impl=args.rule_impl, remat=config.model.remat and not args.no_remat)
     if args.tiny:
         config.model.update(TINY_MODEL)
     config.data.update(seq_len=seq_len, batch_size=max(1, args.tokens_per_batch // seq_len))
@@ -232,6 +232,11 @@ def parse_args(argv=None):
         action="store_true",
         help="ablation: the recurrent layers' rules replaced by rule_stand_in (times everything around them)",
     )
+    p.add_argument(
+        "--no-remat",
+        action="store_true",
+        help="model.remat off: every block's activations kept for the backward (the rules keep their chunk states)",
+    )
     p.add_argument("--profile", metavar="DIR", help="record a profiler trace of one step per case to DIR")
     p.add_argument("--steps", type=int, default=10, help="timed steps per case")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per case after compiling")
@@ -251,7 +256,7 @@ def main(argv=None):
     archs = sorted(args.archs, key=lambda arch: arch != BASELINE)
     settings = {
         key: getattr(args, key)
-        for key in ("archs", "seq_lens", "tokens_per_batch", "rule_impl", "without_rule", "steps", "warmup")
+        for key in ("archs", "seq_lens", "tokens_per_batch", "rule_impl", "no_remat", "without_rule", "steps", "warmup")
     }
     report = {"machine": info, "config": {**settings, "tiny": args.tiny}, "notes": NOTES, "cases": []}
 
