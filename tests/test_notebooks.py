@@ -31,6 +31,7 @@ def test_notebook_runs(path, monkeypatch):
     monkeypatch.setenv("EDARNN_NOTEBOOK_TINY", "1")
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
     monkeypatch.setenv("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_use_fusion_emitters=false")
     monkeypatch.setenv("MPLBACKEND", "Agg")
     client = NotebookClient(notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": path.parent}})
     client.execute()  # raises CellExecutionError with the cell and its traceback if a cell fails
