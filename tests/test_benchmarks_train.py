@@ -9,6 +9,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import pytest
 from test_configs import CONFIGS
 
 from experiments import multi_device_check
@@ -104,6 +105,7 @@ def test_rule_stand_in_reads_every_input():
     assert all(jnp.abs(grads[name].astype(jnp.float32)).min() > 0 for name in shapes)
 
 
+@pytest.mark.slow  # about a minute (three training runs); test_train's sharded run covers the sharding itself
 def test_multi_device_check_agrees_on_two_simulated_devices(tmp_path):
     """1 device, data=1 x fsdp=2 and data=2 on two simulated CPU devices: the same losses (float32) to 1e-5,
     exit status 0, and a JSON of the curves."""
