@@ -34,7 +34,7 @@ from jax.experimental import pallas as pl
 
 from edarnn import rules
 from pallas_kernels import forms
-from pallas_kernels.gpu import chunk_bwd, chunk_fwd
+from pallas_kernels.gpu import chunk_bwd, chunk_fwd, mosaic
 
 KERNEL_RTOL = 2e-5  # the kernels compute in float32, the reference in float64
 
@@ -548,6 +548,24 @@ def test_mosaic_output_kernel_lowers_for_cuda(case, monkeypatch, no_x64):
 
 
 @pytest.mark.parametrize(
+    ("hopper", "storage", "chunk_size", "mosaic_kernels"),
+    [(True, jnp.bfloat16, 64, 1), (True, None, 64, 0), (True, jnp.bfloat16, 32, 0), (False, jnp.bfloat16, 64, 0)],
+    ids=["hopper-bf16", "hopper-f32", "hopper-chunks-32", "not-hopper"],
+)
+def test_auto_output_backend_is_mosaic_on_a_hopper_where_it_applies(
+    hopper, storage, chunk_size, mosaic_kernels, monkeypatch, no_x64
+):
+    """output_backend "auto": the Mosaic GPU kernel on a Hopper for 16-bit storage and chunks of a multiple of 64
+    tokens; the Triton kernel otherwise (float32 storage, eda's chunks of 32, other GPUs)."""
+    monkeypatch.setattr(chunk_fwd, "DEFAULT_CONFIG", chunk_fwd.Config(output_backend="auto"))
+    monkeypatch.setattr(mosaic, "on_hopper", lambda: hopper)
+    forward = jax.jit(lambda q, sub, s0, seg: forms.chunkwise(q, sub, s0, seg, chunk_size, False, "gpu", storage))
+    text = forward.trace(*_lowering_inputs("channel-decay delta", 128)).lower(lowering_platforms=("cuda",)).as_text()
+    assert len(re.findall(r"custom_call @mosaic_gpu", text)) == mosaic_kernels
+    assert text.count("xla.gpu.triton") == _forward_kernel_count("channel-decay delta") - mosaic_kernels
+
+
+@pytest.mark.parametrize(
     ("storage", "chunk_size", "message"),
     [(None, 64, "one 16-bit dtype"), (jnp.bfloat16, 32, "multiple of 64 tokens")],
 )
@@ -561,7 +579,7 @@ def test_mosaic_output_kernel_refuses_what_it_cannot_run(storage, chunk_size, me
 def test_an_unknown_output_backend_is_refused(monkeypatch, no_x64):
     monkeypatch.setattr(chunk_fwd, "DEFAULT_CONFIG", chunk_fwd.Config(output_backend="cuda"))
     forward = jax.jit(lambda q, sub, s0, seg: forms.chunkwise(q, sub, s0, seg, 64, False, "gpu", jnp.bfloat16))
-    with pytest.raises(ValueError, match='output_backend must be "triton" or "mosaic"; got cuda'):
+    with pytest.raises(ValueError, match='output_backend must be "auto", "triton" or "mosaic"; got cuda'):
         forward.trace(*_lowering_inputs("channel-decay delta", 128))
 
 

@@ -56,7 +56,7 @@ VARIANTS = {  # name: chunk_fwd.Config fields ("bf16": the default, 16-bit stora
     "state16": {"state_block_v": 16, "state_programs": 1},
     "stages1": {"state_stages": 1},  # no software pipelining of the state kernel's loop
     "stages3": {"state_stages": 3},
-    "mosaic_output": {"output_backend": "mosaic"},  # the output kernel on Mosaic GPU (TMA, wgmma), gpu/mosaic.py
+    "auto_output": {"output_backend": "auto"},  # the output kernel on Mosaic GPU where it applies (gpu/mosaic.py)
 }
 
 BACKWARDS = {  # name: None (forward only), or (forms.BACKWARD_KERNELS["gpu"], chunk_bwd.Config fields)

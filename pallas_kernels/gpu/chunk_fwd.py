@@ -97,8 +97,12 @@ class Config(NamedTuple):
     # threshold keeps 64: blocks of 32 were slower there in session 3 (gated_delta_rule 1.76 -> 2.00 ms forward,
     # the state kernel of then). B x H between 24 and 48 (blocks of 32) is not measured.
     state_programs: int = 96
-    # the output kernel's backend: "triton" (tiles.output_kernel) or "mosaic" (mosaic.output: TMA and wgmma, Hopper
-    # and newer; 16-bit storage, chunks of a multiple of 64 tokens); for the backend choice, not yet measured
+    # the output kernel's backend: "triton" (tiles.output_kernel), "mosaic" (mosaic.output: TMA and wgmma, Hopper;
+    # 16-bit storage, chunks of a multiple of 64 tokens) or "auto": mosaic on a Hopper where it takes the inputs,
+    # else triton. Session 15, H200, B=4 T=4096 H=16 K=V=128 bf16, one call: the output kernel 173 -> 137 us in
+    # kda's profile; forwards kda 1.674 -> 1.634 ms, gdn2 1.736 -> 1.697, gated_delta_rule 1.043 -> 1.021. The
+    # default becomes "auto" once the GPU tests have passed with it at every shape they take (K = V of 64 to 256,
+    # segments, poisoned outputs); so far only K = V = 128 has run on a GPU
     output_backend: str = "triton"
 
 
@@ -362,8 +366,10 @@ def chunk_forward(
     when the forward keeps them, `pallas_kernels.forms.chunkwise`)).
     """
     config = config or default_config()
-    if config.output_backend not in ("triton", "mosaic"):
-        raise ValueError(f'chunk_fwd.Config.output_backend must be "triton" or "mosaic"; got {config.output_backend}')
+    if config.output_backend not in ("auto", "triton", "mosaic"):
+        raise ValueError(
+            f'chunk_fwd.Config.output_backend must be "auto", "triton" or "mosaic"; got {config.output_backend}'
+        )
     if storage is not None and config.low_inputs:
         q, x, y, z = (None if t is None else t.astype(storage) for t in (q, x, y, z))
     batch, length, heads, key = q.shape
@@ -388,7 +394,12 @@ def chunk_forward(
         inverse=inverse,
     )
     output_block_v = min(config.output_block_v, value)
-    if config.output_backend == "mosaic":
+    backend = config.output_backend
+    if backend == "auto":
+        operands = (q.dtype, chunk.scores.dtype, chunk.u.dtype, chunk.states.dtype)
+        takes = not interpret and mosaic.on_hopper() and mosaic.refusal(chunk_size, operands) is None
+        backend = "mosaic" if takes else "triton"
+    if backend == "mosaic":
         o = mosaic.output(
             q,
             gq.astype(jnp.float32),

@@ -40,6 +40,28 @@ def _interpret_params(interpret):
     return InterpretGPUParams()
 
 
+def on_hopper() -> bool:
+    """Whether JAX's first GPU is a Hopper (compute capability 9.x), whose wgmma this kernel issues (Blackwell's
+    matrix instructions are others); False without a GPU (e.g. lowering for CUDA on a CPU)."""
+    try:
+        device = jax.devices("gpu")[0]
+    except RuntimeError:
+        return False
+    return str(getattr(device, "compute_capability", "")).startswith("9.")
+
+
+def refusal(chunk_size: int, dtypes) -> str | None:
+    """Why `output` cannot take chunks of `chunk_size` tokens with q, scores, u and states in `dtypes`, or None."""
+    if chunk_size % 64:
+        return f"the Mosaic GPU output kernel takes chunks of a multiple of 64 tokens; got {chunk_size}"
+    if {jnp.dtype(d) for d in dtypes} not in ({jnp.dtype(jnp.bfloat16)}, {jnp.dtype(jnp.float16)}):
+        return (  # TF32 wgmma takes its right operand K-major only, which TMA cannot transpose to
+            "the Mosaic GPU output kernel takes q, scores, u and states in one 16-bit dtype (16-bit inputs with"
+            f" chunk_fwd.Config's low_* storage); got {[jnp.dtype(d).name for d in dtypes]}"
+        )
+    return None
+
+
 def output(q, gq, scores, u, states, seg_q, seg_prev, *, chunk_size, block_v, out_dtype, interpret=False):
     """O = (Q exp Gq) S + Aqk U per chunk, as chunk_fwd's output kernel.
 
@@ -51,13 +73,9 @@ def output(q, gq, scores, u, states, seg_q, seg_prev, *, chunk_size, block_v, ou
     batch, length, heads, key = q.shape
     rows, value = u.shape[1] // length * chunk_size, u.shape[-1]
     n_chunks, dtype = length // chunk_size, q.dtype
-    if chunk_size % 64:
-        raise ValueError(f"the Mosaic GPU output kernel takes chunks of a multiple of 64 tokens; got {chunk_size}")
-    if {t.dtype for t in (q, scores, u, states)} not in ({jnp.dtype(jnp.bfloat16)}, {jnp.dtype(jnp.float16)}):
-        raise ValueError(  # TF32 wgmma takes its right operand K-major only, which TMA cannot transpose to
-            "the Mosaic GPU output kernel takes q, scores, u and states in one 16-bit dtype (16-bit inputs with"
-            f" chunk_fwd.Config's low_* storage); got {[t.dtype.name for t in (q, scores, u, states)]}"
-        )
+    reason = refusal(chunk_size, [t.dtype for t in (q, scores, u, states)])
+    if reason:
+        raise ValueError(reason)
     if seg_q is not None:  # exp(-inf) = 0: those rows take nothing from the start state
         sees_state = seg_q == jnp.repeat(seg_prev, chunk_size, axis=1)
         gq = jnp.where(sees_state[:, :, None, None], gq, -jnp.inf)
