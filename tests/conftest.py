@@ -10,6 +10,7 @@ that `rules.RULES[rule](**inputs, ...)` calls it.
 
 import functools
 import inspect
+import os
 import zlib
 
 import jax
@@ -49,6 +50,21 @@ if ON_CPU:  # about halves XLA compile time; the tests check results, not speed
 COMPILER_OPTIONS = _fast_compile_options()
 jit = functools.partial(jax.jit, compiler_options=COMPILER_OPTIONS)
 """`jax.jit` with the suite's compiler options; use it for every jitted function in the tests."""
+
+FAST_COMPILE_ENV = {
+    "JAX_PLATFORMS": "cpu",
+    "XLA_FLAGS": "--xla_cpu_use_fusion_emitters=false",
+    "JAX_DISABLE_MOST_OPTIMIZATIONS": "1",
+}
+"""The same fast compiles for a child process (training runs, notebooks), as environment variables."""
+
+
+def fast_compile_environment(devices: int | None = None) -> dict:
+    """os.environ with FAST_COMPILE_ENV for a subprocess, and `devices` simulated CPU devices if given."""
+    env = {**os.environ, **FAST_COMPILE_ENV}
+    if devices:
+        env["XLA_FLAGS"] += f" --xla_force_host_platform_device_count={devices}"
+    return env
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -3,13 +3,13 @@
 
 import json
 import math
-import os
 import subprocess
 import sys
 
 import jax
 import jax.numpy as jnp
 import pytest
+from conftest import fast_compile_environment
 from test_configs import CONFIGS
 
 from experiments import multi_device_check
@@ -109,12 +109,7 @@ def test_rule_stand_in_reads_every_input():
 def test_multi_device_check_agrees_on_two_simulated_devices(tmp_path):
     """1 device, data=1 x fsdp=2 and data=2 on two simulated CPU devices: the same losses (float32) to 1e-5,
     exit status 0, and a JSON of the curves."""
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env.update(
-        JAX_PLATFORMS="cpu",
-        XLA_FLAGS="--xla_force_host_platform_device_count=2 --xla_cpu_use_fusion_emitters=false",
-        JAX_DISABLE_MOST_OPTIMIZATIONS="1",  # compile time dominates; the check compares results
-    )
+    env = fast_compile_environment(devices=2)  # compile time dominates; the check compares results
     tiny = {"model.d_model": 16, "model.n_layers": 1, "model.layers": "('gdn2',)", "model.n_heads": 1,
             "model.head_dim_k": 8, "model.head_dim_v": 8, "model.d_ff": 32, "model.chunk_size": 8,
             "data.seq_len": 32, "data.batch_size": 4}  # fmt: skip

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from conftest import FAST_COMPILE_ENV
 from nbclient import NotebookClient
 
 NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("*.ipynb"))
@@ -28,10 +29,7 @@ def test_notebook_runs(path, monkeypatch):
     notebook = nbformat.read(path, as_version=4)
     assert not any(cell.get("outputs") for cell in notebook.cells), f"{path.name}: stored with outputs"
     # the kernel inherits the environment: the tiny setting, the CPU, fast compiles, a headless plot backend
-    monkeypatch.setenv("EDARNN_NOTEBOOK_TINY", "1")
-    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-    monkeypatch.setenv("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
-    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_use_fusion_emitters=false")
-    monkeypatch.setenv("MPLBACKEND", "Agg")
+    for name, value in {**FAST_COMPILE_ENV, "EDARNN_NOTEBOOK_TINY": "1", "MPLBACKEND": "Agg"}.items():
+        monkeypatch.setenv(name, value)
     client = NotebookClient(notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": path.parent}})
     client.execute()  # raises CellExecutionError with the cell and its traceback if a cell fails

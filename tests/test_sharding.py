@@ -10,6 +10,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import pytest
+from conftest import fast_compile_environment
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 from test_model import tiny_config
@@ -113,8 +114,7 @@ print(json.dumps({
 
 def test_sharded_forward_and_grad_match_one_device():
     root = pathlib.Path(__file__).resolve().parents[1]
-    flags = "--xla_force_host_platform_device_count=8 --xla_cpu_use_fusion_emitters=false"  # fast compiles
-    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu", JAX_DISABLE_MOST_OPTIMIZATIONS="1")
+    env = fast_compile_environment(devices=8)
     env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
     run = subprocess.run(
         [sys.executable, "-c", SHARDED_RUN], cwd=root, env=env, capture_output=True, text=True, timeout=300

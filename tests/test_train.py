@@ -3,7 +3,6 @@ end, and a run stopped (SIGTERM), killed (SIGKILL) and resumed past a corrupted 
 loss curve of an uninterrupted run exactly."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -14,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import assert_close
+from conftest import assert_close, fast_compile_environment
 from flax import nnx
 from test_configs import CONFIGS, load
 
@@ -159,13 +158,11 @@ def _command(workdir, **extra) -> list[str]:
     ]
 
 
-def _environment(cache) -> dict:
-    """One CPU device, and a compilation cache shared by the runs (the same program, compiled once)."""
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+def _environment(cache, devices=None) -> dict:
+    """The CPU (`devices` simulated devices, else one) with the suite's fast compiles (compile time dominates these
+    runs; they compare results), and a compilation cache shared by the runs (the same program, compiled once)."""
+    env = fast_compile_environment(devices)
     env.update(
-        JAX_PLATFORMS="cpu",
-        XLA_FLAGS="--xla_cpu_use_fusion_emitters=false",
-        JAX_DISABLE_MOST_OPTIMIZATIONS="1",  # compile time dominates these runs; they compare results
         JAX_COMPILATION_CACHE_DIR=str(cache),
         JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
         JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
@@ -240,8 +237,7 @@ def test_sharded_run_matches_one_device(tmp_path):
     runs = {1: {}, 8: {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}}
     processes = {}
     for devices, mesh in runs.items():
-        env = _environment(tmp_path / f"cache{devices}")
-        env["XLA_FLAGS"] += f" --xla_force_host_platform_device_count={devices}"
+        env = _environment(tmp_path / f"cache{devices}", devices)
         command = _command(tmp_path / f"devices{devices}", **sharded, **mesh)
         processes[devices] = subprocess.Popen(
             command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
