@@ -555,9 +555,9 @@ def test_mosaic_output_kernel_lowers_for_cuda(case, monkeypatch, no_x64):
 def test_auto_output_backend_is_mosaic_on_a_hopper_where_it_applies(
     hopper, storage, chunk_size, mosaic_kernels, monkeypatch, no_x64
 ):
-    """output_backend "auto": the Mosaic GPU kernel on a Hopper for 16-bit storage and chunks of a multiple of 64
-    tokens; the Triton kernel otherwise (float32 storage, eda's chunks of 32, other GPUs)."""
-    monkeypatch.setattr(chunk_fwd, "DEFAULT_CONFIG", chunk_fwd.Config(output_backend="auto"))
+    """output_backend "auto" (the default): the Mosaic GPU kernel on a Hopper for 16-bit storage and chunks of a
+    multiple of 64 tokens; the Triton kernel otherwise (float32 storage, eda's chunks of 32, other GPUs)."""
+    assert chunk_fwd.DEFAULT_CONFIG.output_backend == "auto"
     monkeypatch.setattr(mosaic, "on_hopper", lambda: hopper)
     forward = jax.jit(lambda q, sub, s0, seg: forms.chunkwise(q, sub, s0, seg, chunk_size, False, "gpu", storage))
     text = forward.trace(*_lowering_inputs("channel-decay delta", 128)).lower(lowering_platforms=("cuda",)).as_text()

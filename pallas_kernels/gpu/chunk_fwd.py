@@ -100,10 +100,10 @@ class Config(NamedTuple):
     # the output kernel's backend: "triton" (tiles.output_kernel), "mosaic" (mosaic.output: TMA and wgmma, Hopper;
     # 16-bit storage, chunks of a multiple of 64 tokens) or "auto": mosaic on a Hopper where it takes the inputs,
     # else triton. Session 15, H200, B=4 T=4096 H=16 K=V=128 bf16, one call: the output kernel 173 -> 137 us in
-    # kda's profile; forwards kda 1.674 -> 1.634 ms, gdn2 1.736 -> 1.697, gated_delta_rule 1.043 -> 1.021. The
-    # default becomes "auto" once the GPU tests have passed with it at every shape they take (K = V of 64 to 256,
-    # segments, poisoned outputs); so far only K = V = 128 has run on a GPU
-    output_backend: str = "triton"
+    # kda's profile; forwards kda 1.674 -> 1.634 ms, gdn2 1.736 -> 1.697, gated_delta_rule 1.043 -> 1.021.
+    # Session 16, one call: kda 1.500 -> 1.459 ms forward, 4.435 -> 4.392 forward + backward; gdn2 1.562 -> 1.522,
+    # 4.616 -> 4.574; the GPU tests pass with "auto" at K = V of 64, 128 and 256, with segments and poisoned outputs
+    output_backend: str = "auto"
 
 
 DEFAULT_CONFIG = Config()
