@@ -27,8 +27,9 @@ def _narrow(t):
     return t.astype(jnp.float32) if t.dtype == jnp.float64 else t
 
 
-def prepare(q, sub: core.Substeps, segment_ids, chunk_size):
-    """Pad T to a multiple of chunk_size (identity sub-steps) and derive what the kernels read.
+def prepare(q, sub: core.Substeps, segment_ids, chunk_size, cumsum=None):
+    """Pad T to a multiple of chunk_size (identity sub-steps) and derive what the kernels read. cumsum(g, rows):
+    the cumulative sum over each chunk's rows of g [B, T P, H, D] (default `edarnn.core.blocked_cumsum`, XLA's).
 
     Returns (q, gq, x, y, z, gcum, seg, seg_q, seg_prev): gcum [B, T P, H, D] is the log-decay accumulated from
     each chunk's start, gq its value at each token's last sub-step; seg / seg_q / seg_prev are the running
@@ -40,7 +41,10 @@ def prepare(q, sub: core.Substeps, segment_ids, chunk_size):
     q = pad_time(q, pad)
     g, x, y, z = (None if t is None else pad_time(t, pad * per_token) for t in sub)
     rows = chunk_size * per_token
-    gcum = core.blocked_cumsum(g.reshape(batch, -1, rows, heads, g.shape[-1]), axis=2).reshape(g.shape)
+    if cumsum is None:
+        gcum = core.blocked_cumsum(g.reshape(batch, -1, rows, heads, g.shape[-1]), axis=2).reshape(g.shape)
+    else:
+        gcum = cumsum(g, rows)
     gq = gcum[:, per_token - 1 :: per_token]
     if segment_ids is None:
         return q, gq, x, y, z, gcum, None, None, None
@@ -139,7 +143,9 @@ _recurrent = _with_recomputed_backward(
 
 def _chunk_forward(q, sub, initial_state, segment_ids, chunk_size, interpret, platform, storage, keep):
     """The chunkwise kernels on unprepared inputs; differentiated by the backward kernels (`_chunk_kernels`)."""
-    q_, gq, x, y, z, gcum, *segments = prepare(q, sub, segment_ids, chunk_size)
+    in_kernel = platform == "gpu" and gpu_chunk_fwd.default_config().cumsum_kernel
+    cumsum = functools.partial(gpu_chunk_fwd.chunk_cumsum, interpret=interpret) if in_kernel else None
+    q_, gq, x, y, z, gcum, *segments = prepare(q, sub, segment_ids, chunk_size, cumsum)
     state = initial_state.astype(jnp.float32)
     static = (chunk_size, interpret, platform, storage, keep)
     o, final_state = _chunk_kernels(q_, gq, x, y, z, gcum, state, *segments, *static)

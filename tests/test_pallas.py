@@ -218,6 +218,30 @@ def test_pallas_grads_match_chunk(variant, with_segments, rng, backward_kernels)
     assert_close(actual, expected, KERNEL_RTOL, f"{variant} pallas grad")
 
 
+@pytest.mark.parametrize(
+    "variant",
+    [pytest.param("gated_delta_rule", marks=pytest.mark.slow), "kda", pytest.param("eda-bw", marks=pytest.mark.slow)],
+)
+def test_cumsum_kernel_matches_xlas(variant, rng, backward_kernels, monkeypatch, fresh_traces):
+    """chunk_fwd.Config.cumsum_kernel: the chunk-local cumulative log-decay by a Pallas kernel (with XLA's reverse
+    sum as its VJP) gives what XLA's two-level sum gives: the same output, final state and gradients of every input.
+    Scalar and channel-wise decays, two sub-steps per token (those two slow: every other test of impl="pallas"
+    runs the kernel, the default, against the recurrent or chunk form), segments, an initial state, odd T."""
+    rule = rule_of(variant)
+    inputs, state = make_inputs(variant, rng, T=T), make_state(rng)
+    segment_ids = make_segment_ids(rng, SEGMENTS)
+    cotangents = random_cotangents(rng, inputs)
+
+    def forward_and_grads(in_kernel):  # fresh jits: the configuration is read when tracing
+        monkeypatch.setattr(chunk_fwd, "DEFAULT_CONFIG", chunk_fwd.Config(cumsum_kernel=in_kernel))
+        options = {"impl": "pallas", "chunk_size": 16}
+        forward = jit(lambda i, s, seg: rules.RULES[rule](**i, initial_state=s, segment_ids=seg, **options))
+        grads = jit(jax.grad(loss_fn(rule, cotangents, **options), argnums=(0, 1)))(inputs, state, segment_ids)
+        return forward(inputs, state, segment_ids), grads
+
+    assert_close(forward_and_grads(True), forward_and_grads(False), 1e-6, f"{variant} cumsum kernel")
+
+
 @pytest.mark.parametrize("variant", [pytest.param("gated_delta_rule", marks=pytest.mark.slow), "kda", "eda-bw"])
 def test_pallas_kept_chunk_states_give_the_recomputed_gradients(variant, rng, backward_kernels, monkeypatch):
     """Kept chunk states (the default) against `rules.recompute_chunk_states()`: the backward takes the forward's
@@ -456,9 +480,9 @@ def test_decode_kernel_updates_the_state_in_place_on_a_gpu(no_x64, monkeypatch):
 
 
 def _forward_kernel_count(case):
-    """Kernels of one chunkwise forward: pair scores, solve (with an erase address: it inverts I + A), state and
-    output."""
-    return 1 + LOWERING_CASES[case][2] + 2
+    """Kernels of one chunkwise forward: the cumulative log-decay, pair scores, solve (with an erase address: it
+    inverts I + A), state and output."""
+    return 2 + LOWERING_CASES[case][2] + 2
 
 
 LOWERING_SETTINGS = {  # (storage, chunk_fwd.Config fields) of the lowering tests
@@ -496,9 +520,9 @@ BACKWARD_KERNELS = (
 def test_chunk_backward_kernels_lower_to_triton(case, setting, backward_kernels, monkeypatch, no_x64):
     """A training step's forward and backward at K = V = 128 (two K blocks in state_products and key_grad, two V
     blocks elsewhere), float32 and 16-bit storage (16-bit inputs with float32 states):
-    the forward kernels, those before the output kernel again (the forward keeping only its inputs, the backward
-    recomputes the chunk states: pair, solve, state), and the five backward kernels (value_grad, state_grad,
-    score_grad, state_products, key_grad)."""
+    the forward kernels, those between the cumulative sum and the output kernel again (the forward keeping only its
+    inputs, the backward recomputes the chunk states: pair, solve, state), the five backward kernels (value_grad,
+    state_grad, score_grad, state_products, key_grad) and the cumulative sum's VJP."""
     storage, fields = LOWERING_SETTINGS[setting]
     monkeypatch.setattr(chunk_fwd, "DEFAULT_CONFIG", chunk_fwd.Config(**fields))
     text = _lowered_training_step(case, storage, keep=False)
@@ -508,10 +532,10 @@ def test_chunk_backward_kernels_lower_to_triton(case, setting, backward_kernels,
 
 @pytest.mark.parametrize("case", list(LOWERING_CASES))
 def test_kept_chunk_states_spare_the_recompute_kernels(case, backward_kernels, monkeypatch, no_x64):
-    """With the chunk states kept (the default) a training step lowers to the forward's kernels and the five
-    backward kernels only: no pair, solve and state kernels again."""
+    """With the chunk states kept (the default) a training step lowers to the forward's kernels, the five
+    backward kernels and the cumulative sum's VJP only: no pair, solve and state kernels again."""
     text = _lowered_training_step(case, jnp.bfloat16)
-    assert text.count("xla.gpu.triton") == _forward_kernel_count(case) + len(BACKWARD_KERNELS)
+    assert text.count("xla.gpu.triton") == _forward_kernel_count(case) + len(BACKWARD_KERNELS) + 1
 
 
 @pytest.mark.parametrize("variant", ["gated_delta_rule", "kda"])

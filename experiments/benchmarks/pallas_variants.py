@@ -57,6 +57,7 @@ VARIANTS = {  # name: chunk_fwd.Config fields ("bf16": the default, 16-bit stora
     "stages1": {"state_stages": 1},  # no software pipelining of the state kernel's loop
     "stages3": {"state_stages": 3},
     "auto_output": {"output_backend": "auto"},  # the output kernel on Mosaic GPU where it applies (gpu/mosaic.py)
+    "cumsum_kernel": {"cumsum_kernel": True},  # the chunk-local cumulative log-decay by a Pallas kernel, not XLA
 }
 
 BACKWARDS = {  # name: None (forward only), or (forms.BACKWARD_KERNELS["gpu"], chunk_bwd.Config fields)

@@ -18,6 +18,8 @@ segments; P sub-steps per token):
    segments, are prepared by XLA beforehand (`end_decayed_keys`).
 4. `output` (grid V/BV x B x H x N, parallel; body in pallas_kernels.tiles): O = (Q exp Gq) S + Aqk U.
 
+Before them, `chunk_cumsum` (grid B x H x N) forms the chunk-local cumulative log-decay that every kernel reads.
+
 `chunk_states` (kernels 1 to 3) is also the backward's recompute (chunk_bwd.py), which has the solve kernel write
 T = (I + A)^-1 as well.
 
@@ -104,6 +106,12 @@ class Config(NamedTuple):
     # Session 16, one call: kda 1.500 -> 1.459 ms forward, 4.435 -> 4.392 forward + backward; gdn2 1.562 -> 1.522,
     # 4.616 -> 4.574; the GPU tests pass with "auto" at K = V of 64, 128 and 256, with segments and poisoned outputs
     output_backend: str = "auto"
+    # the chunk-local cumulative log-decay (`chunk_cumsum`) and its VJP: True, a Pallas kernel (one program per
+    # chunk and head); False, XLA's two-level sum (`edarnn.core.blocked_cumsum`). Session 16, kda's profile: XLA's
+    # three fusions 152 us forward (g read three times) and 248 us for the VJP, the kernel 72 and 73 (reading g and
+    # writing its sums once is 62 us at 4.3 TB/s); one call, ms: kda 1.472 -> 1.399 forward, 4.448 -> 4.197 fwd+bwd,
+    # gdn2 1.534 -> 1.459 / 4.635 -> 4.393, eda 3.249 -> 3.234 / 8.039 -> 7.903, gated_delta_rule unchanged
+    cumsum_kernel: bool = True
 
 
 DEFAULT_CONFIG = Config()
@@ -333,6 +341,45 @@ def sequential_block_v(limit: int, batch_heads: int, value: int, programs: int) 
     while batch_heads * (value // block) < programs and block // 2 >= 16 and value % (block // 2) == 0:
         block //= 2
     return block
+
+
+def _cumsum_kernel(g_ref, out_ref, *, reverse):
+    g = g_ref[...].astype(jnp.float32)
+    sums = jnp.cumsum(g, axis=0)  # Triton's scan has no reverse: the sums from the end are total - sums + g
+    out_ref[...] = jnp.sum(g, axis=0, keepdims=True) - sums + g if reverse else sums
+
+
+def _chunk_sums(g, rows, interpret, reverse):
+    """Cumulative sums of g [B, T', H, D] over the rows of each chunk of `rows` (from the end: `reverse`), float32,
+    one Triton program per chunk and head."""
+    batch, length, heads, dim = g.shape
+    return triton_call(
+        functools.partial(_cumsum_kernel, reverse=reverse),
+        4,
+        interpret,
+        grid=(batch, heads, length // rows),
+        in_specs=[tile_spec(rows, dim)],
+        out_specs=tile_spec(rows, dim),
+        out_shape=jax.ShapeDtypeStruct(g.shape, jnp.float32),
+    )(g)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def chunk_cumsum(g, rows, interpret):
+    """g [B, T', H, D] -> its cumulative sum over the rows of each chunk of `rows` (T' a multiple of it), float32,
+    by a Pallas kernel; its VJP, the sum from each row to its chunk's end, by the same kernel."""
+    return _chunk_sums(g, rows, interpret, reverse=False)
+
+
+def _chunk_cumsum_forward(g, rows, interpret):
+    return chunk_cumsum(g, rows, interpret), None
+
+
+def _chunk_cumsum_backward(rows, interpret, _residuals, d_gcum):
+    return (_chunk_sums(d_gcum, rows, interpret, reverse=True),)
+
+
+chunk_cumsum.defvjp(_chunk_cumsum_forward, _chunk_cumsum_backward)
 
 
 def end_decayed_keys(x, gcum, seg, seg_prev, rows, dtype):
