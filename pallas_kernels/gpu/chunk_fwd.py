@@ -83,6 +83,11 @@ class Config(NamedTuple):
 
     pair_warps: tuple[int, int] = (2, 2)  # pair-scores kernel, by sub-steps per token
     solve_warps: tuple[int, int] = (4, 4)  # solve kernel, by sub-steps per token
+    # rows per diagonal block of the solve kernel's substitution, by sub-steps per token (at most a chunk's rows):
+    # the pair kernel's blocks (BLOCK_TOKENS x P rows). eda's 32-row blocks are 2 chains of 31 steps on [32, 32]
+    # tiles (its solve 1048 us against gdn2's 390 in session 16's profiles); 16 would be 4 chains of 15 on
+    # [16, 16] tiles (variant solve16; not yet measured). T is the same matrix either way (lower triangular)
+    solve_block: tuple[int, int] = (16, 32)
     state_warps: int = 4
     output_warps: int = 4
     state_block_v: int = 64
@@ -301,7 +306,7 @@ def chunk_states(
         w, u_tilde, *t = triton_call(
             functools.partial(
                 solve_kernel,
-                block=rows // n_blocks,
+                block=min(config.solve_block[per_token - 1], rows),
                 has_segments=has_segments,
                 write_inverse=inverse,
             ),
