@@ -235,13 +235,13 @@ def test_pallas_grads_match_chunk(variant, with_segments, rng, backward_kernels)
 
 @pytest.mark.parametrize(
     "variant",
-    [pytest.param("gated_delta_rule", marks=pytest.mark.slow), "kda", pytest.param("eda-bw", marks=pytest.mark.slow)],
+    [pytest.param(v, marks=pytest.mark.slow) for v in ("gated_delta_rule", "kda", "eda-bw")],
 )
 def test_cumsum_kernel_matches_xlas(variant, rng, backward_kernels, monkeypatch, fresh_traces):
     """chunk_fwd.Config.cumsum_kernel: the chunk-local cumulative log-decay by a Pallas kernel (with XLA's reverse
     sum as its VJP) gives what XLA's two-level sum gives: the same output, final state and gradients of every input.
-    Scalar and channel-wise decays, two sub-steps per token (those two slow: every other test of impl="pallas"
-    runs the kernel, the default, against the recurrent or chunk form), segments, an initial state, odd T."""
+    Scalar and channel-wise decays, two sub-steps per token, segments, an initial state, odd T. In the slow suite:
+    every other test of impl="pallas" runs the kernel, the default, against the recurrent or chunk form."""
     rule = rule_of(variant)
     inputs, state = make_inputs(variant, rng, T=T), make_state(rng)
     segment_ids = make_segment_ids(rng, SEGMENTS)
@@ -257,7 +257,9 @@ def test_cumsum_kernel_matches_xlas(variant, rng, backward_kernels, monkeypatch,
     assert_close(forward_and_grads(True), forward_and_grads(False), 1e-6, f"{variant} cumsum kernel")
 
 
-@pytest.mark.parametrize("variant", [pytest.param("gated_delta_rule", marks=pytest.mark.slow), "kda", "eda-bw"])
+@pytest.mark.parametrize(
+    "variant", [*(pytest.param(v, marks=pytest.mark.slow) for v in ("gated_delta_rule", "kda")), "eda-bw"]
+)
 def test_pallas_kept_chunk_states_give_the_recomputed_gradients(variant, rng, backward_kernels, monkeypatch):
     """Kept chunk states (the default) against `rules.recompute_chunk_states()`: the backward takes the forward's
     chunk states instead of recomputing them; the same kernels on the same inputs, so the gradients equal the
@@ -277,7 +279,7 @@ def test_pallas_kept_chunk_states_give_the_recomputed_gradients(variant, rng, ba
     assert_close(kept, recomputed, 1e-12, f"{variant} kept chunk states")
 
 
-@pytest.mark.parametrize("variant", ["kda", "eda-channel"])
+@pytest.mark.parametrize("variant", [pytest.param("kda", marks=pytest.mark.slow), "eda-channel"])
 def test_pallas_grouped_values(variant, rng, backward_kernels):
     """v, the gates and the state with 3x the heads of q, k and e (grouped values): the recurrent form's output
     and final state, the chunk form's gradients (rules.py repeats q, k, e per value head before the kernels)."""
@@ -320,7 +322,9 @@ def test_pallas_head_size_256(variant, rng, backward_kernels, fresh_traces):
     assert_close(actual, expected, KERNEL_RTOL, f"{variant} pallas grad, K = V = 256")
 
 
-@pytest.mark.parametrize("variant", ["gated_delta_rule", pytest.param("kda", marks=pytest.mark.slow), "eda-bw"])
+@pytest.mark.parametrize(
+    "variant", [*(pytest.param(v, marks=pytest.mark.slow) for v in ("gated_delta_rule", "kda")), "eda-bw"]
+)
 def test_pallas_grads_in_key_and_value_blocks(variant, rng, backward_kernels, monkeypatch, fresh_traces):
     """The backward kernels with K and V cut in two blocks each (the K grids of state_products and key_grad, a
     scalar decay's partial sums added by XLA; the V loops of score_grad and state_products, state_grad's V grid),
@@ -339,7 +343,7 @@ def test_pallas_grads_in_key_and_value_blocks(variant, rng, backward_kernels, mo
     assert_close(grads("pallas"), grads("chunk"), KERNEL_RTOL, f"{variant} pallas grad in K and V blocks")
 
 
-@pytest.mark.parametrize("variant", ["gla-channel", "kda", "eda-bw"])
+@pytest.mark.parametrize("variant", ["gla-channel", pytest.param("kda", marks=pytest.mark.slow), "eda-bw"])
 def test_pallas_key_grad_four_row_blocks(variant, rng, backward_kernels, monkeypatch, fresh_traces):
     """key_grad's factored pairs below the diagonal (channel-wise decays: one reference per row block): the chunk
     form's gradients with chunks of 64 (four row blocks), odd T, an initial state, segments across blocks and one
@@ -363,8 +367,9 @@ LOW_PRECISION = {  # (chunk_bwd.Config, chunk_fwd.Config) fields of the bf16 gra
 
 @pytest.mark.parametrize(
     "variant, precision",
-    [  # the non-default settings for eda (whose sub-steps cover the others' paths) only, but in the slow suite
-        pytest.param(v, p, marks=[pytest.mark.slow] if p != "bf16-grads" and v != "eda" else [])
+    [  # the non-default settings in the slow suite, but eda's float32 states (mixed-dtype products; its sub-steps
+        # cover the others' paths)
+        pytest.param(v, p, marks=[pytest.mark.slow] if p != "bf16-grads" and (v, p) != ("eda", "f32-states") else [])
         for v in ["gated_delta_rule", "kda", "eda"]
         for p in LOW_PRECISION
     ],
@@ -560,7 +565,7 @@ def test_kept_chunk_states_spare_the_recompute_kernels(case, backward_kernels, m
     assert text.count("xla.gpu.triton") == _forward_kernel_count(case) + len(BACKWARD_KERNELS) + 1
 
 
-@pytest.mark.parametrize("variant", ["gated_delta_rule", "kda"])
+@pytest.mark.parametrize("variant", [pytest.param("gated_delta_rule", marks=pytest.mark.slow), "kda"])
 def test_mosaic_output_kernel_matches_the_triton_one(variant, rng, monkeypatch):
     """chunk_fwd.Config.output_backend="mosaic" (gpu/mosaic.py, run by Mosaic GPU's interpreter) against the Triton
     output kernel (interpret mode): bf16 inputs, chunks of 64, two V blocks, an initial state, segments that begin

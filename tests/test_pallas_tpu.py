@@ -103,6 +103,7 @@ def test_tpu_recurrent_kernel_lowers_for_tpu_in_place(per_token, decay, segments
     assert f"output_tuple_indices = [1], operand_index = {state_arg}," in call
 
 
+SLOW_EDA = ("eda-scalar", "eda-channel")
 GRAD_CASES = [(v, False) for v in ["gla-channel", "gated_delta_rule", "kda", "eda-scalar", "eda-channel"]] + [
     (v, True) for v in SEGMENT_VARIANTS
 ]
@@ -110,8 +111,10 @@ GRAD_CASES = [(v, False) for v in ["gla-channel", "gated_delta_rule", "kda", "ed
 
 @pytest.mark.parametrize(
     "variant,with_segments",
-    [  # a variant with a segments case runs without segments in the slow suite only (10-15 s a case)
-        pytest.param(v, s, marks=[pytest.mark.slow] if not s and v in SEGMENT_VARIANTS else []) for v, s in GRAD_CASES
+    [  # a variant with a segments case runs without segments in the slow suite only (10-15 s a case), and eda (20 s
+        # a case) once by default, with channel gates and segments
+        pytest.param(v, s, marks=[pytest.mark.slow] if (not s and v in SEGMENT_VARIANTS) or v in SLOW_EDA else [])
+        for v, s in GRAD_CASES
     ],
     ids=[f"{v}{'-segments' if s else ''}" for v, s in GRAD_CASES],
 )
