@@ -119,7 +119,7 @@ def test_auto_picks_pallas_only_on_a_gpu_for_shapes_its_kernels_take(monkeypatch
 def test_auto_reads_the_sizes_from_the_arguments(key, value, length, grouped, expected, rng, monkeypatch):
     """rules.kda with impl="auto" on a (pretend) GPU: K from q, V from v (grouped values: twice the heads), T from
     the inputs, float32 compute for bf16 inputs; the Pallas path is replaced by a spy that records the call and
-    returns zeros of the output's and state's shapes (the forms' values are other tests' concern)."""
+    returns zeros of the output's and state's shapes; traced only (the forms' values are other tests' concern)."""
     called = []
 
     def spy(q, steps, state, segment_ids, chunk_size, storage=None):
@@ -132,12 +132,16 @@ def test_auto_reads_the_sizes_from_the_arguments(key, value, length, grouped, ex
     if grouped:
         inputs = {**inputs, **{n: jnp.concatenate([inputs[n]] * 2, axis=2) for n in ("v", "g", "beta")}}
     low = {n: x.astype(jnp.bfloat16) if n in "qkv" else x.astype(jnp.float32) for n, x in inputs.items()}
-    o, _ = rules.kda(**low, impl="auto", chunk_size=64)
+
+    def trace(inputs, **options):  # the choice is made while tracing: no need to run the chosen form
+        return jax.eval_shape(lambda i: rules.kda(**i, impl="auto", chunk_size=64, **options), inputs)
+
+    o, _ = trace(low)
     assert o.dtype == jnp.bfloat16
     assert called == ([jnp.bfloat16] if expected == "pallas" else [])
     if expected == "pallas":  # normalised inside (in float32), still bf16 storage; float32 v: float32 storage
-        rules.kda(**low, impl="auto", chunk_size=64, normalize_qk=True)
-        rules.kda(**{**low, "v": low["v"].astype(jnp.float32)}, impl="auto", chunk_size=64)
+        trace(low, normalize_qk=True)
+        trace({**low, "v": low["v"].astype(jnp.float32)})
         assert called[1:] == [jnp.bfloat16, jnp.float32]
 
 

@@ -58,7 +58,7 @@ VARIANTS = {  # name: chunk_fwd.Config fields ("bf16": the default, 16-bit stora
     "stages3": {"state_stages": 3},
     "auto_output": {"output_backend": "auto"},  # the output kernel on Mosaic GPU where it applies (gpu/mosaic.py)
     "solve16": {"solve_block": (16, 16)},  # eda's solve in diagonal blocks of 16 rows (default: 32, the pair's)
-    "cumsum_kernel": {"cumsum_kernel": True},  # the chunk-local cumulative log-decay by a Pallas kernel, not XLA
+    "xla_cumsum": {"cumsum_kernel": False},  # the chunk-local cumulative log-decay by XLA, not the Pallas kernel
 }
 
 BACKWARDS = {  # name: None (forward only), or (forms.BACKWARD_KERNELS["gpu"], chunk_bwd.Config fields)
