@@ -233,15 +233,13 @@ def test_pallas_grads_match_chunk(variant, with_segments, rng, backward_kernels)
     assert_close(actual, expected, KERNEL_RTOL, f"{variant} pallas grad")
 
 
-@pytest.mark.parametrize(
-    "variant",
-    [pytest.param(v, marks=pytest.mark.slow) for v in ("gated_delta_rule", "kda", "eda-bw")],
-)
+@pytest.mark.slow  # every other test of impl="pallas" runs the kernel, the default, against the recurrent or chunk form
+@pytest.mark.parametrize("variant", ["gated_delta_rule", "kda", "eda-bw"])
 def test_cumsum_kernel_matches_xlas(variant, rng, backward_kernels, monkeypatch, fresh_traces):
-    """chunk_fwd.Config.cumsum_kernel: the chunk-local cumulative log-decay by a Pallas kernel (with XLA's reverse
-    sum as its VJP) gives what XLA's two-level sum gives: the same output, final state and gradients of every input.
-    Scalar and channel-wise decays, two sub-steps per token, segments, an initial state, odd T. In the slow suite:
-    every other test of impl="pallas" runs the kernel, the default, against the recurrent or chunk form."""
+    """chunk_fwd.Config.cumsum_kernel: the chunk-local cumulative log-decay and its VJP (the sums from each row to
+    its chunk's end) by a Pallas kernel give what XLA's two-level sum and its VJP give: the same output, final state
+    and gradients of every input. Scalar and channel-wise decays, two sub-steps per token, segments, an initial
+    state, odd T."""
     rule = rule_of(variant)
     inputs, state = make_inputs(variant, rng, T=T), make_state(rng)
     segment_ids = make_segment_ids(rng, SEGMENTS)
