@@ -12,7 +12,9 @@ reads the state: o = S^T q. Arrays here are already validated, scaled and in the
 Shapes (P sub-steps per token, D = K or 1 for a scalar decay; the sub-steps of token t are rows t P ... t P + P - 1
 of the sub-step axis, so that a chunk of C tokens is one contiguous tile of C P rows):
     q:  [B, T, H, K]          query, already multiplied by the scale
-    g:  [B, T P, H, D]        log-decay of each sub-step
+    g:  [B, T P, H, D]        log-decay of each sub-step, or [B, T, H, D]: of each token's first sub-step (its
+                              later sub-steps do not decay; EDA's layout, which spares the forms a P-times
+                              larger array of zeros and its sums)
     x, y: [B, T P, H, K]      edit and read/erase addresses (y may be None)
     z:  [B, T P, H, V]        committed values
     initial_state: [B, H, K, V]
@@ -45,6 +47,13 @@ class Substeps(NamedTuple):
     x: Array
     y: Array | None
     z: Array
+
+
+def substep_decays(g: Array, length: int, per_token: int) -> Array:
+    """g in either layout of the module docstring -> each sub-step's log-decay [B, T, P, H, D] (zeros after each
+    token's first sub-step for the per-token layout)."""
+    g = g.reshape(g.shape[0], length, -1, *g.shape[2:])
+    return jnp.pad(g, ((0, 0), (0, 0), (0, per_token - g.shape[2]), (0, 0), (0, 0)))
 
 
 def resets(segment_ids: Array | None, length: int) -> Array | None:
@@ -100,7 +109,8 @@ def recurrent(q: Array, sub: Substeps, initial_state: Array, segment_ids: Array 
     reset = resets(segment_ids, length)
     time_major = lambda a: None if a is None else jnp.moveaxis(a, 1, 0)  # noqa: E731
     per_token = lambda a: None if a is None else a.reshape(batch, length, -1, *a.shape[2:])  # noqa: E731
-    sub = Substeps(*(per_token(t) for t in sub))  # [B, T, P, H, D]
+    g = substep_decays(sub.g, length, sub.x.shape[1] // length)
+    sub = Substeps(g, *(per_token(t) for t in sub[1:]))  # [B, T, P, H, D]
     xs = (
         time_major(q),
         time_major(sub.g),
@@ -155,7 +165,8 @@ def associative_scan(q: Array, sub: Substeps, initial_state: Array, segment_ids:
     """All states at once with `lax.associative_scan` (O(log T) depth). Exact and cheap for additive rules
     (diagonal M); for the delta family it materialises [B, T, H, K, K] and is meant for checking."""
     batch, length = q.shape[:2]
-    sub = Substeps(*(None if t is None else t.reshape(batch, length, -1, *t.shape[2:]) for t in sub))
+    g = substep_decays(sub.g, length, sub.x.shape[1] // length)
+    sub = Substeps(g, *(None if t is None else t.reshape(batch, length, -1, *t.shape[2:]) for t in sub[1:]))
     token_map = None
     for p in range(sub.g.shape[2]):
         y_p = None if sub.y is None else sub.y[:, :, p]
@@ -269,7 +280,7 @@ def chunkwise(q: Array, sub: Substeps, initial_state: Array, segment_ids: Array 
     chunks (`lax.scan`). Any T: the tail is padded with identity sub-steps (g = 0, x = 0). Internally
     chunk-major, [N, B, H, rows, D], so the loop over chunks slices its leading axis."""
     batch, length, heads, key = q.shape
-    n_sub, value = sub.g.shape[1] // length, sub.z.shape[-1]
+    n_sub, value = sub.x.shape[1] // length, sub.z.shape[-1]
     n_chunks = -(-length // chunk_size)
     pad = n_chunks * chunk_size - length
     rows = n_sub * chunk_size  # sub-steps per chunk
@@ -284,8 +295,14 @@ def chunkwise(q: Array, sub: Substeps, initial_state: Array, segment_ids: Array 
     qc = to_chunks(q)
     g, x, z = to_chunks(sub.g), to_chunks(sub.x), to_chunks(sub.z)
     y = None if sub.y is None else to_chunks(sub.y)
-    gcum = blocked_cumsum(g, axis=-2)  # [N, B, H, L, D], inclusive, relative to the chunk start
-    gq = gcum[..., n_sub - 1 :: n_sub, :]  # decay seen by each query (after its token's last sub-step)
+    # [N, B, H, L, D], inclusive, relative to the chunk start; gq: the decay each query sees (after its token's
+    # last sub-step)
+    if g.shape[-2] == rows:
+        gcum = blocked_cumsum(g, axis=-2)
+        gq = gcum[..., n_sub - 1 :: n_sub, :]
+    else:  # per token: every sub-step of a token sees the decay up to that token
+        gq = blocked_cumsum(g, axis=-2)
+        gcum = jnp.repeat(gq, n_sub, axis=-2)
 
     # Masks: causal in sub-step positions, and within one segment.
     pos = jnp.arange(rows)

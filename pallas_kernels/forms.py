@@ -39,13 +39,19 @@ def prepare(q, sub: core.Substeps, segment_ids, chunk_size, cumsum=None):
     pad = -length % chunk_size
     pad_time = lambda t, n: jnp.pad(_narrow(t), ((0, 0), (0, n)) + ((0, 0),) * (t.ndim - 2))  # noqa: E731
     q = pad_time(q, pad)
-    g, x, y, z = (None if t is None else pad_time(t, pad * per_token) for t in sub)
-    rows = chunk_size * per_token
+    x, y, z = (None if t is None else pad_time(t, pad * per_token) for t in sub[1:])
+    g_rows = sub.g.shape[1] // length  # per_token, or 1: g per token (`edarnn.core` layouts)
+    g = pad_time(sub.g, pad * g_rows)
     if cumsum is None:
-        gcum = core.blocked_cumsum(g.reshape(batch, -1, rows, heads, g.shape[-1]), axis=2).reshape(g.shape)
-    else:
-        gcum = cumsum(g, rows)
-    gq = gcum[:, per_token - 1 :: per_token]
+        cumsum = lambda t, rows: core.blocked_cumsum(  # noqa: E731
+            t.reshape(batch, -1, rows, heads, t.shape[-1]), axis=2
+        ).reshape(t.shape)
+    if g_rows == per_token:
+        gcum = cumsum(g, chunk_size * per_token)
+        gq = gcum[:, per_token - 1 :: per_token]
+    else:  # every sub-step of a token sees the decay up to that token
+        gq = cumsum(g, chunk_size)
+        gcum = jnp.repeat(gq, per_token, axis=1)
     if segment_ids is None:
         return q, gq, x, y, z, gcum, None, None, None
     seg_q = jnp.pad(core.segment_numbers(segment_ids, length), ((0, 0), (0, pad)), "edge")
@@ -106,7 +112,9 @@ _chunk_kernels.defvjp(_chunk_kernels_forward, _chunk_kernels_backward)
 
 
 def _recurrent_kernels(q, sub, initial_state, segment_ids, interpret, platform):
-    sub = [None if t is None else _narrow(t) for t in sub]
+    length, per_token = q.shape[1], sub.x.shape[1] // q.shape[1]
+    g = core.substep_decays(sub.g, length, per_token)
+    sub = [None if t is None else _narrow(t) for t in (g.reshape(sub.x.shape[:-1] + g.shape[-1:]), *sub[1:])]
     state = initial_state.astype(jnp.float32)
     resets = core.resets(segment_ids, q.shape[1])
     resets = None if resets is None else resets.astype(jnp.int32)

@@ -304,7 +304,7 @@ def kernel_input_specs(*, t, per_token, decay, erase, segments=False, b=1, h=2, 
     spec = lambda *shape, dtype=jnp.float32: jax.ShapeDtypeStruct(shape, dtype)  # noqa: E731
     rows = t * per_token
     sub = core.Substeps(
-        spec(b, rows, h, 1 if decay == "1" else k),
+        spec(b, t, h, 1 if decay == "1" else k),  # per token, as `rules` passes it (EDA: its first sub-step's)
         spec(b, rows, h, k, dtype=jnp.bfloat16),
         spec(b, rows, h, k) if erase else None,
         spec(b, rows, h, v),

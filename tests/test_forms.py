@@ -171,3 +171,31 @@ def test_default_chunk_is_64_sub_steps(variant, chunk_size, expected, rng, monke
     monkeypatch.setattr(core, "chunkwise", spy)
     rules.RULES[rule_of(variant)](**make_inputs(variant, rng, T=8), impl="chunk", chunk_size=chunk_size)
     assert sizes == [expected]
+
+
+@pytest.mark.parametrize("form", ["recurrent", "scan", "chunk", "pallas"])
+def test_a_per_token_decay_is_the_first_sub_steps(form, rng):
+    """`core`'s two layouts of g with two sub-steps per token (EDA's): g [B, T, H, K] per token gives what the
+    per-sub-step layout [B, 2 T, H, K] gives with each token's decay at its first sub-step and 0 at its second, in
+    every form (pallas: the GPU kernels in interpret mode, with the cumulative sums over tokens), with segments and
+    an initial state. T = 37 with chunks of 16 tokens: a padded last chunk."""
+    from pallas_kernels import forms  # noqa: PLC0415
+
+    batch, length, heads, key, value = 2, 37, 2, 16, 16
+    normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)  # noqa: E731
+    q = normal(batch, length, heads, key)
+    x, y = normal(batch, 2 * length, heads, key) / 4, normal(batch, 2 * length, heads, key) / 4
+    z = normal(batch, 2 * length, heads, value)
+    g = jnp.asarray(-rng.uniform(0.0, 1.0, (batch, length, heads, key)), jnp.float32)
+    g_per_sub_step = jnp.stack([g, jnp.zeros_like(g)], axis=2).reshape(x.shape)
+    state = make_state(rng, B=batch, H=heads, K=key, V=value, dtype=jnp.float32)
+    segment_ids = make_segment_ids(rng, SEGMENTS)
+    run_form = {
+        "recurrent": core.recurrent,
+        "scan": core.associative_scan,
+        "chunk": lambda *a: core.chunkwise(*a, 16),
+        "pallas": lambda *a: forms.chunkwise(*a, 16, True),
+    }[form]
+    per_token = run_form(q, core.Substeps(g, x, y, z), state, segment_ids)
+    per_sub_step = run_form(q, core.Substeps(g_per_sub_step, x, y, z), state, segment_ids)
+    assert_close(per_token, per_sub_step, 1e-5, f"{form}: per-token decay")

@@ -76,11 +76,11 @@ def test_pallas_forward_in_value_blocks(variant, rng, monkeypatch):
     assert_close(actual, reference(rule, inputs, state, segment_ids), KERNEL_RTOL, f"{variant} pallas, V blocks")
 
 
-def test_pallas_eda_solve_in_blocks_of_16_rows(rng, monkeypatch):
-    """chunk_fwd.Config.solve_block (16, 16): eda's solve substitutes diagonal blocks of 16 rows, half the pair
-    kernel's 32, in chunks of 16 tokens (32 rows, two blocks) with segments and an initial state: the recurrent
-    form's output and final state (its lowering: test_eda_solve_in_blocks_of_16_rows_lowers_to_triton)."""
-    monkeypatch.setattr(chunk_fwd, "DEFAULT_CONFIG", chunk_fwd.Config(solve_block=(16, 16)))
+def test_pallas_eda_solve_in_blocks_of_32_rows(rng, monkeypatch):
+    """chunk_fwd.Config.solve_block (16, 32): eda's solve substitutes diagonal blocks of 32 rows, the pair kernel's
+    (the default is 16), in chunks of 16 tokens (one block of 32 rows) with segments and an initial state: the
+    recurrent form's output and final state (its lowering: test_eda_solve_in_blocks_of_32_rows_lowers_to_triton)."""
+    monkeypatch.setattr(chunk_fwd, "DEFAULT_CONFIG", chunk_fwd.Config(solve_block=(16, 32)))
     inputs, state = make_inputs("eda-bw", rng, T=T), make_state(rng)
     segment_ids = make_segment_ids(rng, SEGMENTS)
 
@@ -88,7 +88,7 @@ def test_pallas_eda_solve_in_blocks_of_16_rows(rng, monkeypatch):
         return rules.RULES["eda"](**i, initial_state=s, segment_ids=seg, impl="pallas", chunk_size=16)
 
     expected = reference("eda", inputs, state, segment_ids)
-    assert_close(jax.jit(forward)(inputs, state, segment_ids), expected, KERNEL_RTOL, "eda pallas, solve blocks of 16")
+    assert_close(jax.jit(forward)(inputs, state, segment_ids), expected, KERNEL_RTOL, "eda pallas, solve blocks of 32")
 
 
 def test_state_passes_narrow_their_value_blocks_for_few_heads():
@@ -524,8 +524,8 @@ def test_chunk_kernels_lower_to_triton(case, setting, monkeypatch, no_x64):
     assert 'name = "_state_kernel"' in text
 
 
-def test_eda_solve_in_blocks_of_16_rows_lowers_to_triton(monkeypatch, no_x64):
-    monkeypatch.setattr(chunk_fwd, "DEFAULT_CONFIG", chunk_fwd.Config(solve_block=(16, 16)))
+def test_eda_solve_in_blocks_of_32_rows_lowers_to_triton(monkeypatch, no_x64):
+    monkeypatch.setattr(chunk_fwd, "DEFAULT_CONFIG", chunk_fwd.Config(solve_block=(16, 32)))
     forward = jax.jit(lambda q, sub, s0, seg: forms.chunkwise(q, sub, s0, seg, 32, False, "gpu", jnp.bfloat16))
     text = forward.trace(*_lowering_inputs("eda", 128)).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("xla.gpu.triton") == _forward_kernel_count("eda")

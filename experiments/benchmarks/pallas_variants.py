@@ -57,7 +57,7 @@ VARIANTS = {  # name: chunk_fwd.Config fields ("bf16": the default, 16-bit stora
     "stages1": {"state_stages": 1},  # no software pipelining of the state kernel's loop
     "stages3": {"state_stages": 3},
     "auto_output": {"output_backend": "auto"},  # the output kernel on Mosaic GPU where it applies (gpu/mosaic.py)
-    "solve16": {"solve_block": (16, 16)},  # eda's solve in diagonal blocks of 16 rows (default: 32, the pair's)
+    "solve32": {"solve_block": (16, 32)},  # eda's solve in diagonal blocks of 32 rows, the pair's (default: 16)
     "xla_cumsum": {"cumsum_kernel": False},  # the chunk-local cumulative log-decay by XLA, not the Pallas kernel
 }
 
@@ -79,16 +79,18 @@ BACKWARDS = {  # name: None (forward only), or (forms.BACKWARD_KERNELS["gpu"], c
 }
 
 
-def case_fn(rule, backward):
+def case_fn(rule, backward, chunk_size=None):
     """A fresh jit of the case: (q, k, v, *gates) -> (o, final_state) for "fwd", else (q, k, v, *gates, do) ->
-    (o, the gradients of sum(o * do) w.r.t. q, k, v and the gates), under `backward`'s choice of backward."""
+    (o, the gradients of sum(o * do) w.r.t. q, k, v and the gates), under `backward`'s choice of backward;
+    chunk_size: tokens per chunk (None: the rule's default)."""
+    call = functools.partial(rules.RULES[rule], impl="pallas", chunk_size=chunk_size)
     if BACKWARDS[backward] is None:
-        return jax.jit(functools.partial(rules.RULES[rule], impl="pallas"))
+        return jax.jit(call)
 
     def forward(*inputs):
         recompute = rules.recompute_chunk_states() if backward == "kernels_recompute" else contextlib.nullcontext()
         with recompute:
-            return rules.RULES[rule](*inputs, impl="pallas")
+            return call(*inputs)
 
     kernels, fields = BACKWARDS[backward]
     forms.BACKWARD_KERNELS["gpu"] = kernels
@@ -128,6 +130,7 @@ def main(argv=None):
         "--shape", type=int, nargs=5, default=(4, 4096, 16, 128, 128), metavar=("B", "T", "H", "K", "V")
     )
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--chunk-size", type=int, help="tokens per chunk (default: the rules', 64 sub-steps)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=20)
     rb.add_burst_argument(parser)
@@ -140,6 +143,7 @@ def main(argv=None):
     report = {"device": str(jax.devices()[0]), "shape": args.shape, "dtype": args.dtype, "cases": []}
     report.update(warmup=args.warmup, repeats=args.repeats, burst=args.burst, input_sets=args.input_sets)
     report["chunk_rows"] = rules.CHUNK_ROWS  # the rules' default chunks: 64 sub-steps (rules.chunk_tokens)
+    report["chunk_size"] = args.chunk_size
     default_backward = forms.BACKWARD_KERNELS["gpu"]
     timing = argparse.Namespace(warmup=args.warmup, repeats=args.repeats, burst=args.burst, case_budget=float("inf"))
     out_dir = os.path.dirname(os.path.abspath(args.out))
@@ -157,7 +161,7 @@ def main(argv=None):
         for variant, backward in ((v, b) for v in args.variants for b in args.backward):
             name = variant if backward == "fwd" else f"{variant}/{backward}"
             chunk_fwd.DEFAULT_CONFIG = chunk_fwd.Config(**VARIANTS[variant])
-            fn = case_fn(rule, backward)
+            fn = case_fn(rule, backward, args.chunk_size)
             case_sets = sets if backward == "fwd" else grad_sets
             try:
                 record = rb.measure(fn, case_sets, timing)

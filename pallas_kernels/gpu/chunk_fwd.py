@@ -83,11 +83,12 @@ class Config(NamedTuple):
 
     pair_warps: tuple[int, int] = (2, 2)  # pair-scores kernel, by sub-steps per token
     solve_warps: tuple[int, int] = (4, 4)  # solve kernel, by sub-steps per token
-    # rows per diagonal block of the solve kernel's substitution, by sub-steps per token (at most a chunk's rows):
-    # the pair kernel's blocks (BLOCK_TOKENS x P rows). eda's 32-row blocks are 2 chains of 31 steps on [32, 32]
-    # tiles (its solve 1048 us against gdn2's 390 in session 16's profiles); 16 would be 4 chains of 15 on
-    # [16, 16] tiles (variant solve16; not yet measured). T is the same matrix either way (lower triangular)
-    solve_block: tuple[int, int] = (16, 32)
+    # rows per diagonal block of the solve kernel's substitution, by sub-steps per token (at most a chunk's rows;
+    # T is the same matrix either way). eda in blocks of 16 rows (4 chains of 15 steps on [16, 16] tiles per chunk
+    # of 64 rows) rather than the pair kernel's 32 (2 chains of 31 on [32, 32]): session 17, H200, B=4 T=4096 H=16
+    # K=V=128 bf16, one call: eda's solve 1045 -> 767 us (profile), forward 3.249 -> 2.955 ms, fwd+bwd 7.892 ->
+    # 7.439 (variant solve32 is the old default)
+    solve_block: tuple[int, int] = (16, 16)
     state_warps: int = 4
     output_warps: int = 4
     state_block_v: int = 64
