@@ -677,6 +677,13 @@ GPU_FORWARD_CASES = {  # (chunk_fwd.Config fields, K = V) of the full-width bf16
 GPU_GRAD_CASES = {name: GPU_FORWARD_CASES[name] for name in ("heads-64", "default", "heads-256", "state-blocks-64")}
 
 
+def in_bf16(rule, inputs):
+    """The arrays of a rule's inputs (q, k, v and eda's e) in bf16, its gates as they are (float32): the inputs of
+    the bf16 path, 16-bit storage in the kernels (float32 e would make eda's storage float32)."""
+    arrays = 4 if rule == "eda" else 3
+    return [x.astype(jnp.bfloat16) if i < arrays else x for i, x in enumerate(inputs)]
+
+
 def poison_gpu_memory(smallest_bytes: int = 1024) -> None:
     """Fill the device allocator's free memory with NaN, so that output elements a kernel fails to write read as
     NaN: NaN arrays of power-of-two sizes up to 1 GiB, each the largest that fits the pool's largest free block
@@ -750,7 +757,7 @@ def test_pallas_on_gpu_bf16(rule, case, monkeypatch):
 
     inputs = random_inputs(rule, 2, 1000, 4, width, width)
     expected, expected_state = rules.RULES[rule](*inputs, impl="recurrent")
-    low = [x.astype(jnp.bfloat16) if i < 3 else x for i, x in enumerate(inputs)]
+    low = in_bf16(rule, inputs)
     forward = jax.jit(lambda *a: rules.RULES[rule](*a, impl="pallas")).lower(*low).compile()
     poison_gpu_memory()
     o, state = forward(*low)
@@ -766,7 +773,7 @@ def test_mosaic_output_kernel_on_gpu_bf16(rule, monkeypatch):
     device memory poisoned: within 1e-2 of a float32 recurrent run and within bf16 rounding of the Triton kernel."""
     from edarnn.check_forms import random_inputs
 
-    inputs = [x.astype(jnp.bfloat16) if i < 3 else x for i, x in enumerate(random_inputs(rule, 2, 1000, 4, 128, 128))]
+    inputs = in_bf16(rule, random_inputs(rule, 2, 1000, 4, 128, 128))
     segment_ids = jnp.asarray(np.searchsorted(np.array([0, 100, 517]), np.arange(1000), side="right"))[None]
     segment_ids = jnp.repeat(segment_ids, 2, axis=0)
     expected = rules.RULES[rule](*[x.astype(jnp.float32) for x in inputs], segment_ids=segment_ids, impl="recurrent")
@@ -795,7 +802,7 @@ def test_pallas_segments_on_gpu_bf16(rule):
     starts = np.array([[0, 100, 128, 517, 900], [0, 64, 65, 300, 999]])
     segment_ids = jnp.asarray(np.stack([np.searchsorted(row, np.arange(1000), side="right") for row in starts]))
     expected, expected_state = rules.RULES[rule](*inputs, segment_ids=segment_ids, impl="recurrent")
-    low = [x.astype(jnp.bfloat16) if i < 3 else x for i, x in enumerate(inputs)]
+    low = in_bf16(rule, inputs)
     forward = jax.jit(lambda *a: rules.RULES[rule](*a, segment_ids=segment_ids, impl="pallas")).lower(*low).compile()
     poison_gpu_memory()
     o, state = forward(*low)
@@ -856,7 +863,7 @@ def test_pallas_decay_floor_on_gpu_bf16(rule, backward_kernels):
     position = DECAY_POSITION[rule]
     inputs[position] = -5.0 * jax.random.uniform(jax.random.key(3), inputs[position].shape)
     expected, _ = rules.RULES[rule](*inputs, impl="recurrent")
-    low = [x.astype(jnp.bfloat16) if i < 3 else x for i, x in enumerate(inputs)]
+    low = in_bf16(rule, inputs)
 
     def loss(args):
         o, final_state = rules.RULES[rule](*args, impl="pallas")
@@ -898,7 +905,7 @@ def test_pallas_grads_on_gpu_bf16(rule, case, backward_kernels, monkeypatch):
 
     with jax.default_matmul_precision("highest"):
         expected = grads("recurrent", inputs)
-    low = tuple(x.astype(jnp.bfloat16) if i < 3 or (rule == "eda" and i == 3) else x for i, x in enumerate(inputs))
+    low = tuple(in_bf16(rule, inputs))
     actual = grads("pallas", low, poison=True)
     for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True):
         assert np.isfinite(np.asarray(a, np.float32)).all()
