@@ -29,7 +29,8 @@ def _narrow(t):
 
 def prepare(q, sub: core.Substeps, segment_ids, chunk_size, cumsum=None):
     """Pad T to a multiple of chunk_size (identity sub-steps) and derive what the kernels read. cumsum(g, rows):
-    the cumulative sum over each chunk's rows of g [B, T P, H, D] (default `edarnn.core.blocked_cumsum`, XLA's).
+    the cumulative sum over each chunk's rows of g [B, T', H, D] (default `edarnn.core.blocked_cumsum`, XLA's): rows
+    = C P of the per-sub-step g (T' = T P), C of a per-token g (T' = T; `edarnn.core` layouts).
 
     Returns (q, gq, x, y, z, gcum, seg, seg_q, seg_prev): gcum [B, T P, H, D] is the log-decay accumulated from
     each chunk's start, gq its value at each token's last sub-step; seg / seg_q / seg_prev are the running

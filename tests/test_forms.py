@@ -1,5 +1,7 @@
 """Every form (scan, chunk, auto) computes what the recurrent definition computes, for every rule variant."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -173,12 +175,13 @@ def test_default_chunk_is_64_sub_steps(variant, chunk_size, expected, rng, monke
     assert sizes == [expected]
 
 
-@pytest.mark.parametrize("form", ["recurrent", "scan", "chunk", "pallas"])
+@pytest.mark.parametrize("form", ["recurrent", "scan", "chunk", "pallas", "pallas_recurrent"])
 def test_a_per_token_decay_is_the_first_sub_steps(form, rng):
     """`core`'s two layouts of g with two sub-steps per token (EDA's): g [B, T, H, K] per token gives what the
     per-sub-step layout [B, 2 T, H, K] gives with each token's decay at its first sub-step and 0 at its second, in
-    every form (pallas: the GPU kernels in interpret mode, with the cumulative sums over tokens), with segments and
-    an initial state. T = 37 with chunks of 16 tokens: a padded last chunk."""
+    every form (pallas: the GPU chunk kernels in interpret mode, with the cumulative sums over tokens, and the
+    token-by-token kernel), with segments and an initial state: the output, the final state and the gradients of
+    q, x, y, z and g. T = 37 with chunks of 16 tokens: a padded last chunk."""
     from pallas_kernels import forms  # noqa: PLC0415
 
     batch, length, heads, key, value = 2, 37, 2, 16, 16
@@ -187,15 +190,26 @@ def test_a_per_token_decay_is_the_first_sub_steps(form, rng):
     x, y = normal(batch, 2 * length, heads, key) / 4, normal(batch, 2 * length, heads, key) / 4
     z = normal(batch, 2 * length, heads, value)
     g = jnp.asarray(-rng.uniform(0.0, 1.0, (batch, length, heads, key)), jnp.float32)
-    g_per_sub_step = jnp.stack([g, jnp.zeros_like(g)], axis=2).reshape(x.shape)
     state = make_state(rng, B=batch, H=heads, K=key, V=value, dtype=jnp.float32)
     segment_ids = make_segment_ids(rng, SEGMENTS)
+    d_o, d_state = normal(batch, length, heads, value), normal(batch, heads, key, value)
     run_form = {
         "recurrent": core.recurrent,
         "scan": core.associative_scan,
         "chunk": lambda *a: core.chunkwise(*a, 16),
         "pallas": lambda *a: forms.chunkwise(*a, 16, True),
+        "pallas_recurrent": lambda *a: forms.recurrent(*a, True),
     }[form]
-    per_token = run_form(q, core.Substeps(g, x, y, z), state, segment_ids)
-    per_sub_step = run_form(q, core.Substeps(g_per_sub_step, x, y, z), state, segment_ids)
-    assert_close(per_token, per_sub_step, 1e-5, f"{form}: per-token decay")
+
+    def loss(per_token, q, x, y, z, g):
+        if not per_token:  # each token's decay at its first sub-step, 0 at its second
+            g = jnp.stack([g, jnp.zeros_like(g)], axis=2).reshape(x.shape)
+        o, final_state = run_form(q, core.Substeps(g, x, y, z), state, segment_ids)
+        return jnp.sum(o * d_o) + jnp.sum(final_state * d_state), (o, final_state)
+
+    def outputs_and_grads(per_token):
+        grad = jax.grad(functools.partial(loss, per_token), argnums=(0, 1, 2, 3, 4), has_aux=True)
+        grads, outputs = grad(q, x, y, z, g)
+        return outputs, grads
+
+    assert_close(outputs_and_grads(True), outputs_and_grads(False), 1e-5, f"{form}: per-token decay")

@@ -78,14 +78,15 @@ def test_pallas_forward_in_value_blocks(variant, rng, monkeypatch):
 
 def test_pallas_eda_solve_in_blocks_of_32_rows(rng, monkeypatch):
     """chunk_fwd.Config.solve_block (16, 32): eda's solve substitutes diagonal blocks of 32 rows, the pair kernel's
-    (the default is 16), in chunks of 16 tokens (one block of 32 rows) with segments and an initial state: the
-    recurrent form's output and final state (its lowering: test_eda_solve_in_blocks_of_32_rows_lowers_to_triton)."""
+    (the default is 16), in chunks of 32 tokens (two blocks of 32 rows: the off-diagonal block too; T = 37, the
+    second chunk padded) with segments and an initial state: the recurrent form's output and final state (its
+    lowering: test_eda_solve_in_blocks_of_32_rows_lowers_to_triton)."""
     monkeypatch.setattr(chunk_fwd, "DEFAULT_CONFIG", chunk_fwd.Config(solve_block=(16, 32)))
     inputs, state = make_inputs("eda-bw", rng, T=T), make_state(rng)
     segment_ids = make_segment_ids(rng, SEGMENTS)
 
     def forward(i, s, seg):  # a fresh jit: conftest's `run` is cached across configurations
-        return rules.RULES["eda"](**i, initial_state=s, segment_ids=seg, impl="pallas", chunk_size=16)
+        return rules.RULES["eda"](**i, initial_state=s, segment_ids=seg, impl="pallas", chunk_size=32)
 
     expected = reference("eda", inputs, state, segment_ids)
     assert_close(jax.jit(forward)(inputs, state, segment_ids), expected, KERNEL_RTOL, "eda pallas, solve blocks of 32")
@@ -238,8 +239,8 @@ def test_pallas_grads_match_chunk(variant, with_segments, rng, backward_kernels)
 def test_cumsum_kernel_matches_xlas(variant, rng, backward_kernels, monkeypatch, fresh_traces):
     """chunk_fwd.Config.cumsum_kernel: the chunk-local cumulative log-decay and its VJP (the sums from each row to
     its chunk's end) by a Pallas kernel give what XLA's two-level sum and its VJP give: the same output, final state
-    and gradients of every input. Scalar and channel-wise decays, two sub-steps per token, segments, an initial
-    state, odd T."""
+    and gradients of every input. Scalar and channel-wise decays, eda's decay per token (summed over tokens),
+    segments, an initial state, odd T."""
     rule = rule_of(variant)
     inputs, state = make_inputs(variant, rng, T=T), make_state(rng)
     segment_ids = make_segment_ids(rng, SEGMENTS)

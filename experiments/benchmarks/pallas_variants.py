@@ -130,7 +130,9 @@ def main(argv=None):
         "--shape", type=int, nargs=5, default=(4, 4096, 16, 128, 128), metavar=("B", "T", "H", "K", "V")
     )
     parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--chunk-size", type=int, help="tokens per chunk (default: the rules', 64 sub-steps)")
+    parser.add_argument(
+        "--chunk-size", type=int, help="tokens per chunk (default: the rules', 64 sub-steps; fla keeps its own)"
+    )
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=20)
     rb.add_burst_argument(parser)
