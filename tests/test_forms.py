@@ -175,7 +175,9 @@ def test_default_chunk_is_64_sub_steps(variant, chunk_size, expected, rng, monke
     assert sizes == [expected]
 
 
-@pytest.mark.parametrize("form", ["recurrent", "scan", "chunk", "pallas", "pallas_recurrent"])
+@pytest.mark.parametrize(  # the scan form's case is slow (12 s): rules.eda's scan tests run its per-token path too
+    "form", ["recurrent", pytest.param("scan", marks=pytest.mark.slow), "chunk", "pallas", "pallas_recurrent"]
+)
 def test_a_per_token_decay_is_the_first_sub_steps(form, rng):
     """`core`'s two layouts of g with two sub-steps per token (EDA's): g [B, T, H, K] per token gives what the
     per-sub-step layout [B, 2 T, H, K] gives with each token's decay at its first sub-step and 0 at its second, in
